@@ -1,0 +1,170 @@
+"""`dpsisa train|forget|evaluate|verify|status|demo`: progress on stderr... summaries on stdout.
+
+Errors print one line — the cause and the fix — to stderr and exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from pipeline import config as config_mod
+
+EXIT_USAGE, EXIT_INPUT, EXIT_FAILURE = 2, 3, 4
+
+
+def _log(quiet: bool) -> Callable[[str], None]:
+    def log(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr, flush=True)
+    return log
+
+
+def _ids(args: argparse.Namespace) -> list[int]:
+    from pipeline.ledger import ForgetRequestError, parse_ids
+
+    if args.ids_file:
+        path = Path(args.ids_file)
+        if not path.is_file():
+            raise ForgetRequestError(f"--ids-file {path} not found.")
+        return parse_ids(path.read_text())
+    return parse_ids(args.ids)
+
+
+def _print(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
+    print(json.dumps(result, default=str) if as_json else human(result))
+
+
+def _fmt_eps(values: list) -> str:
+    return "no DP" if not values or values[0] is None else f"{min(values):.3f}..{max(values):.3f}"
+
+
+def _human_eval(m: dict) -> str:
+    return (f"accuracy {m['accuracy']:.4f} (vote {m['vote_accuracy']:.4f}); shards "
+            f"{', '.join(f'{a:.3f}' for a in m['shard_accuracy'])}; ε spent {_fmt_eps(m['epsilon_spent'])} "
+            f"(target {m['epsilon_target']}, δ={m['delta']})")
+
+
+def _human_forget(r: dict) -> str:
+    return (f"request {r['request_id']}: forgot {r['ids']} id(s); retrained shard(s) {r['shards_retrained']} "
+            f"(stages replayed {r['slices_retrained']}) in {r['seconds']:.1f}s vs full training "
+            f"{r['full_train_seconds']:.1f}s (speed-up ×{r['speedup']:.1f})")
+
+
+def _human_verify(v: dict) -> str:
+    lines = [f"{'EXACT' if v['exact'] else 'NOT EXACT'}: shard(s) {v['shards_checked']} equal a from-scratch "
+             "retraining without the forgotten ids" + ("" if v["exact"] else " — MISMATCH")]
+    lines += [f"  shard {s['shard']} v{s['version']}: exact={s['exact']} ({s['forgotten']} forgotten)"
+              + (f" mismatches {s['mismatches'][:3]}" if s["mismatches"] else "") for s in v["shards"]]
+    return "\n".join(lines)
+
+
+def _human_status(s: dict) -> str:
+    lines = [f"run {s['run_dir']}: {len(s['done'])} done, {len(s['pending'])} pending forget request(s)"]
+    for sh in s["shards"]:
+        eps = "no DP" if sh["epsilon"] is None else f"ε {sh['epsilon']:.3f} (cumulative {sh['epsilon_cumulative']:.3f})"
+        lines.append(f"  shard {sh['shard']}: v{sh['version']}, {sh['samples']} samples, "
+                     f"{sh['forgotten']} forgotten, {eps}")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from pipeline import runs
+
+    config = config_mod.load(args.config, args.overrides)
+    run_dir = runs.resolve_run_dir(args.run_dir, config)
+    log = _log(args.quiet)
+    log(f"run directory: {run_dir}")
+    summary = runs.train(config, run_dir, keep_alive=args.keep_alive, log=log)
+    _print(summary, args.json, lambda m: f"trained {run_dir} in {m['full_train_seconds']:.1f}s: " + _human_eval(m))
+
+
+def cmd_forget(args: argparse.Namespace) -> None:
+    from pipeline import runs
+
+    ids = _ids(args)
+    _print(runs.forget(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet)), args.json, _human_forget)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipeline import runs
+
+    _print(runs.evaluate_run(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json, _human_eval)
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from pipeline import runs
+
+    result = runs.verify(runs.resolve_run_dir(args.run_dir), args.all, _log(args.quiet))
+    _print(result, args.json, _human_verify)
+    if not result["exact"]:
+        sys.exit(EXIT_FAILURE)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    from pipeline import runs
+
+    _print(runs.status(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json, _human_status)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from pipeline.demo import demo
+
+    demo(args.config, args.overrides, args.run_dir, _log(False))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpsisa", description="SISA exact unlearning with DP finetuning on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func, help_text: str, run_dir_required: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text)
+        sp.set_defaults(func=func)
+        sp.add_argument("--run-dir", required=run_dir_required, help="run directory (relative: under $DPSISA_HOME or cwd)")
+        sp.add_argument("--json", action="store_true", help="print one JSON object")
+        sp.add_argument("--quiet", action="store_true", help="no progress messages")
+        return sp
+
+    train = add("train", cmd_train, "train a SISA ensemble", run_dir_required=False)
+    train.add_argument("config", help="YAML config, e.g. jobs/configs/fmnist.yaml")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. shards.count=10")
+    train.add_argument("--keep-alive", action="store_true", help="leave detached, named shard actors running")
+    forget = add("forget", cmd_forget, "forget sample ids (exact unlearning)")
+    ids = forget.add_mutually_exclusive_group(required=True)
+    ids.add_argument("--ids", help="comma-separated sample ids")
+    ids.add_argument("--ids-file", help="file of ids, comma- or newline-separated")
+    add("evaluate", cmd_evaluate, "test accuracy and privacy of the live ensemble")
+    verify = add("verify", cmd_verify, "prove unlearning exact: retrain touched shards from scratch, compare bitwise")
+    verify.add_argument("--all", action="store_true", help="check every shard, not only those touched by a forget")
+    add("status", cmd_status, "shards, versions, requests, ε")
+    demo = sub.add_parser("demo", help="the whole story on Fashion-MNIST in a few minutes")
+    demo.set_defaults(func=cmd_demo)
+    demo.add_argument("--config", default=None, help="config (default jobs/configs/fmnist.yaml)")
+    demo.add_argument("--run-dir", default=None)
+    demo.add_argument("overrides", nargs="*")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipeline.errors import USER_ERRORS
+
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as exc:
+        print(f"dpsisa {args.command}: error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_INPUT)
+    except Exception as exc:  # a crashed actor, an I/O failure: one line, not a traceback
+        from pipeline.errors import RECOVERABLE
+
+        if isinstance(exc, RECOVERABLE):
+            print(f"dpsisa {args.command}: failed: {exc}. Pending work is recorded in the ledger; "
+                  "rerun `dpsisa status --run-dir DIR` (or the same command) to complete it.", file=sys.stderr)
+            sys.exit(EXIT_FAILURE)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""Typed run configuration: frozen dataclasses, YAML loading, dotted overrides, validation.
+
+Every key a user can set lives here, with its default. Unknown keys and impossible values are
+rejected with the dotted key named, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, malformed or impossible; the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "fashion_mnist"  # fashion_mnist | digits | mnist | cifar10 | cifar100
+    root: Optional[str] = None  # folder with the dataset files; None: $DPSISA_DATA, Debian path, ~/.cache
+    public: str = "heldout"  # "heldout" (a part of the training set) or another dataset's name
+    public_size: int = 10000  # size of the held-out public part (heldout mode)
+    private_limit: Optional[int] = None  # use only the first N private samples (fast tests)
+    test_limit: Optional[int] = None  # evaluate on the first N test samples
+    download: bool = False  # allow torchvision to download (needs internet)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "gn_cnn"  # gn_cnn | resnet18_gn | mlp
+    width: int = 32  # base channel count (gn_cnn, resnet18_gn) or hidden size / 4 (mlp)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    epochs: int = 6
+    lr: float = 0.05
+    batch_size: int = 128
+    cache_dir: Optional[str] = None  # None: $DPSISA_CACHE or ~/.cache/dpsisa
+
+
+@dataclass(frozen=True)
+class ShardsConfig:
+    count: int = 5
+    slices: int = 4
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    strategy: str = "uniform"  # uniform | class_balanced | kmeans
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    strategy: str = "fc_gn"  # full | fc | fc_gn | fc_gn_conv
+    conv_fraction: float = 0.05  # fc_gn_conv: fraction of conv weights (largest |w|) that train
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    epsilon: Optional[float] = 1.0  # None/null: no DP (plain SGD)
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"  # prv | rdp
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 1.0  # epochs over the cumulative data at each slice stage
+    batch_size: int = 256  # expected (Poisson) batch size
+    lr: float = 0.5
+    momentum: float = 0.9
+    threads: int = 1  # torch threads per shard; fixed so results are bitwise reproducible
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: Optional[str] = None  # None: connect to a running cluster or start a local one
+    namespace: str = "dpsisa"
+    num_cpus: Optional[int] = None  # local cluster size when one is started
+    cpus_per_shard: Optional[float] = None  # None: sized from the cluster
+    gpus_per_shard: Optional[float] = None  # None: sized from the cluster (0 without GPUs)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str = "dpsisa"
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class ForgetConfig:
+    demo_count: int = 10  # how many random ids `dpsisa demo` forgets
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    forget: ForgetConfig = field(default_factory=ForgetConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key → value, e.g. {"shards.count": 5}; what MLflow logs as params."""
+        return flatten(self.to_dict())
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+        merged = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(merged, key, value)
+        return from_dict(merged)
+
+
+CHOICES = {
+    "data.name": ("fashion_mnist", "digits", "mnist", "cifar10", "cifar100"),
+    "model.name": ("gn_cnn", "resnet18_gn", "mlp"),
+    "partition.strategy": ("uniform", "class_balanced", "kmeans"),
+    "finetune.strategy": ("full", "fc", "fc_gn", "fc_gn_conv"),
+    "privacy.accountant": ("prv", "rdp"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(_unknown_key_message(".".join(parts[: i + 1]), node))
+        node = node[part]
+    if parts[-1] not in node:
+        raise ConfigError(_unknown_key_message(key, node))
+    node[parts[-1]] = value
+
+
+def _unknown_key_message(key: str, known: dict[str, Any]) -> str:
+    leaf = key.split(".")[-1]
+    close = difflib.get_close_matches(leaf, list(known), n=1)
+    hint = f" Did you mean '{'.'.join(key.split('.')[:-1] + [close[0]])}'?" if close else ""
+    return f"unknown config key '{key}'.{hint} Known keys here: {', '.join(sorted(known))}."
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check one leaf value against its annotation; ints are accepted where floats are expected."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key '{key}' must be {getattr(hint, '__name__', hint)}, got {value!r}.")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a mapping, got {data!r}.")
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(_unknown_key_message(prefix + key, dict.fromkeys(names)))
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        hint = hints[f.name]
+        if is_dataclass(hint):
+            kwargs[f.name] = _build(hint, data[f.name], prefix + f.name + ".")
+        else:
+            kwargs[f.name] = _coerce(prefix + f.name, data[f.name], hint)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    config = _build(Config, data or {}, "")
+    validate(config)
+    return config
+
+
+def _check(condition: bool, key: str, why: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}' {why}")
+
+
+def validate(config: Config) -> None:
+    """Reject impossible values; dataset-size checks happen once the data is loaded."""
+    flat = config.flat()
+    for key, allowed in CHOICES.items():
+        _check(flat[key] in allowed, key, f"must be one of {', '.join(allowed)}; got {flat[key]!r}.")
+    _check(config.shards.count >= 1, "shards.count", f"must be ≥ 1; got {config.shards.count}.")
+    _check(config.shards.slices >= 1, "shards.slices", f"must be ≥ 1; got {config.shards.slices}.")
+    eps = config.privacy.epsilon
+    _check(eps is None or eps > 0, "privacy.epsilon", f"must be > 0 (or null for no DP); got {eps}.")
+    _check(0 < config.privacy.delta < 1, "privacy.delta", f"must be in (0, 1); got {config.privacy.delta}.")
+    _check(config.privacy.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0.")
+    _check(0 < config.finetune.conv_fraction <= 1, "finetune.conv_fraction", "must be in (0, 1].")
+    _check(config.train.epochs > 0, "train.epochs", f"must be > 0; got {config.train.epochs}.")
+    _check(config.train.batch_size >= 1, "train.batch_size", "must be ≥ 1.")
+    _check(config.train.lr > 0, "train.lr", "must be > 0.")
+    _check(0 <= config.train.momentum < 1, "train.momentum", "must be in [0, 1).")
+    _check(config.train.threads >= 1, "train.threads", "must be ≥ 1.")
+    _check(config.pretrain.epochs >= 0, "pretrain.epochs", "must be ≥ 0.")
+    _check(config.data.public_size >= 1, "data.public_size", "must be ≥ 1.")
+    for key in ("data.private_limit", "data.test_limit"):
+        _check(flat[key] is None or flat[key] >= 1, key, "must be ≥ 1 or null.")
+    for key in ("ray.cpus_per_shard", "ray.gpus_per_shard"):
+        _check(flat[key] is None or flat[key] >= 0, key, "must be ≥ 0 or null.")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'shards.count=10' → ("shards.count", 10); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key=value, e.g. shards.count=10.")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc}).") from exc
+    return key.strip(), value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply `key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found; pass a YAML file such as jobs/configs/digits.yaml.")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must contain a mapping of keys, got {type(data).__name__}.")
+    config = from_dict(data)
+    if overrides:
+        config = config.with_overrides(dict(parse_override(o) for o in overrides))
+    return config
+
+
+def digest(*parts: Any) -> str:
+    """Stable short hash of JSON-able parts (cache keys, run ids)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,212 @@
+"""The driver: starts one ShardActor per shard on Ray, routes forget requests, aggregates.
+
+Ray lives here and in `cluster.py` only. Actors are sized from what the cluster (or a Tune
+trial's placement group) holds, placed with one bundle per shard, and — with keep_alive —
+detached and named in a fixed namespace so a later job reaches them warm.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from pipeline import cluster
+from pipeline.config import Config
+from pipeline.data.datasets import Data
+from pipeline.ledger import Ledger
+from pipeline.models import Classifier
+from pipeline.shard import Shard
+
+PLACEMENT_TIMEOUT_S = 60
+
+
+class ShardFailure(RuntimeError):
+    """A shard actor died or failed while working; pending work stays recorded."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float
+    gpus: float
+
+
+def shard_resources(config: Config, total: dict[str, float]) -> Resources:
+    """Per-shard request that lets all S actors live at once on the cluster (fail fast if not)."""
+    shards = config.shards.count
+    cpus_total, gpus_total = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    cpus = config.ray.cpus_per_shard
+    if cpus is None:
+        cpus = min(1.0, round(cpus_total / shards, 4)) if cpus_total else 0.0
+    gpus = config.ray.gpus_per_shard
+    if gpus is None:
+        gpus = min(1.0, round(gpus_total / shards, 4)) if gpus_total and config.train.device != "cpu" else 0.0
+    if cpus * shards > cpus_total + 1e-9 or gpus * shards > gpus_total + 1e-9 or (cpus == 0 and gpus == 0):
+        raise cluster.ClusterError(
+            f"{shards} shards × (CPU {cpus}, GPU {gpus}) do not fit the cluster's CPU {cpus_total}, GPU {gpus_total}; "
+            "lower shards.count, set ray.cpus_per_shard / ray.gpus_per_shard, or add nodes."
+        )
+    return Resources(cpus, gpus)
+
+
+def actor_name(run_dir: Path, shard: int) -> str:
+    from pipeline.config import digest
+
+    return f"dpsisa-{digest(str(run_dir.resolve()))}-shard{shard:03d}"
+
+
+class Ensemble:
+    """S ShardActors over one run directory."""
+
+    def __init__(self, run_dir: Path, config: Config, actors: list, placement: PlacementGroup | None, detached: bool):
+        self.run_dir, self.config, self.actors = Path(run_dir), config, actors
+        self.placement, self.detached = placement, detached
+        self.ledger = Ledger(run_dir)
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def start(cls, run_dir: Path, config: Config, data: Data, pretrained: Classifier, recipes: list[dict],
+              keep_alive: bool = False, placement: PlacementGroup | None = None, log: Callable = print) -> "Ensemble":
+        """Create (or, with keep_alive, reuse) one actor per shard."""
+        names = [actor_name(run_dir, s) for s in range(config.shards.count)]
+        if keep_alive:
+            found = [cluster.named_actor(n, config.ray.namespace) for n in names]
+            if all(found):
+                log(f"reusing {len(found)} warm shard actors (namespace {config.ray.namespace})")
+                return cls(run_dir, config, found, None, True)
+        own_placement = placement is None
+        if own_placement:
+            res = shard_resources(config, ray.cluster_resources())
+            bundle = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}
+            placement = placement_group([bundle] * config.shards.count, strategy="SPREAD",
+                                        lifetime="detached" if keep_alive else None)
+            try:
+                ray.get(placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
+            except GetTimeoutError:
+                remove_placement_group(placement)
+                raise cluster.ClusterError(
+                    f"could not reserve {config.shards.count} × (CPU {res.cpus}, GPU {res.gpus}) within "
+                    f"{PLACEMENT_TIMEOUT_S}s; the cluster is busy or too small: free resources or lower shards.count."
+                ) from None
+        else:  # inside a Tune trial: share the trial's placement group, sized from its bundles
+            totals: dict[str, float] = {}
+            for spec in placement.bundle_specs[1:] or placement.bundle_specs:
+                for key, value in spec.items():
+                    totals[key] = totals.get(key, 0.0) + value
+            res = shard_resources(config, totals)
+        x_ref, y_ref, model_ref = ray.put(data.private.x), ray.put(data.private.y), ray.put(pretrained)
+        remote = ray.remote(Shard)
+        actors = []
+        for s in range(config.shards.count):
+            options = {
+                "num_cpus": res.cpus, "num_gpus": res.gpus, "max_concurrency": 1,
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                    placement, placement_group_bundle_index=s if own_placement else -1),
+            }
+            if keep_alive:
+                options.update(name=names[s], namespace=config.ray.namespace, lifetime="detached")
+            actors.append(remote.options(**options).remote(
+                str(run_dir), s, config.to_dict(), recipes[s], model_ref, x_ref, y_ref, config.train.threads))
+        log(f"started {len(actors)} shard actors (CPU {res.cpus}, GPU {res.gpus} each)")
+        return cls(run_dir, config, actors, placement if own_placement else None, keep_alive)
+
+    def shutdown(self) -> None:
+        """Stop actors that are not meant to outlive this process."""
+        if self.detached:
+            return
+        for actor in self.actors:
+            ray.kill(actor)
+        if self.placement is not None:
+            remove_placement_group(self.placement)
+
+    def stop_detached(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+        if self.placement is not None:
+            remove_placement_group(self.placement)
+
+    # -- fan-out ------------------------------------------------------------------------------
+    def _gather(self, refs: dict, what: str, log: Callable | None = None) -> dict:
+        """Wait for every ref, reporting progress; a dead actor becomes a ShardFailure."""
+        results, pending, start = {}, dict(refs), time.perf_counter()
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            shard = pending.pop(done[0])
+            try:
+                results[shard] = ray.get(done[0])
+            except RayActorError as exc:
+                raise ShardFailure(f"shard {shard} actor died during {what}: {exc.__class__.__name__}") from exc
+            except ray.exceptions.RayTaskError as exc:
+                raise ShardFailure(f"shard {shard} failed during {what}: {exc.cause!r}") from exc
+            if log is not None:
+                log(f"  {what}: shard {shard} done ({len(results)}/{len(refs)}, {time.perf_counter() - start:.1f}s)")
+        return results
+
+    def fit(self, log: Callable = print) -> dict[int, dict]:
+        return self._gather({a.fit.remote(): s for s, a in enumerate(self.actors)}, "train", log)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """(S, N, C) softmax outputs of every constituent model."""
+        ref = ray.put(x)
+        results = self._gather({a.predict_proba.remote(ref): s for s, a in enumerate(self.actors)}, "predict")
+        return np.stack([results[s] for s in range(len(self.actors))])
+
+    def verify(self, shards: list[int], log: Callable = print) -> dict[int, dict]:
+        return self._gather({self.actors[s].verify.remote(): s for s in shards}, "verify", log)
+
+    def status(self) -> dict[int, dict]:
+        return self._gather({a.status.remote(): s for s, a in enumerate(self.actors)}, "status")
+
+    def parameters(self, shard: int) -> dict[str, np.ndarray]:
+        return ray.get(self.actors[shard].parameters.remote())
+
+    # -- forgetting ---------------------------------------------------------------------------
+    def _apply(self, request_id: str, ids: list[int], log: Callable) -> dict:
+        owners = self.ledger.owners(ids)
+        results = self._gather({self.actors[s].forget.remote(request_id, owned): s for s, owned in owners.items()},
+                               "forget", log)
+        with self.ledger.locked():
+            self.ledger.mark_done(request_id, {s: r["version"] for s, r in results.items()})
+        return results
+
+    def complete_pending(self, log: Callable = print) -> list[str]:
+        """Finish requests a crash left `pending` (idempotent per shard)."""
+        pending = self.ledger.pending()
+        for request_id, ids in pending.items():
+            log(f"completing pending forget request {request_id} ({len(ids)} ids)")
+            self._apply(request_id, ids, log)
+        return list(pending)
+
+    def forget(self, ids: list[int], log: Callable = print) -> dict:
+        """Validate, record as pending, retrain owners in parallel, mark done."""
+        start = time.perf_counter()
+        self.complete_pending(log)
+        with self.ledger.locked():
+            self.ledger.validate(ids)
+            request_id = self.ledger.append_request(ids)
+        log(f"forget request {request_id}: {len(ids)} id(s) owned by shard(s) {sorted(self.ledger.owners(ids))}")
+        results = self._apply(request_id, ids, log)
+        return {
+            "request_id": request_id,
+            "ids": len(ids),
+            "shards_retrained": sorted(s for s, r in results.items() if not r["already_applied"]),
+            "slices_retrained": {str(s): r["stages_replayed"] for s, r in sorted(results.items())},
+            "from_stage": {str(s): r["from_stage"] for s, r in sorted(results.items())},
+            "versions": {str(s): r["version"] for s, r in sorted(results.items())},
+            "shard_seconds": {str(s): r["seconds"] for s, r in sorted(results.items())},
+            "seconds": time.perf_counter() - start,
+        }
+
+
+def aggregate(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean-softmax predictions and majority-vote predictions (ties → lowest class) from (S, N, C)."""
+    mean = probs.mean(axis=0)
+    votes = probs.argmax(axis=2)  # (S, N)
+    counts = np.apply_along_axis(np.bincount, 0, votes, minlength=probs.shape[2])  # (C, N)
+    return mean, counts.argmax(axis=0)

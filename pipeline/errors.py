@@ -1,0 +1,15 @@
+"""Which exceptions are the user's to fix (one-line message, exit 3) and which are recoverable
+failures (a crashed actor: work stays pending in the ledger, exit 4)."""
+from pipeline.cluster import ClusterError
+from pipeline.config import ConfigError
+from pipeline.data.datasets import DataError
+from pipeline.data.partition import PartitionError
+from pipeline.driver import ShardFailure
+from pipeline.finetune import FinetuneError
+from pipeline.ledger import ForgetRequestError
+from pipeline.privacy import PrivacyError
+from pipeline.runs import RunError
+
+USER_ERRORS = (ConfigError, DataError, PartitionError, ForgetRequestError, RunError, ClusterError,
+               PrivacyError, FinetuneError)
+RECOVERABLE = (ShardFailure,)

@@ -1,0 +1,192 @@
+"""The auditable ledger (Parquet): where each private sample lives, and every forget request.
+
+`RUN_DIR/ledger/assignments.parquet`: one row per private sample — sample_id (int64), shard,
+slice, label. `RUN_DIR/ledger/requests.parquet`: one row per id per request — request_id,
+sample_id, shard, slice, status (pending | done), requested_at, completed_at, model_version
+(the owning shard's version that no longer saw the id). Writes are atomic and serialised by a
+file lock, so a crash never loses a request or leaves a torn file.
+"""
+from __future__ import annotations
+
+import fcntl
+import io
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.checkpoints import atomic_write
+
+REQUEST_SCHEMA = pa.schema([
+    ("request_id", pa.string()),
+    ("sample_id", pa.int64()),
+    ("shard", pa.int32()),
+    ("slice", pa.int32()),
+    ("status", pa.string()),
+    ("requested_at", pa.timestamp("us", tz="UTC")),
+    ("completed_at", pa.timestamp("us", tz="UTC")),
+    ("model_version", pa.int32()),
+])
+
+
+class ForgetRequestError(ValueError):
+    """The ids of a forget request are invalid; nothing was changed."""
+
+
+def _write_parquet(path: Path, table: pa.Table) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def parse_ids(text: str) -> list[int]:
+    """'12,907, 40311' → [12, 907, 40311]; anything that is not an integer is an error."""
+    ids = []
+    for token in text.replace("\n", ",").split(","):
+        token = token.strip()
+        if not token:
+            continue
+        try:
+            ids.append(int(token))
+        except ValueError:
+            raise ForgetRequestError(f"sample id '{token}' is not an integer; pass ids like --ids 12,907,40311.") from None
+    return ids
+
+
+class Ledger:
+    def __init__(self, run_dir: Path | str):
+        self.dir = Path(run_dir) / "ledger"
+        self.assignments_path = self.dir / "assignments.parquet"
+        self.requests_path = self.dir / "requests.parquet"
+        self._assignments: pa.Table | None = None
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Serialise writers (a driver and a crashed-and-restarted one, or two CLI calls)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / ".lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- assignments --------------------------------------------------------------------------
+    def write_assignments(self, columns: dict[str, np.ndarray]) -> None:
+        table = pa.table({
+            "sample_id": pa.array(columns["sample_id"], pa.int64()),
+            "shard": pa.array(columns["shard"], pa.int32()),
+            "slice": pa.array(columns["slice"], pa.int32()),
+            "label": pa.array(columns["label"], pa.int32()),
+        })
+        _write_parquet(self.assignments_path, table)
+        self._assignments = table
+
+    def assignments(self) -> pa.Table:
+        if self._assignments is None:
+            if not self.assignments_path.is_file():
+                raise FileNotFoundError(f"no ledger at {self.assignments_path}; is this a run directory made by `dpsisa train`?")
+            self._assignments = pq.read_table(self.assignments_path)
+        return self._assignments
+
+    def shard_slices(self, shard: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[np.ndarray]:
+        """Ids of each slice of `shard`, in ledger order, without `exclude`."""
+        table = self.assignments()
+        mask = table["shard"].to_numpy() == shard
+        ids, slices = table["sample_id"].to_numpy()[mask], table["slice"].to_numpy()[mask]
+        keep = ~np.isin(ids, np.fromiter(exclude, np.int64, len(exclude)))
+        return [ids[(slices == r) & keep] for r in range(int(slices.max()) + 1)]
+
+    # -- requests -----------------------------------------------------------------------------
+    def requests(self) -> pa.Table:
+        if not self.requests_path.is_file():
+            return REQUEST_SCHEMA.empty_table()
+        return pq.read_table(self.requests_path, schema=REQUEST_SCHEMA)
+
+    def forgotten_ids(self, status: str | None = "done") -> set[int]:
+        table = self.requests()
+        if status is not None:
+            table = table.filter(pa.compute.equal(table["status"], status))
+        return set(table["sample_id"].to_pylist())
+
+    def pending(self) -> dict[str, list[int]]:
+        """request_id → ids of every request not yet done (a crash left it half-way)."""
+        table = self.requests()
+        out: dict[str, list[int]] = {}
+        for rid, sid, status in zip(table["request_id"].to_pylist(), table["sample_id"].to_pylist(), table["status"].to_pylist()):
+            if status == "pending":
+                out.setdefault(rid, []).append(sid)
+        return out
+
+    def validate(self, ids: list[int]) -> None:
+        """Raise ForgetRequestError naming every problem; the ledger is not touched."""
+        if not ids:
+            raise ForgetRequestError("no sample ids given; pass --ids 12,907 or --ids-file FILE.")
+        arr = np.asarray(ids, dtype=np.int64)
+        problems = []
+        negative = arr[arr < 0]
+        if len(negative):
+            problems.append(f"negative ids {negative[:10].tolist()}")
+        values, counts = np.unique(arr, return_counts=True)
+        if (counts > 1).any():
+            problems.append(f"duplicate ids {values[counts > 1][:10].tolist()}")
+        known = self.assignments()["sample_id"].to_numpy()
+        unknown = values[(values >= 0) & ~np.isin(values, known)]
+        if len(unknown):
+            problems.append(f"ids not in this run's private training set {unknown[:10].tolist()}")
+        already = sorted(set(values.tolist()) & self.forgotten_ids(status=None))
+        if already:
+            problems.append(f"ids already forgotten or pending {already[:10]}")
+        if problems:
+            raise ForgetRequestError("forget request rejected, nothing changed: " + "; ".join(problems) + ".")
+
+    def append_request(self, ids: list[int]) -> str:
+        """Record a request as `pending` (durably) before any work starts; returns its id."""
+        table = self.assignments()
+        known = table["sample_id"].to_numpy()
+        order = np.argsort(known)
+        rows = order[np.searchsorted(known, np.asarray(ids, np.int64), sorter=order)]
+        request_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        now = datetime.now(timezone.utc)
+        new = pa.table({
+            "request_id": [request_id] * len(ids),
+            "sample_id": pa.array(ids, pa.int64()),
+            "shard": table["shard"].take(rows).cast(pa.int32()),
+            "slice": table["slice"].take(rows).cast(pa.int32()),
+            "status": ["pending"] * len(ids),
+            "requested_at": pa.array([now] * len(ids), pa.timestamp("us", tz="UTC")),
+            "completed_at": pa.nulls(len(ids), pa.timestamp("us", tz="UTC")),
+            "model_version": pa.nulls(len(ids), pa.int32()),
+        }, schema=REQUEST_SCHEMA)
+        _write_parquet(self.requests_path, pa.concat_tables([self.requests(), new]))
+        return request_id
+
+    def mark_done(self, request_id: str, versions: dict[int, int]) -> None:
+        """Mark a request `done`, stamping each id with its shard's new model version."""
+        table = self.requests()
+        rids, shards = table["request_id"].to_pylist(), table["shard"].to_pylist()
+        status, done_at, version = table["status"].to_pylist(), table["completed_at"].to_pylist(), table["model_version"].to_pylist()
+        now = datetime.now(timezone.utc)
+        for i, rid in enumerate(rids):
+            if rid == request_id:
+                status[i], done_at[i], version[i] = "done", now, versions[shards[i]]
+        table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+        table = table.set_column(table.schema.get_field_index("completed_at"), "completed_at",
+                                 pa.array(done_at, pa.timestamp("us", tz="UTC")))
+        table = table.set_column(table.schema.get_field_index("model_version"), "model_version", pa.array(version, pa.int32()))
+        _write_parquet(self.requests_path, table)
+
+    def owners(self, ids: list[int]) -> dict[int, list[int]]:
+        """shard → the ids it owns, for routing a request."""
+        table = self.assignments()
+        known, shards = table["sample_id"].to_numpy(), table["shard"].to_numpy()
+        lookup = dict(zip(known[np.isin(known, ids)].tolist(), shards[np.isin(known, ids)].tolist()))
+        out: dict[int, list[int]] = {}
+        for sid in ids:
+            out.setdefault(int(lookup[sid]), []).append(int(sid))
+        return out

@@ -1,0 +1,75 @@
+"""Pretrain the public model once (no DP: public data) and cache it by a hash of what defines it."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import models
+from pipeline.checkpoints import load_torch, save_torch
+from pipeline.config import Config, digest
+from pipeline.data.datasets import Data
+
+
+def cache_dir(config: Config) -> Path:
+    root = config.pretrain.cache_dir or os.environ.get("DPSISA_CACHE") or Path.home() / ".cache" / "dpsisa"
+    return Path(root) / "pretrained"
+
+
+def cache_key(config: Config, data: Data) -> str:
+    """Everything that changes the pretrained weights, and nothing else (not ε, shards, ...)."""
+    d, m, p = config.data, config.model, config.pretrain
+    return digest("v1", d.name, d.public, d.public_size if d.public == "heldout" else None, m.name, m.width,
+                  p.epochs, p.lr, p.batch_size, config.seed, data.input_shape, int(data.public.y.max() + 1))
+
+
+def _fit(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, config: Config, log) -> None:
+    p = config.pretrain
+    gen = torch.Generator().manual_seed(config.seed)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
+    optimizer = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=0.9, weight_decay=5e-4)
+    steps = p.epochs * math.ceil(len(xs) / p.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=p.lr, total_steps=max(1, steps))
+    model.train()
+    for epoch in range(p.epochs):
+        order, total, start = torch.randperm(len(xs), generator=gen), 0.0, time.perf_counter()
+        for i in range(0, len(xs), p.batch_size):
+            idx = order[i: i + p.batch_size]
+            loss = F.cross_entropy(model(xs[idx]), ys[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(idx)
+        log(f"  pretrain epoch {epoch + 1}/{p.epochs}: loss {total / len(xs):.4f} ({time.perf_counter() - start:.1f}s)")
+
+
+def pretrained_model(config: Config, data: Data, log=print) -> tuple[models.Classifier, dict]:
+    """The public model for the private task: loaded from cache, or trained and cached.
+
+    When the public data is another data set (e.g. CIFAR-100 for CIFAR-10) the head is
+    re-initialised (seeded) for the private classes."""
+    key = cache_key(config, data)
+    path = cache_dir(config) / f"{config.model.name}-{key}.pt"
+    public_classes = int(data.public.y.max() + 1)
+    model = models.build(config.model.name, data.input_shape, public_classes, config.model.width, config.seed)
+    info = {"cache_key": key, "path": str(path), "cached": path.is_file()}
+    if path.is_file():
+        model.load_state_dict(load_torch(path))
+        log(f"pretrained model: cache hit {path}")
+    else:
+        log(f"pretraining {config.model.name} on {len(data.public.y)} public samples "
+            f"({config.pretrain.epochs} epochs, cached at {path}) ...")
+        start = time.perf_counter()
+        _fit(model, data.public.x, data.public.y, config, log)
+        info["seconds"] = time.perf_counter() - start
+        save_torch(path, model.state_dict())
+    if public_classes != data.num_classes or config.data.public != "heldout":
+        torch.manual_seed(config.seed + 1)
+        model.fc = torch.nn.Linear(model.fc.in_features, data.num_classes)
+    return model.eval(), info

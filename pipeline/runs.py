@@ -1,0 +1,189 @@
+"""What each user-facing verb does, over a run directory. The CLI, the `jobs/` wrappers, the
+benchmarks and the sweep all call these functions.
+
+RUN_DIR layout: config.yaml (resolved), recipes.json (per-shard DP recipe), pretrained.pt,
+train_summary.json, ledger/ (Parquet), shards/shard_XXX/ (manifest + stage checkpoints).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import ray
+import yaml
+
+from pipeline import cluster, config as config_mod, evaluate, models, tracking
+from pipeline.checkpoints import ShardStore, atomic_write, atomic_write_json, load_torch, save_torch
+from pipeline.config import Config
+from pipeline.data import datasets
+from pipeline.data.partition import partition
+from pipeline.driver import Ensemble
+from pipeline.ledger import Ledger
+from pipeline.pretrain import pretrained_model
+from pipeline.privacy import make_recipe
+from pipeline.train import resolve_device
+
+
+class RunError(RuntimeError):
+    """The run directory is missing, incomplete or already used."""
+
+
+def home() -> Path:
+    """Where relative run dirs and the default MLflow store live: $DPSISA_HOME, else ~/dpsisa
+    inside a `ray job submit` entrypoint (its cwd is a temporary copy), else the cwd."""
+    if os.environ.get("DPSISA_HOME"):
+        return Path(os.environ["DPSISA_HOME"]).expanduser()
+    return Path.home() / "dpsisa" if cluster.in_ray_job() else Path.cwd()
+
+
+def resolve_run_dir(run_dir: str | Path | None, config: Config | None = None) -> Path:
+    if run_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{stamp}-{config.data.name}-S{config.shards.count}R{config.shards.slices}"
+    path = Path(run_dir).expanduser()
+    return (path if path.is_absolute() else home() / path).resolve()
+
+
+def load_run_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a dpsisa run directory (no config.yaml); pass the --run-dir printed by `dpsisa train`.")
+    return config_mod.load(path)
+
+
+def _check_private_rows(data: datasets.Data) -> None:
+    if not np.array_equal(data.private.ids, np.arange(len(data.private.ids))):
+        raise RunError("private sample ids must equal their row positions; this data split is not supported.")
+
+
+def _pretrained_from_run(run_dir: Path, config: Config, data: datasets.Data) -> models.Classifier:
+    model = models.build(config.model.name, data.input_shape, data.num_classes, config.model.width, config.seed)
+    model.load_state_dict(load_torch(run_dir / "pretrained.pt"))
+    return model.eval()
+
+
+@contextmanager
+def opened(run_dir: Path, log: Callable = print, placement=None) -> Iterator[tuple[Config, datasets.Data, Ensemble]]:
+    """Config, data and a live ensemble for an existing run (warm detached actors if any)."""
+    config = load_run_config(run_dir)
+    cluster.connect(config.ray, log)
+    data = datasets.load(config.data)
+    recipes = json.loads((run_dir / "recipes.json").read_text())
+    keep_alive = json.loads((run_dir / "train_summary.json").read_text()).get("keep_alive", False)
+    ensemble = Ensemble.start(run_dir, config, data, _pretrained_from_run(run_dir, config, data), recipes,
+                              keep_alive=keep_alive, placement=placement, log=log)
+    try:
+        yield config, data, ensemble
+    finally:
+        ensemble.shutdown()
+
+
+def train(config: Config, run_dir: Path, keep_alive: bool = False, log: Callable = print, placement=None) -> dict:
+    """Partition, pretrain (cached), calibrate DP, train all shards in parallel, evaluate, track."""
+    if (run_dir / "config.yaml").exists():
+        raise RunError(f"run directory {run_dir} already holds a run; choose a new --run-dir.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    local = cluster.connect(config.ray, log)
+    if keep_alive and local:
+        log("warning: --keep-alive on a local Ray cluster: actors die with this process; use `ray start --head`.")
+    data = datasets.load(config.data)
+    _check_private_rows(data)
+    log(f"data: {config.data.name}: {len(data.private.y)} private, {len(data.public.y)} public, {len(data.test.y)} test samples")
+    columns = partition(data.private.ids, data.private.y, config.shards.count, config.shards.slices,
+                        config.partition.strategy, config.seed, data.private.x)
+    ledger = Ledger(run_dir)
+    ledger.write_assignments({**columns, "label": data.private.y[columns["sample_id"]]})
+    model, pretrain_info = pretrained_model(config, data, log)
+    save_torch(run_dir / "pretrained.pt", model.state_dict())
+    recipes = [make_recipe(config, s, [len(ids) for ids in ledger.shard_slices(s)]).to_dict()
+               for s in range(config.shards.count)]
+    if config.privacy.epsilon is not None:
+        log(f"DP: ε={config.privacy.epsilon}, δ={config.privacy.delta}, σ per shard "
+            f"{sorted({round(r['noise_multiplier'], 3) for r in recipes})} over {config.shards.slices} slice stages")
+    atomic_write_json(run_dir / "recipes.json", recipes)
+    atomic_write(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    ensemble = Ensemble.start(run_dir, config, data, model, recipes, keep_alive=keep_alive, placement=placement, log=log)
+    try:
+        fit_start = time.perf_counter()
+        log(f"training {config.shards.count} shards × {config.shards.slices} slices "
+            f"({config.finetune.strategy}, {'ε=' + str(config.privacy.epsilon) if recipes[0]['noise_multiplier'] else 'no DP'})")
+        per_shard = ensemble.fit(log)
+        full_train_seconds = time.perf_counter() - fit_start
+        atomic_write_json(run_dir / "train_summary.json", {
+            "full_train_seconds": full_train_seconds, "shard_seconds": [per_shard[s]["seconds"] for s in sorted(per_shard)],
+            "keep_alive": keep_alive, "pretrain": pretrain_info})
+        metrics = evaluate.ensemble_metrics(ensemble, data)
+    finally:
+        ensemble.shutdown()
+    summary = {"run_dir": str(run_dir), "full_train_seconds": full_train_seconds,
+               "total_seconds": time.perf_counter() - started, **metrics}
+    tracking.log_job("train", config, run_dir, summary)
+    return summary
+
+
+def forget(run_dir: Path, ids: list[int], log: Callable = print) -> dict:
+    load_run_config(run_dir)
+    Ledger(run_dir).validate(ids)  # fail fast, before any actor starts (re-checked under the lock)
+    with opened(run_dir, log) as (config, data, ensemble):
+        result = ensemble.forget(ids, log)
+    result["full_train_seconds"] = json.loads((run_dir / "train_summary.json").read_text())["full_train_seconds"]
+    result["speedup"] = result["full_train_seconds"] / max(result["seconds"], 1e-9)
+    tracking.log_job("forget", config, run_dir, result)
+    return result
+
+
+def evaluate_run(run_dir: Path, log: Callable = print) -> dict:
+    with opened(run_dir, log) as (config, data, ensemble):
+        ensemble.complete_pending(log)
+        metrics = evaluate.ensemble_metrics(ensemble, data)
+    tracking.log_job("evaluate", config, run_dir, metrics)
+    return metrics
+
+
+def verify(run_dir: Path, all_shards: bool = False, log: Callable = print) -> dict:
+    """Retrain touched shards from scratch without their forgotten ids; compare bit for bit."""
+    with opened(run_dir, log) as (config, data, ensemble):
+        ensemble.complete_pending(log)
+        touched = [s for s in range(config.shards.count) if all_shards or ShardStore(run_dir, s).manifest().version > 0]
+        log(f"verifying shard(s) {touched} against from-scratch retraining ...")
+        results = ensemble.verify(touched, log)
+    summary = {"exact": all(r["exact"] for r in results.values()), "shards_checked": touched,
+               "shards": [results[s] for s in touched], "device": str(resolve_device(config.train.device))}
+    tracking.log_job("verify", config, run_dir, {"exact": float(summary["exact"]), "shards_checked": len(touched)})
+    return summary
+
+
+def status(run_dir: Path, log: Callable = print) -> dict:
+    """Read from disk; starts actors only to complete a pending request."""
+    config = load_run_config(run_dir)
+    ledger = Ledger(run_dir)
+    if ledger.pending():
+        with opened(run_dir, log) as (_, _, ensemble):
+            ensemble.complete_pending(log)
+    requests = ledger.requests()
+    by_request: dict[str, dict] = {}
+    for rid, st in zip(requests["request_id"].to_pylist(), requests["status"].to_pylist()):
+        entry = by_request.setdefault(rid, {"request_id": rid, "status": st, "ids": 0})
+        entry["ids"] += 1
+    shards = []
+    for s in range(config.shards.count):
+        m = ShardStore(run_dir, s).manifest()
+        shards.append({"shard": s, "version": m.version, "forgotten": len(m.forgotten), "samples": m.stages[-1]["samples"],
+                       "epsilon": m.releases[-1]["epsilon"], "epsilon_cumulative": m.releases[-1]["epsilon_cumulative"],
+                       "releases": len(m.releases)})
+    return {"run_dir": str(run_dir), "shards": shards,
+            "pending": [r for r in by_request.values() if r["status"] == "pending"],
+            "done": [r for r in by_request.values() if r["status"] == "done"],
+            "epsilon_target": config.privacy.epsilon, "delta": config.privacy.delta}
+
+
+def shutdown_ray() -> None:
+    if ray.is_initialized():
+        ray.shutdown()

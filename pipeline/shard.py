@@ -1,0 +1,167 @@
+"""One SISA shard: its constituent model, its slice checkpoints, and forgetting by replay.
+
+`Shard` is plain Python (no Ray): the driver runs it as a Ray actor, tests may run it directly.
+It reads the ledger for its slices and commits checkpoints through `ShardStore`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.checkpoints import Manifest, ShardStore
+from pipeline.finetune import plan_for
+from pipeline.ledger import Ledger
+from pipeline.models import Classifier
+from pipeline.privacy import Recipe, release_epsilon
+from pipeline.train import ShardState, ShardTrainer, ids_digest, predict_proba, resolve_device
+
+CRASH_FILE = ".inject-crash.json"  # fault injection for tests: {"shard": s, "after_stage": j}
+
+
+class Shard:
+    def __init__(self, run_dir: str, shard: int, config_dict: dict, recipe_dict: dict, pretrained: Classifier,
+                 x: np.ndarray, y: np.ndarray, threads: int = 1, log_progress: bool = True):
+        from pipeline.config import from_dict
+
+        torch.set_num_threads(threads)
+        self.run_dir, self.shard = Path(run_dir), shard
+        self.config = from_dict(config_dict)
+        self.recipe = Recipe.from_dict(recipe_dict)
+        self.x, self.y = x, y  # the whole private split; row i holds sample id i
+        self.ledger, self.store = Ledger(run_dir), ShardStore(run_dir, shard)
+        plan = plan_for(pretrained, self.config.finetune.strategy, self.config.finetune.conv_fraction)
+        device = resolve_device(self.config.train.device)
+        self.trainer = ShardTrainer(pretrained, plan, self.recipe, self.config.seed, shard, device)
+        self.log_progress = log_progress
+        self._model: tuple[int, Classifier] | None = None
+
+    def _log(self, message: str) -> None:
+        if self.log_progress:
+            print(f"[shard {self.shard}] {message}", flush=True)
+
+    def _slices(self, exclude: set[int]) -> list[np.ndarray]:
+        return self.ledger.shard_slices(self.shard, exclude)
+
+    def _data(self, slices: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(self.x[ids], self.y[ids]) for ids in slices]
+
+    def _payload(self, stage: int, state: ShardState, slices: list[np.ndarray], version: int) -> dict:
+        seen = np.concatenate(slices[: stage + 1])
+        return {"params": state.params, "momentum": state.momentum, "stage": stage, "version": version,
+                "ids_digest": ids_digest(seen), "samples": int(len(seen)), "seed": self.config.seed,
+                "recipe": self.recipe.to_dict()}
+
+    def _train(self, slices, start: int, state: ShardState | None, version: int) -> list[dict]:
+        """Train stages start.. and write each stage file (not yet live); returns manifest entries."""
+        entries: list[dict] = []
+        crash = self._crash_point()
+        total = len(slices)
+
+        def on_stage(j: int, s: ShardState) -> None:
+            entries.append(self.store.write_stage(j, version, self._payload(j, s, slices, version)))
+            self._log(f"stage {j + 1}/{total} done ({int(sum(len(x) for x in slices[: j + 1]))} samples)")
+            if crash is not None and crash == j:
+                os._exit(137)  # simulate a crashed actor mid-forget (tests only)
+
+        self.trainer.train(self._data(slices), start, state, on_stage)
+        return entries
+
+    def _crash_point(self) -> int | None:
+        path = self.run_dir / CRASH_FILE
+        if not path.is_file():
+            return None
+        spec = json.loads(path.read_text())
+        if spec.get("shard") != self.shard:
+            return None
+        path.unlink()
+        return int(spec["after_stage"])
+
+    def fit(self) -> dict:
+        """Train every stage from the pretrained model; version 0."""
+        start = time.perf_counter()
+        slices = self._slices(set())
+        entries = self._train(slices, 0, None, 0)
+        seconds = time.perf_counter() - start
+        release = {"version": 0, "request_id": None, "from_stage": 0, "seconds": seconds,
+                   "epsilon": self.recipe.epsilon_spent, "epsilon_cumulative": self.recipe.epsilon_spent}
+        self.store.commit(None, Manifest(self.shard, 0, entries, [], [release]))
+        return {"shard": self.shard, "seconds": seconds, "epsilon": self.recipe.epsilon_spent}
+
+    def _state(self, manifest: Manifest, stage: int) -> ShardState:
+        payload = self.store.load_stage(manifest, stage)
+        return ShardState(payload["params"], payload["momentum"])
+
+    def forget(self, request_id: str, ids: list[int]) -> dict:
+        """Replay from the last stage that never saw `ids`; commit a new version atomically.
+        Idempotent: a request already applied (crash after commit) is not retrained."""
+        start = time.perf_counter()
+        manifest = self.store.manifest()
+        if set(ids) <= set(manifest.forgotten):
+            return {"shard": self.shard, "version": manifest.version, "from_stage": None, "stages_replayed": 0,
+                    "seconds": 0.0, "already_applied": True}
+        forgotten = sorted(set(manifest.forgotten) | set(ids))
+        all_slices = self._slices(set())
+        first = min(r for r, s in enumerate(all_slices) if np.isin(ids, s).any())
+        slices = self._slices(set(forgotten))
+        version = manifest.version + 1
+        state = self._state(manifest, first - 1) if first > 0 else None
+        self._log(f"forget {len(ids)} id(s): replaying stages {first}..{len(slices) - 1} as version {version}")
+        entries = self._train(slices, first, state, version)
+        seconds = time.perf_counter() - start
+        replays = [r["from_stage"] for r in manifest.releases[1:]] + [first]
+        release = {"version": version, "request_id": request_id, "from_stage": first, "seconds": seconds,
+                   "epsilon": self.recipe.epsilon_spent, "epsilon_cumulative": release_epsilon(self.recipe, replays)}
+        new = Manifest(self.shard, version, manifest.stages[:first] + entries, forgotten, manifest.releases + [release])
+        self.store.commit(manifest, new)
+        return {"shard": self.shard, "version": version, "from_stage": first, "stages_replayed": len(slices) - first,
+                "seconds": seconds, "already_applied": False}
+
+    def model(self) -> Classifier:
+        manifest = self.store.manifest()
+        if self._model is None or self._model[0] != manifest.version:
+            self._model = (manifest.version, self.trainer.model(self._state(manifest, len(manifest.stages) - 1)))
+        return self._model[1]
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Softmax outputs of the live version (re-read after every forget)."""
+        inputs = torch.from_numpy(np.array(x, dtype=np.float32)).to(self.trainer.device)  # a writable copy
+        return predict_proba(self.model(), inputs).cpu().numpy()
+
+    def parameters(self) -> dict[str, np.ndarray]:
+        return {n: t.numpy() for n, t in self._state(self.store.manifest(), -1).params.items()}
+
+    def verify(self) -> dict:
+        """Auditor's oracle: retrain from scratch without the forgotten ids (same seeds, same
+        recipe) and compare every live stage's parameters bit for bit."""
+        manifest = self.store.manifest()
+        slices = self._slices(set(manifest.forgotten))
+        mismatched: list[str] = []
+        max_diff = 0.0
+
+        def compare(j: int, oracle: ShardState) -> None:
+            nonlocal max_diff
+            live = self._state(manifest, j)
+            for name, tensor in oracle.params.items():
+                if not torch.equal(tensor, live.params[name]):
+                    mismatched.append(f"stage {j}: {name}")
+                    max_diff = max(max_diff, float((tensor - live.params[name]).abs().max()))
+            if ids_digest(np.concatenate(slices[: j + 1])) != manifest.stages[j]["ids_digest"]:
+                mismatched.append(f"stage {j}: ids seen")
+
+        self.trainer.train(self._data(slices), 0, None, compare)
+        return {"shard": self.shard, "exact": not mismatched, "mismatches": mismatched[:20],
+                "max_abs_diff": max_diff, "version": manifest.version, "forgotten": len(manifest.forgotten)}
+
+    def status(self) -> dict:
+        m = self.store.manifest()
+        return {"shard": self.shard, "version": m.version, "forgotten": len(m.forgotten),
+                "samples": m.stages[-1]["samples"], "epsilon": m.releases[-1]["epsilon"],
+                "epsilon_cumulative": m.releases[-1]["epsilon_cumulative"], "releases": m.releases}
+
+    def ping(self) -> int:
+        return self.shard

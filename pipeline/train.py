@@ -1,0 +1,169 @@
+"""SISA slice-stage training in plain torch + Opacus (no Ray).
+
+Stage j trains on slices 0..j, starting from the state after stage j-1 (trainable parameters
+and momentum buffers). Every stage draws its Poisson batches and its DP noise from generators
+seeded by (seed, shard, stage) alone, and its sample rate, step count and σ come from the
+stored recipe — so replaying stages k.. after a deletion equals training from scratch without
+the deleted ids, bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from pipeline.finetune import FinetunePlan, apply_plan
+from pipeline.models import Classifier
+from pipeline.privacy import Recipe
+
+FEATURE_CHUNK = 512
+# Opacus hooks the first trainable layer; when nothing below it trains, torch notes that its
+# input needs no gradient. Expected with frozen backbones, and harmless.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+
+
+@dataclass
+class ShardState:
+    """What a checkpoint carries between stages: trainable parameters and momentum buffers."""
+
+    params: dict[str, torch.Tensor]
+    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def stage_seed(seed: int, shard: int, stage: int, purpose: str) -> int:
+    """A 63-bit seed that depends only on (run seed, shard, stage, purpose)."""
+    blob = f"{seed}/{shard}/{stage}/{purpose}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    """Content hash of a set of sample ids (order-free): what a checkpoint saw."""
+    return hashlib.sha256(np.sort(np.asarray(ids, np.int64)).tobytes()).hexdigest()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def initial_state(model: Classifier, plan: FinetunePlan) -> ShardState:
+    named = dict(model.named_parameters())
+    return ShardState({n: named[n].detach().clone() for n in plan.trainable})
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Softmax outputs, batched; the model is put in eval mode."""
+    model.eval()
+    return torch.cat([F.softmax(model(x[i: i + batch_size]), dim=1) for i in range(0, len(x), batch_size)])
+
+
+class ShardTrainer:
+    """Trains one shard's constituent model stage by stage from a pretrained model."""
+
+    def __init__(self, pretrained: Classifier, plan: FinetunePlan, recipe: Recipe, seed: int, shard: int,
+                 device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.pretrained = copy.deepcopy(pretrained).to(self.device)
+        self.plan, self.recipe, self.seed, self.shard = plan, recipe, seed, shard
+        self.masks = {n: m.to(self.device) for n, m in plan.masks.items()}
+
+    # -- inputs -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def slice_inputs(self, x: np.ndarray) -> torch.Tensor:
+        """Images of one slice on the device, or — for head-only finetuning — the frozen
+        backbone's features, computed once per slice in fixed chunks (deterministic)."""
+        images = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        if not self.plan.head_only:
+            return images
+        backbone = self.pretrained.features.eval()
+        return torch.cat([backbone(images[i: i + FEATURE_CHUNK]) for i in range(0, len(images), FEATURE_CHUNK)])
+
+    # -- training -----------------------------------------------------------------------------
+    def _module(self, state: ShardState) -> tuple[nn.Module, list[nn.Parameter], list[str], str]:
+        model = copy.deepcopy(self.pretrained)
+        model.load_state_dict({**model.state_dict(), **state.params})
+        model.train()
+        if self.plan.head_only:
+            module, prefix = model.fc, "fc."
+        else:
+            module, prefix = model, ""
+        params = apply_plan(module, self.plan, prefix)
+        names = [prefix + n for n, p in module.named_parameters() if p.requires_grad]
+        return module, params, names, prefix
+
+    def run_stage(self, state: ShardState, x: torch.Tensor, y: torch.Tensor, stage_index: int) -> ShardState:
+        """One slice stage on the cumulative inputs `x`, `y` (slices 0..stage_index)."""
+        recipe, stage = self.recipe, self.recipe.stages[stage_index]
+        module, params, names, prefix = self._module(state)
+        sgd = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum)
+        for name, p in zip(names, params):
+            if name in state.momentum:
+                sgd.state[p]["momentum_buffer"] = state.momentum[name].clone().to(self.device)
+        sampler = torch.Generator().manual_seed(stage_seed(self.seed, self.shard, stage_index, "sample"))
+        if recipe.private:
+            noise = torch.Generator(device=self.device).manual_seed(stage_seed(self.seed, self.shard, stage_index, "noise"))
+            module = GradSampleModule(module, batch_first=True, loss_reduction="sum")
+            optimizer = DPOptimizer(sgd, noise_multiplier=recipe.noise_multiplier, max_grad_norm=recipe.max_grad_norm,
+                                    expected_batch_size=recipe.batch_size, loss_reduction="mean", generator=noise)
+        masks = [self.masks.get(n) for n in names]
+        for _ in range(stage.steps):
+            chosen = (torch.rand(len(x), generator=sampler) < stage.sample_rate).nonzero().squeeze(1).to(self.device)
+            loss = F.cross_entropy(module(x[chosen]), y[chosen], reduction="sum")
+            if recipe.private:
+                loss.backward()
+                for p, mask in zip(params, masks):
+                    if mask is not None:
+                        p.grad_sample = p.grad_sample * mask  # masked elements never reach clipping
+                if optimizer.pre_step():  # clip, add noise, average over the expected batch
+                    _mask_grads(params, masks)
+                    sgd.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                (loss / recipe.batch_size).backward()
+                _mask_grads(params, masks)
+                sgd.step()
+                sgd.zero_grad(set_to_none=True)
+        if recipe.private:
+            module = module.to_standard_module()
+        return ShardState(
+            {n: p.detach().cpu().clone() for n, p in zip(names, params)},
+            {n: sgd.state[p]["momentum_buffer"].detach().cpu().clone()
+             for n, p in zip(names, params) if "momentum_buffer" in sgd.state[p]},
+        )
+
+    def train(self, slices: list[tuple[np.ndarray, np.ndarray]], start_stage: int = 0,
+              state: ShardState | None = None,
+              on_stage: Callable[[int, ShardState], None] | None = None) -> ShardState:
+        """Train stages start_stage..R-1; `slices` holds (x, y) of every slice 0..R-1."""
+        state = state or initial_state(self.pretrained, self.plan)
+        inputs = [self.slice_inputs(x) for x, _ in slices]
+        labels = [torch.from_numpy(np.asarray(y, np.int64)).to(self.device) for _, y in slices]
+        for j in range(start_stage, len(slices)):
+            state = self.run_stage(state, torch.cat(inputs[: j + 1]), torch.cat(labels[: j + 1]), j)
+            if on_stage is not None:
+                on_stage(j, state)
+        return state
+
+    def model(self, state: ShardState) -> Classifier:
+        """The constituent model for `state` (pretrained weights + trained parameters)."""
+        model = copy.deepcopy(self.pretrained)
+        model.load_state_dict({**model.state_dict(), **{n: t.to(self.device) for n, t in state.params.items()}})
+        return model.eval()
+
+
+def _mask_grads(params: list[nn.Parameter], masks: list[torch.Tensor | None]) -> None:
+    """Zero the update of masked elements (DP noise included) so they stay bitwise equal."""
+    for p, mask in zip(params, masks):
+        if mask is not None and p.grad is not None:
+            p.grad.mul_(mask)

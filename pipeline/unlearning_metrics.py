@@ -1,0 +1,142 @@
+"""Yardsticks comparing an unlearned model with the retrained-from-scratch oracle.
+
+Includes a numpy re-implementation of the NeurIPS 2023 machine-unlearning challenge score
+(per-example epsilon from threshold attacks on K unlearned vs K retrained models, bucketed).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+_CLIP = 1e-12
+
+
+def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of (N, C) class probabilities against integer labels."""
+    probs = np.asarray(probs)
+    labels = np.asarray(labels).ravel()
+    if probs.ndim != 2 or probs.shape[0] != labels.size:
+        raise ValueError(f"probs must be (N, C) matching labels (N,); got {probs.shape}, {labels.shape}")
+    if labels.size == 0:
+        raise ValueError("accuracy of an empty set is undefined")
+    return float(np.mean(probs.argmax(axis=1) == labels))
+
+
+def mean_kl_divergence(p_probs: np.ndarray, q_probs: np.ndarray, eps: float = 1e-12) -> float:
+    """Mean over rows of KL(p || q), logs taken of clipped probs; exactly 0.0 when p equals q."""
+    p = np.asarray(p_probs, dtype=np.float64)
+    q = np.asarray(q_probs, dtype=np.float64)
+    if p.shape != q.shape or p.ndim != 2:
+        raise ValueError(f"p and q must be (N, C) of equal shape; got {p.shape}, {q.shape}")
+    log_ratio = np.log(np.clip(p, eps, 1.0)) - np.log(np.clip(q, eps, 1.0))
+    rows = (p * log_ratio).sum(axis=1)
+    return float(np.maximum(rows, 0.0).mean())  # clipping can leave tiny negatives; KL >= 0
+
+
+def parameter_l2_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """Euclidean distance between two parameter dicts flattened; keys and shapes must match."""
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        raise ValueError(f"parameter keys differ: only in a: {only_a}, only in b: {only_b}")
+    total = 0.0
+    for key in sorted(a):
+        x = np.asarray(a[key], dtype=np.float64)
+        y = np.asarray(b[key], dtype=np.float64)
+        if x.shape != y.shape:
+            raise ValueError(f"shape mismatch for parameter {key!r}: {x.shape} vs {y.shape}")
+        total += float(np.sum((x - y) ** 2))
+    return math.sqrt(total)
+
+
+def logit_scaled_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) of the true-class probability p (clipped to [1e-12, 1 - 1e-12]); the challenge's score."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    if probs.ndim != 2 or probs.shape[0] != labels.size:
+        raise ValueError(f"probs must be (N, C) matching labels (N,); got {probs.shape}, {labels.shape}")
+    p = np.clip(probs[np.arange(labels.size), labels], _CLIP, 1.0 - _CLIP)
+    return np.log(p) - np.log1p(-p)
+
+
+def _interval_rates(unlearned: np.ndarray, retrained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """FPR and FNR of every attack "unlearned iff v_i <= score <= v_j" over observed values v, plus complements.
+
+    Single-threshold attacks (score >= t, score <= t) are the intervals touching an end of the
+    observed range, so they are included.
+    """
+    values = np.unique(np.concatenate([unlearned, retrained]))
+    # cu[i] = number of unlearned scores <= values[i-1]; cu[0] = 0 (likewise cr for retrained).
+    cu = np.r_[0, np.searchsorted(np.sort(unlearned), values, side="right")]
+    cr = np.r_[0, np.searchsorted(np.sort(retrained), values, side="right")]
+    i, j = np.triu_indices(values.size)  # interval [values[i], values[j]]
+    tp = cu[j + 1] - cu[i]
+    fp = cr[j + 1] - cr[i]
+    fpr = fp / retrained.size
+    fnr = 1.0 - tp / unlearned.size
+    # Complement attack ("unlearned" outside the interval) swaps to 1 - rate; add the trivial attacks.
+    fpr_all = np.r_[fpr, 1.0 - fpr, 0.0, 1.0]
+    fnr_all = np.r_[fnr, 1.0 - fnr, 1.0, 0.0]
+    return fpr_all, fnr_all
+
+
+def per_example_epsilon(
+    unlearned_scores: np.ndarray, retrained_scores: np.ndarray, delta: float = 1e-5
+) -> float:
+    """Max epsilon over single/double-threshold attacks separating K unlearned from K retrained scores.
+
+    eps = max(log((1 - delta - fpr) / fnr), log((1 - delta - fnr) / fpr)). To keep it finite and
+    meaningful for small K, rates are clipped to at least 1/(2K) (K = that side's sample count)
+    before use; non-positive numerators are skipped; the result is floored at 0.
+    """
+    u = np.asarray(unlearned_scores, dtype=np.float64).ravel()
+    r = np.asarray(retrained_scores, dtype=np.float64).ravel()
+    if u.size == 0 or r.size == 0:
+        raise ValueError("need at least one unlearned and one retrained score")
+    if np.isnan(u).any() or np.isnan(r).any():
+        raise ValueError("scores contain NaN")
+    fpr, fnr = _interval_rates(u, r)
+    fpr = np.maximum(fpr, 1.0 / (2 * r.size))
+    fnr = np.maximum(fnr, 1.0 / (2 * u.size))
+    best = 0.0
+    for num, den in ((1.0 - delta - fpr, fnr), (1.0 - delta - fnr, fpr)):
+        ok = num > 0
+        if ok.any():
+            best = max(best, float(np.max(np.log(num[ok] / den[ok]))))
+    return best
+
+
+def bucket_score(eps: float) -> float:
+    """Challenge bucket credit 2**(-floor(eps / 0.5)): 1 for eps < 0.5, halving every 0.5; 0 for inf."""
+    if math.isnan(eps) or eps < 0:
+        raise ValueError(f"epsilon must be a non-negative number; got {eps}")
+    if math.isinf(eps):
+        return 0.0
+    return float(2.0 ** (-math.floor(eps / 0.5)))
+
+
+def unlearning_score(
+    unlearned_forget_scores: np.ndarray,
+    retrained_forget_scores: np.ndarray,
+    retain_acc_unlearned: float,
+    retain_acc_retrained: float,
+    test_acc_unlearned: float,
+    test_acc_retrained: float,
+    delta: float = 1e-5,
+) -> dict[str, float | list[float]]:
+    """Challenge score: mean bucket credit F over forget examples, times retain- and test-accuracy ratios.
+
+    Score arrays are (K, n_forget): row k holds the forget-set scores of the k-th model.
+    """
+    u = np.asarray(unlearned_forget_scores, dtype=np.float64)
+    r = np.asarray(retrained_forget_scores, dtype=np.float64)
+    if u.ndim != 2 or r.ndim != 2 or u.shape[1] != r.shape[1]:
+        raise ValueError(f"score arrays must be (K, n_forget) with equal n_forget; got {u.shape}, {r.shape}")
+    if u.shape[1] == 0:
+        raise ValueError("no forget examples")
+    if retain_acc_retrained <= 0 or test_acc_retrained <= 0:
+        raise ValueError("retrained accuracies must be positive to form ratios")
+    epsilons = [per_example_epsilon(u[:, i], r[:, i], delta) for i in range(u.shape[1])]
+    forgetting = float(np.mean([bucket_score(e) for e in epsilons]))
+    ratio = (retain_acc_unlearned / retain_acc_retrained) * (test_acc_unlearned / test_acc_retrained)
+    return {"forgetting_quality": forgetting, "score": float(forgetting * ratio), "epsilons": epsilons}

@@ -1,0 +1,68 @@
+import pytest
+
+from pipeline import config as C
+
+
+def test_defaults_are_valid_and_flat_keys_are_dotted():
+    flat = C.load().flat()
+    assert flat["shards.count"] == 5 and flat["privacy.epsilon"] == 1.0 and flat["finetune.strategy"] == "fc_gn"
+
+
+def test_override_sets_nested_value_and_parses_yaml_scalars():
+    cfg = C.load(None, ["shards.count=10", "privacy.epsilon=null", "train.lr=0.25"])
+    assert cfg.shards.count == 10 and cfg.privacy.epsilon is None and cfg.train.lr == 0.25
+
+
+@pytest.mark.parametrize("override, key", [
+    ("shards.cout=3", "shards.cout"),
+    ("shard.count=3", "shard"),
+    ("privacy.epsilonn=1", "privacy.epsilonn"),
+])
+def test_unknown_key_is_rejected_with_its_name(override, key):
+    with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
+        C.load(None, [override])
+
+
+def test_typo_suggests_the_close_key():
+    with pytest.raises(C.ConfigError, match="Did you mean 'shards.count'"):
+        C.load(None, ["shards.cout=3"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("shards.count=0", "shards.count"),
+    ("shards.slices=0", "shards.slices"),
+    ("privacy.epsilon=0", "privacy.epsilon"),
+    ("privacy.epsilon=-1", "privacy.epsilon"),
+    ("privacy.delta=1", "privacy.delta"),
+    ("privacy.delta=0", "privacy.delta"),
+    ("finetune.strategy=everything", "finetune.strategy"),
+    ("shards.count=two", "shards.count"),
+    ("train.epochs=0", "train.epochs"),
+    ("partition.strategy=random", "partition.strategy"),
+])
+def test_impossible_values_are_rejected_with_the_key_named(override, key):
+    with pytest.raises(C.ConfigError, match=key.replace(".", r"\.")):
+        C.load(None, [override])
+
+
+def test_yaml_file_with_unknown_section_is_rejected(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("shards:\n  count: 2\nsharding: {count: 3}\n")
+    with pytest.raises(C.ConfigError, match="sharding"):
+        C.load(path)
+
+
+def test_missing_and_malformed_files_are_clear_errors(tmp_path):
+    with pytest.raises(C.ConfigError, match="not found"):
+        C.load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("shards: [1, 2\n")
+    with pytest.raises(C.ConfigError, match="not valid YAML"):
+        C.load(bad)
+    with pytest.raises(C.ConfigError, match="key=value"):
+        C.load(None, ["shards.count"])
+
+
+def test_shipped_configs_load():
+    for name in ("fmnist", "digits", "cifar10"):
+        C.load(f"jobs/configs/{name}.yaml")

@@ -1,0 +1,56 @@
+"""DP-SGD invariants on the real training step (Opacus GradSampleModule + DPOptimizer)."""
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.finetune import FinetunePlan
+from pipeline.models import Classifier
+from pipeline.privacy import Recipe, Stage
+from pipeline.train import ShardState, ShardTrainer
+
+
+def _linear_model(features: int = 64, classes: int = 50) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(nn.Flatten(), features, classes)
+
+
+def _recipe(sigma, rate, lr=1.0, batch=10, clip=1.0) -> Recipe:
+    return Recipe(0, (Stage(0, 0, rate, 1),), batch, lr, 0.0, sigma, clip, 1.0, 1.0, 1e-5, "rdp")
+
+
+def _update(trainer: ShardTrainer, model, x, y) -> torch.Tensor:
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("fc.")}
+    state = trainer.run_stage(ShardState(start), torch.from_numpy(x), torch.from_numpy(y), 0)
+    return torch.cat([(state.params[n] - start[n]).flatten() for n in start])
+
+
+def test_clipping_bounds_each_samples_contribution():
+    """With (almost) no noise, one step moves the weights by at most lr · n · C / B."""
+    model = _linear_model()
+    n, batch, clip = 8, 10, 0.5
+    x = (np.random.default_rng(0).normal(size=(n, 64)) * 1000).astype(np.float32)  # huge gradients
+    y = np.arange(n, dtype=np.int64)
+    trainer = ShardTrainer(model, FinetunePlan("full", ["fc.weight", "fc.bias"]), _recipe(1e-9, 1.0, batch=batch, clip=clip), 0, 0)
+    update = _update(trainer, model, x, y)
+    assert update.norm() <= n * clip / batch * (1 + 1e-4)
+    assert update.norm() > 0.5 * clip / batch  # and something did move
+
+
+def test_noise_std_is_sigma_times_clip_over_expected_batch():
+    """An empty Poisson batch still adds N(0, (σC)²)/B noise to every trainable element."""
+    model = _linear_model()
+    sigma, clip, batch = 2.0, 1.5, 10
+    x, y = np.zeros((4, 64), np.float32), np.zeros(4, np.int64)
+    trainer = ShardTrainer(model, FinetunePlan("full", ["fc.weight", "fc.bias"]), _recipe(sigma, 1e-12, batch=batch, clip=clip), 0, 0)
+    update = _update(trainer, model, x, y)
+    expected = sigma * clip / batch
+    assert abs(update.std().item() / expected - 1) < 0.05
+    assert abs(update.mean().item()) < 3 * expected / update.numel() ** 0.5
+
+
+def test_non_private_step_has_no_noise():
+    model = _linear_model()
+    x, y = np.zeros((4, 64), np.float32), np.zeros(4, np.int64)
+    recipe = Recipe(0, (Stage(0, 0, 1e-12, 1),), 10, 1.0, 0.0, None, 1.0, None, None, 1e-5, "rdp")
+    update = _update(ShardTrainer(model, FinetunePlan("full", ["fc.weight", "fc.bias"]), recipe, 0, 0), model, x, y)
+    assert torch.count_nonzero(update) == 0

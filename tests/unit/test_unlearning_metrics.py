@@ -1,0 +1,101 @@
+"""Unit tests for pipeline.unlearning_metrics: distances and the NeurIPS-2023 unlearning score."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.unlearning_metrics import (
+    accuracy,
+    bucket_score,
+    logit_scaled_confidence,
+    mean_kl_divergence,
+    parameter_l2_distance,
+    per_example_epsilon,
+    unlearning_score,
+)
+
+
+def test_accuracy_counts_argmax_hits():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    assert accuracy(probs, np.array([0, 1, 1])) == pytest.approx(2 / 3)
+
+
+def test_kl_is_exactly_zero_for_identical_inputs():
+    probs = np.random.default_rng(0).dirichlet(np.ones(10), size=50)
+    probs[0, :] = 0.0
+    probs[0, 3] = 1.0  # a one-hot row exercises clipping
+    assert mean_kl_divergence(probs, probs.copy()) == 0.0
+
+
+def test_kl_is_positive_and_matches_hand_value():
+    p = np.array([[0.5, 0.5]])
+    q = np.array([[0.9, 0.1]])
+    expected = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
+    assert mean_kl_divergence(p, q) == pytest.approx(expected)
+    assert expected > 0
+
+
+def test_parameter_l2_distance_zero_and_hand_value():
+    a = {"w": np.array([[1.0, 2.0]]), "b": np.array([0.0])}
+    b = {"w": np.array([[1.0, 0.0]]), "b": np.array([3.0])}
+    assert parameter_l2_distance(a, {k: v.copy() for k, v in a.items()}) == 0.0
+    assert parameter_l2_distance(a, b) == pytest.approx(math.sqrt(2.0**2 + 3.0**2))
+
+
+def test_parameter_l2_distance_rejects_mismatched_keys_and_shapes():
+    a = {"w": np.zeros(3), "b": np.zeros(1)}
+    with pytest.raises(ValueError, match="b"):
+        parameter_l2_distance(a, {"w": np.zeros(3)})
+    with pytest.raises(ValueError, match="'w'"):
+        parameter_l2_distance(a, {"w": np.zeros(4), "b": np.zeros(1)})
+
+
+def test_logit_scaled_confidence_is_log_odds_of_true_class():
+    probs = np.array([[0.8, 0.2], [0.0, 1.0]])
+    out = logit_scaled_confidence(probs, np.array([0, 1]))
+    assert out[0] == pytest.approx(math.log(4.0))
+    assert np.isfinite(out[1]) and out[1] > 20  # clipped, not inf
+
+
+def test_per_example_epsilon_small_for_identical_score_sets():
+    scores = np.random.default_rng(1).normal(size=10)
+    eps = per_example_epsilon(scores, scores.copy())
+    assert eps < 0.5
+    assert bucket_score(eps) == 1.0
+
+
+def test_per_example_epsilon_large_for_separated_scores_with_rate_clip():
+    eps = per_example_epsilon(np.arange(10.0, 20.0), np.arange(0.0, 10.0), delta=1e-5)
+    assert eps >= 1.0
+    # Zero rates are clipped to 1/(2K) = 0.05, so eps = log((1 - delta - 0.05) / 0.05).
+    assert eps == pytest.approx(math.log((1 - 1e-5 - 0.05) / 0.05))
+
+
+def test_per_example_epsilon_uses_double_threshold_attacks():
+    # Unlearned scores sit between two retrained clusters: no single threshold separates them.
+    unlearned = np.linspace(-0.1, 0.1, 10)
+    retrained = np.r_[np.full(5, -5.0), np.full(5, 5.0)]
+    assert per_example_epsilon(unlearned, retrained) == pytest.approx(math.log((1 - 1e-5 - 0.05) / 0.05))
+
+
+@pytest.mark.parametrize(("eps", "expected"), [(0.0, 1.0), (0.49, 1.0), (0.5, 0.5), (1.2, 0.25), (math.inf, 0.0)])
+def test_bucket_score_halves_every_half_epsilon(eps, expected):
+    assert bucket_score(eps) == expected
+
+
+def test_unlearning_score_identical_models_gives_full_forgetting_quality():
+    scores = np.random.default_rng(2).normal(size=(10, 6))
+    out = unlearning_score(scores, scores.copy(), 0.9, 0.95, 0.8, 0.85)
+    assert out["forgetting_quality"] == 1.0
+    assert out["score"] == pytest.approx((0.9 / 0.95) * (0.8 / 0.85))
+    assert len(out["epsilons"]) == 6
+
+
+def test_unlearning_score_penalises_distinguishable_models():
+    rng = np.random.default_rng(3)
+    unlearned = rng.normal(5.0, 0.1, size=(10, 4))
+    retrained = rng.normal(0.0, 0.1, size=(10, 4))
+    out = unlearning_score(unlearned, retrained, 1.0, 1.0, 1.0, 1.0)
+    assert out["forgetting_quality"] < 0.25
