@@ -1,4 +1,4 @@
-"""`dpsisa train|forget|evaluate|verify|status|demo`: progress on stderr... summaries on stdout.
+"""`dpsisa train|forget|evaluate|verify|status|stop|sweep|demo`: progress on stderr, summaries on stdout.
 
 Errors print one line — the cause and the fix — to stderr and exit non-zero.
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pipeline import config as config_mod
 
@@ -42,9 +42,18 @@ def _fmt_eps(values: list) -> str:
 
 
 def _human_eval(m: dict) -> str:
-    return (f"accuracy {m['accuracy']:.4f} (vote {m['vote_accuracy']:.4f}); shards "
+    text = (f"accuracy {m['accuracy']:.4f} (vote {m['vote_accuracy']:.4f}); shards "
             f"{', '.join(f'{a:.3f}' for a in m['shard_accuracy'])}; ε spent {_fmt_eps(m['epsilon_spent'])} "
             f"(target {m['epsilon_target']}, δ={m['delta']})")
+    if "mia" in m:
+        post = m["mia"]["posterior"]
+        text += (f"\nMIA (posterior) members vs non-members: AUC {post['auc']:.3f}, advantage {post['advantage']:.3f}; "
+                 f"empirical ε lower bound {m['epsilon_lower_bound']:.3f}")
+    if "mia_forgotten" in m:
+        gone = m["mia_forgotten"]["posterior"]
+        text += (f"\nMIA (posterior) forgotten vs non-members: accuracy {gone['accuracy']:.3f} "
+                 f"(95% CI {gone['accuracy_ci'][0]:.3f}..{gone['accuracy_ci'][1]:.3f}), AUC {gone['auc']:.3f}")
+    return text
 
 
 def _human_forget(r: dict) -> str:
@@ -109,6 +118,21 @@ def cmd_status(args: argparse.Namespace) -> None:
     _print(runs.status(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json, _human_status)
 
 
+def cmd_stop(args: argparse.Namespace) -> None:
+    from pipeline import runs
+
+    _print(runs.stop(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json,
+           lambda r: f"stopped {r['actors_stopped']} kept-alive shard actor(s) of {r['run_dir']}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from pipeline import sweep
+
+    status = sweep.command(args)  # prints the summary table and best strategies; 4 when trials failed
+    if status:
+        sys.exit(status)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from pipeline.demo import demo
 
@@ -139,6 +163,13 @@ def parser() -> argparse.ArgumentParser:
     verify = add("verify", cmd_verify, "prove unlearning exact: retrain touched shards from scratch, compare bitwise")
     verify.add_argument("--all", action="store_true", help="check every shard, not only those touched by a forget")
     add("status", cmd_status, "shards, versions, requests, ε")
+    add("stop", cmd_stop, "stop the shard actors that `train --keep-alive` left running")
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep of whole experiments (MLflow parent run, one child per trial)")
+    sweep.set_defaults(func=cmd_sweep)
+    sweep.add_argument("config", help="sweep YAML, e.g. jobs/configs/sweep_digits.yaml")
+    sweep.add_argument("overrides", nargs="*", help="key=value overrides of the base config, e.g. train.epochs=1")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (errored trials start over)")
+    sweep.add_argument("--json", action="store_true", help="print one JSON object (progress on stderr)")
     demo = sub.add_parser("demo", help="the whole story on Fashion-MNIST in a few minutes")
     demo.set_defaults(func=cmd_demo)
     demo.add_argument("--config", default=None, help="config (default jobs/configs/fmnist.yaml)")

@@ -39,9 +39,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    epochs: int = 6
-    lr: float = 0.05
+    epochs: int = 15
+    lr: float = 0.1
     batch_size: int = 128
+    augment: bool = False  # random 2-pixel shifts and horizontal flips (not for digits)
     cache_dir: Optional[str] = None  # None: $DPSISA_CACHE or ~/.cache/dpsisa
 
 
@@ -74,7 +75,7 @@ class PrivacyConfig:
 class TrainConfig:
     epochs: float = 1.0  # epochs over the cumulative data at each slice stage
     batch_size: int = 256  # expected (Poisson) batch size
-    lr: float = 0.5
+    lr: float = 0.05
     momentum: float = 0.9
     threads: int = 1  # torch threads per shard; fixed so results are bitwise reproducible
     device: str = "auto"  # auto | cpu | cuda
@@ -123,7 +124,7 @@ class Config:
         """Dotted key → value, e.g. {"shards.count": 5}; what MLflow logs as params."""
         return flatten(self.to_dict())
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Config":
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
         merged = self.to_dict()
         for key, value in overrides.items():
             _set_dotted(merged, key, value)

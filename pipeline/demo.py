@@ -1,12 +1,13 @@
 """`dpsisa demo`: the whole story in one command — train, evaluate, forget, verify, track."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from pipeline import config as config_mod, runs
+from pipeline import config as config_mod
+from pipeline import runs
 from pipeline.ledger import Ledger
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "fmnist.yaml"

@@ -7,9 +7,9 @@ detached and named in a fixed namespace so a later job reaches them warm.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import ray
@@ -58,7 +58,8 @@ def shard_resources(config: Config, total: dict[str, float]) -> Resources:
 def actor_name(run_dir: Path, shard: int) -> str:
     from pipeline.config import digest
 
-    return f"dpsisa-{digest(str(run_dir.resolve()))}-shard{shard:03d}"
+    suffix = "placement" if shard < 0 else f"shard{shard:03d}"
+    return f"dpsisa-{digest(str(run_dir.resolve()))}-{suffix}"
 
 
 class Ensemble:
@@ -71,9 +72,10 @@ class Ensemble:
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
-    def start(cls, run_dir: Path, config: Config, data: Data, pretrained: Classifier, recipes: list[dict],
-              keep_alive: bool = False, placement: PlacementGroup | None = None, log: Callable = print) -> "Ensemble":
-        """Create (or, with keep_alive, reuse) one actor per shard."""
+    def start(cls, run_dir: Path, config: Config, load: Callable[[], tuple[Data, Classifier]], recipes: list[dict],
+              keep_alive: bool = False, placement: PlacementGroup | None = None, log: Callable = print) -> Ensemble:
+        """Create (or, with keep_alive, reuse) one actor per shard; `load` gives the data and the
+        pretrained model and is only called when actors must be created."""
         names = [actor_name(run_dir, s) for s in range(config.shards.count)]
         if keep_alive:
             found = [cluster.named_actor(n, config.ray.namespace) for n in names]
@@ -85,7 +87,8 @@ class Ensemble:
             res = shard_resources(config, ray.cluster_resources())
             bundle = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}
             placement = placement_group([bundle] * config.shards.count, strategy="SPREAD",
-                                        lifetime="detached" if keep_alive else None)
+                                        lifetime="detached" if keep_alive else None,
+                                        name=actor_name(run_dir, -1) if keep_alive else "")
             try:
                 ray.get(placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
             except GetTimeoutError:
@@ -100,6 +103,7 @@ class Ensemble:
                 for key, value in spec.items():
                     totals[key] = totals.get(key, 0.0) + value
             res = shard_resources(config, totals)
+        data, pretrained = load()
         x_ref, y_ref, model_ref = ray.put(data.private.x), ray.put(data.private.y), ray.put(pretrained)
         remote = ray.remote(Shard)
         actors = []
@@ -125,11 +129,20 @@ class Ensemble:
         if self.placement is not None:
             remove_placement_group(self.placement)
 
-    def stop_detached(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor)
-        if self.placement is not None:
-            remove_placement_group(self.placement)
+    @staticmethod
+    def stop_detached(run_dir: Path, config: Config) -> int:
+        """Kill a run's kept-alive actors and release their placement group; returns how many."""
+        stopped = 0
+        for s in range(config.shards.count):
+            actor = cluster.named_actor(actor_name(run_dir, s), config.ray.namespace)
+            if actor is not None:
+                ray.kill(actor)
+                stopped += 1
+        try:
+            remove_placement_group(ray.util.get_placement_group(actor_name(run_dir, -1)))
+        except ValueError:
+            pass  # no kept-alive placement group for this run
+        return stopped
 
     # -- fan-out ------------------------------------------------------------------------------
     def _gather(self, refs: dict, what: str, log: Callable | None = None) -> dict:

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline import attacks
 from pipeline.data.datasets import Data
 from pipeline.driver import Ensemble, aggregate
+
+MIA_SAMPLES = 2000  # members and non-members each (balanced)
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -47,3 +50,32 @@ def ensemble_metrics(ensemble: Ensemble, data: Data) -> dict:
         "test_samples": int(len(data.test.y)),
     })
     return metrics
+
+
+def membership_inference(ensemble: Ensemble, data: Data, forgotten: set[int], seed: int = 0,
+                         samples: int = MIA_SAMPLES) -> dict:
+    """Posterior, loss and logistic attacks on the mean-softmax ensemble: live training members
+    vs test non-members (balanced), and forgotten ids vs non-members (should be at chance).
+    The posterior attack's Clopper–Pearson ε lower bound audits the accountant's ε."""
+    def probs(x: np.ndarray) -> np.ndarray:
+        return ensemble.predict_proba(x).mean(axis=0)
+
+    forgotten_arr = np.fromiter(sorted(forgotten), np.int64, len(forgotten))
+    live = np.setdiff1d(data.private.ids, forgotten_arr)
+    members, nonmembers = attacks.balanced_sample(live, data.test.ids, min(samples, len(live), len(data.test.ids)), seed)
+    member_probs, nonmember_probs = probs(data.private.x[members]), probs(data.test.x[nonmembers])
+    member_y, nonmember_y = data.private.y[members], data.test.y[nonmembers]
+    results = attacks.run_attacks(member_probs, member_y, nonmember_probs, nonmember_y, seed)
+    delta = ensemble.config.privacy.delta
+    out = {
+        "mia": {name: r.to_dict() for name, r in results.items()},
+        "epsilon_lower_bound": attacks.epsilon_lower_bound(
+            attacks.true_class_confidence(member_probs, member_y),
+            attacks.true_class_confidence(nonmember_probs, nonmember_y), delta),
+    }
+    if len(forgotten_arr):
+        gone, others = attacks.balanced_sample(forgotten_arr, data.test.ids, None, seed + 1)
+        gone_probs, other_probs = probs(data.private.x[gone]), probs(data.test.x[others])
+        forgotten_results = attacks.run_attacks(gone_probs, data.private.y[gone], other_probs, data.test.y[others], seed)
+        out["mia_forgotten"] = {name: r.to_dict() for name, r in forgotten_results.items()}
+    return out

@@ -6,8 +6,8 @@ the training loop masks per-sample gradients before clipping and the noised upda
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn

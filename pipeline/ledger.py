@@ -11,10 +11,10 @@ from __future__ import annotations
 import fcntl
 import io
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa

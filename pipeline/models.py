@@ -2,7 +2,7 @@
 ops, so Opacus can hook it and finetuning strategies can name the head and the norms."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -24,8 +24,20 @@ def cache_dir(config: Config) -> Path:
 def cache_key(config: Config, data: Data) -> str:
     """Everything that changes the pretrained weights, and nothing else (not ε, shards, ...)."""
     d, m, p = config.data, config.model, config.pretrain
-    return digest("v1", d.name, d.public, d.public_size if d.public == "heldout" else None, m.name, m.width,
-                  p.epochs, p.lr, p.batch_size, config.seed, data.input_shape, int(data.public.y.max() + 1))
+    return digest("v2", d.name, d.public, d.public_size if d.public == "heldout" else None, m.name, m.width,
+                  p.epochs, p.lr, p.batch_size, p.augment, config.seed, data.input_shape, int(data.public.y.max() + 1))
+
+
+def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Tensor:
+    """Per-sample random horizontal flip and translation by up to `shift` pixels (background fill)."""
+    n, c, h, w = x.shape
+    flip = torch.rand(n, generator=gen) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    padded = F.pad(x, (shift,) * 4, value=float(x.min()))
+    dy, dx = (torch.randint(0, 2 * shift + 1, (n,), generator=gen) for _ in range(2))
+    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
 
 
 def _fit(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, config: Config, log) -> None:
@@ -40,7 +52,8 @@ def _fit(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, config: Config, l
         order, total, start = torch.randperm(len(xs), generator=gen), 0.0, time.perf_counter()
         for i in range(0, len(xs), p.batch_size):
             idx = order[i: i + p.batch_size]
-            loss = F.cross_entropy(model(xs[idx]), ys[idx])
+            batch = augment(xs[idx], gen) if p.augment else xs[idx]
+            loss = F.cross_entropy(model(batch), ys[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -56,7 +56,7 @@ class Recipe:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Recipe":
+    def from_dict(cls, data: dict) -> Recipe:
         return cls(**{**data, "stages": tuple(Stage(**s) for s in data["stages"])})
 
 

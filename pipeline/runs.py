@@ -9,16 +9,17 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import ray
 import yaml
 
-from pipeline import cluster, config as config_mod, evaluate, models, tracking
+from pipeline import cluster, evaluate, models, tracking
+from pipeline import config as config_mod
 from pipeline.checkpoints import ShardStore, atomic_write, atomic_write_json, load_torch, save_torch
 from pipeline.config import Config
 from pipeline.data import datasets
@@ -68,16 +69,30 @@ def _pretrained_from_run(run_dir: Path, config: Config, data: datasets.Data) -> 
     return model.eval()
 
 
+class RunData:
+    """The run's data set, loaded on first use (warm actors do not need it for a forget)."""
+
+    def __init__(self, run_dir: Path, config: Config):
+        self.run_dir, self.config, self._data = run_dir, config, None
+
+    def get(self) -> datasets.Data:
+        if self._data is None:
+            self._data = datasets.load(self.config.data)
+        return self._data
+
+    def with_model(self) -> tuple[datasets.Data, models.Classifier]:
+        return self.get(), _pretrained_from_run(self.run_dir, self.config, self.get())
+
+
 @contextmanager
-def opened(run_dir: Path, log: Callable = print, placement=None) -> Iterator[tuple[Config, datasets.Data, Ensemble]]:
-    """Config, data and a live ensemble for an existing run (warm detached actors if any)."""
+def opened(run_dir: Path, log: Callable = print, placement=None) -> Iterator[tuple[Config, RunData, Ensemble]]:
+    """Config, lazily loaded data and a live ensemble for an existing run (warm actors if kept alive)."""
     config = load_run_config(run_dir)
     cluster.connect(config.ray, log)
-    data = datasets.load(config.data)
+    data = RunData(run_dir, config)
     recipes = json.loads((run_dir / "recipes.json").read_text())
     keep_alive = json.loads((run_dir / "train_summary.json").read_text()).get("keep_alive", False)
-    ensemble = Ensemble.start(run_dir, config, data, _pretrained_from_run(run_dir, config, data), recipes,
-                              keep_alive=keep_alive, placement=placement, log=log)
+    ensemble = Ensemble.start(run_dir, config, data.with_model, recipes, keep_alive=keep_alive, placement=placement, log=log)
     try:
         yield config, data, ensemble
     finally:
@@ -109,7 +124,8 @@ def train(config: Config, run_dir: Path, keep_alive: bool = False, log: Callable
             f"{sorted({round(r['noise_multiplier'], 3) for r in recipes})} over {config.shards.slices} slice stages")
     atomic_write_json(run_dir / "recipes.json", recipes)
     atomic_write(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
-    ensemble = Ensemble.start(run_dir, config, data, model, recipes, keep_alive=keep_alive, placement=placement, log=log)
+    ensemble = Ensemble.start(run_dir, config, lambda: (data, model), recipes, keep_alive=keep_alive,
+                              placement=placement, log=log)
     try:
         fit_start = time.perf_counter()
         log(f"training {config.shards.count} shards × {config.shards.slices} slices "
@@ -128,10 +144,10 @@ def train(config: Config, run_dir: Path, keep_alive: bool = False, log: Callable
     return summary
 
 
-def forget(run_dir: Path, ids: list[int], log: Callable = print) -> dict:
+def forget(run_dir: Path, ids: list[int], log: Callable = print, placement=None) -> dict:
     load_run_config(run_dir)
     Ledger(run_dir).validate(ids)  # fail fast, before any actor starts (re-checked under the lock)
-    with opened(run_dir, log) as (config, data, ensemble):
+    with opened(run_dir, log, placement=placement) as (config, data, ensemble):
         result = ensemble.forget(ids, log)
     result["full_train_seconds"] = json.loads((run_dir / "train_summary.json").read_text())["full_train_seconds"]
     result["speedup"] = result["full_train_seconds"] / max(result["seconds"], 1e-9)
@@ -139,10 +155,12 @@ def forget(run_dir: Path, ids: list[int], log: Callable = print) -> dict:
     return result
 
 
-def evaluate_run(run_dir: Path, log: Callable = print) -> dict:
-    with opened(run_dir, log) as (config, data, ensemble):
+def evaluate_run(run_dir: Path, log: Callable = print, placement=None) -> dict:
+    with opened(run_dir, log, placement=placement) as (config, data, ensemble):
         ensemble.complete_pending(log)
-        metrics = evaluate.ensemble_metrics(ensemble, data)
+        metrics = evaluate.ensemble_metrics(ensemble, data.get())
+        log("membership-inference attacks (members vs non-members, forgotten vs non-members) ...")
+        metrics.update(evaluate.membership_inference(ensemble, data.get(), Ledger(run_dir).forgotten_ids(), config.seed))
     tracking.log_job("evaluate", config, run_dir, metrics)
     return metrics
 
@@ -182,6 +200,16 @@ def status(run_dir: Path, log: Callable = print) -> dict:
             "pending": [r for r in by_request.values() if r["status"] == "pending"],
             "done": [r for r in by_request.values() if r["status"] == "done"],
             "epsilon_target": config.privacy.epsilon, "delta": config.privacy.delta}
+
+
+def stop(run_dir: Path, log: Callable = print) -> dict:
+    """Release the detached actors (and placement group) that `train --keep-alive` left running."""
+    config = load_run_config(run_dir)
+    cluster.connect(config.ray, log)
+    stopped = Ensemble.stop_detached(run_dir, config)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    atomic_write_json(run_dir / "train_summary.json", {**summary, "keep_alive": False})
+    return {"run_dir": str(run_dir), "actors_stopped": stopped}
 
 
 def shutdown_ray() -> None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch

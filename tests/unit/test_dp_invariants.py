@@ -30,7 +30,8 @@ def test_clipping_bounds_each_samples_contribution():
     n, batch, clip = 8, 10, 0.5
     x = (np.random.default_rng(0).normal(size=(n, 64)) * 1000).astype(np.float32)  # huge gradients
     y = np.arange(n, dtype=np.int64)
-    trainer = ShardTrainer(model, FinetunePlan("full", ["fc.weight", "fc.bias"]), _recipe(1e-9, 1.0, batch=batch, clip=clip), 0, 0)
+    recipe = _recipe(1e-9, 1.0, batch=batch, clip=clip)
+    trainer = ShardTrainer(model, FinetunePlan("full", ["fc.weight", "fc.bias"]), recipe, 0, 0)
     update = _update(trainer, model, x, y)
     assert update.norm() <= n * clip / batch * (1 + 1e-4)
     assert update.norm() > 0.5 * clip / batch  # and something did move
@@ -41,7 +42,8 @@ def test_noise_std_is_sigma_times_clip_over_expected_batch():
     model = _linear_model()
     sigma, clip, batch = 2.0, 1.5, 10
     x, y = np.zeros((4, 64), np.float32), np.zeros(4, np.int64)
-    trainer = ShardTrainer(model, FinetunePlan("full", ["fc.weight", "fc.bias"]), _recipe(sigma, 1e-12, batch=batch, clip=clip), 0, 0)
+    recipe = _recipe(sigma, 1e-12, batch=batch, clip=clip)
+    trainer = ShardTrainer(model, FinetunePlan("full", ["fc.weight", "fc.bias"]), recipe, 0, 0)
     update = _update(trainer, model, x, y)
     expected = sigma * clip / batch
     assert abs(update.std().item() / expected - 1) < 0.05

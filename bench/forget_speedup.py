@@ -1,0 +1,68 @@
+"""Forget speed-up on Fashion-MNIST (S=5, R=5): median wall time of a one-id forget, end to end
+(warm actors, ledger and checkpoint I/O, MLflow logging included) vs the full ensemble training.
+
+    python bench/forget_speedup.py [--trials 5] [key=value config overrides]
+
+Prints one JSON object. The SISA bound S·2R/(R+1) assumes equal-cost stages and S idle workers;
+on a machine with fewer cores than shards the full training is itself parallel over the cores,
+so we also report the CPU-time speed-up (sum of per-shard training seconds / retrain seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import config as config_mod  # noqa: E402
+from pipeline import runs
+from pipeline.ledger import Ledger  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", default="jobs/configs/fmnist.yaml")
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    config = config_mod.load(args.config, ["shards.count=5", "shards.slices=5", "tracking.enabled=false", *args.overrides])
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    run_dir = Path(tempfile.mkdtemp(prefix="dpsisa-bench-")) / "run"
+    trained = runs.train(config, run_dir, keep_alive=True, log=log)
+    train_summary = json.loads((run_dir / "train_summary.json").read_text())
+    ids = Ledger(run_dir).assignments()["sample_id"].to_numpy()
+    rng = np.random.default_rng(config.seed)
+    walls, shard_seconds, replayed = [], [], []
+    for trial in range(args.trials):
+        target = int(rng.choice(ids))
+        result = runs.forget(run_dir, [target], log=log)
+        walls.append(result["seconds"])
+        shard_seconds.append(sum(result["shard_seconds"].values()))
+        replayed.append(sum(result["slices_retrained"].values()))
+        log(f"trial {trial + 1}/{args.trials}: id {target}: {result['seconds']:.2f}s, stages {result['slices_retrained']}")
+    runs.stop(run_dir, log=log)
+    S, R = config.shards.count, config.shards.slices
+    bound = S * 2 * R / (R + 1)
+    median = statistics.median(walls)
+    speedup = trained["full_train_seconds"] / median
+    cpu_speedup = sum(train_summary["shard_seconds"]) / statistics.median(shard_seconds)
+    print(json.dumps({
+        "benchmark": "forget_speedup", "dataset": config.data.name, "shards": S, "slices": R,
+        "strategy": config.finetune.strategy, "epsilon": config.privacy.epsilon, "trials": args.trials,
+        "full_train_seconds": round(trained["full_train_seconds"], 3),
+        "forget_seconds_median": round(median, 3), "forget_seconds": [round(w, 3) for w in walls],
+        "stages_replayed": replayed, "speedup": round(speedup, 3),
+        "sisa_bound": round(bound, 3), "speedup_over_bound": round(speedup / bound, 3),
+        "cpu_time_speedup": round(cpu_speedup, 3), "cpu_time_speedup_over_bound": round(cpu_speedup / bound, 3),
+        "accuracy": round(trained["accuracy"], 4),
+    }))
+
+
+if __name__ == "__main__":
+    main()

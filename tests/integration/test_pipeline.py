@@ -1,0 +1,184 @@
+"""End to end on real Ray (2 CPUs), real Parquet ledger, real MLflow (sqlite in tmp_path), digits."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import cli, runs
+from pipeline.checkpoints import ShardStore
+from pipeline.driver import ShardFailure
+from pipeline.ledger import Ledger
+from pipeline.shard import CRASH_FILE
+
+pytestmark = pytest.mark.slow
+
+
+def _snapshot(run_dir) -> dict[str, str]:
+    """Content hash of every file in the run (ledger, manifests, checkpoints)."""
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run_dir.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def trained(ray_2cpu, tmp_path_factory):
+    """One digits run (2 shards × 3 slices, DP fc_gn) shared by the tests below, in order."""
+    import os
+
+    home = tmp_path_factory.mktemp("home")
+    os.environ["DPSISA_HOME"] = str(home)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+    from pipeline import config as C
+
+    config = C.load("jobs/configs/digits.yaml")
+    run_dir = home / "run"
+    summary = runs.train(config, run_dir, log=lambda m: None)
+    return run_dir, summary, home
+
+
+def _pin_env(monkeypatch, home):
+    monkeypatch.setenv("DPSISA_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+
+
+def test_train_writes_the_documented_ledger_and_meets_the_privacy_target(trained):
+    run_dir, summary, _ = trained
+    table = pq.read_table(run_dir / "ledger" / "assignments.parquet")
+    assert {"sample_id", "shard", "slice"} <= set(table.column_names)
+    assert str(table.schema.field("sample_id").type) == "int64"
+    assert table.num_rows == 1038 and len(set(table["sample_id"].to_pylist())) == 1038
+    assert set(table["shard"].to_pylist()) == {0, 1} and set(table["slice"].to_pylist()) == {0, 1, 2}
+    assert summary["accuracy"] > 0.5 and len(summary["shard_accuracy"]) == 2
+    assert all(0.95 * 2.0 <= e <= 2.0 for e in summary["epsilon_spent"])
+    assert summary["full_train_seconds"] > 0
+
+
+def test_forgetting_an_id_in_the_last_slice_replays_only_that_stage_of_its_shard(trained, monkeypatch, capsys):
+    run_dir, _, home = trained
+    _pin_env(monkeypatch, home)
+    ledger = Ledger(run_dir)
+    table = ledger.assignments().to_pandas()
+    target = int(table[(table["shard"] == 1) & (table["slice"] == 2)]["sample_id"].iloc[0])
+    before = _snapshot(run_dir)
+    stage_files_before = {s: ShardStore(run_dir, s).manifest().stages for s in (0, 1)}
+    cli.main(["forget", "--run-dir", str(run_dir), "--ids", str(target), "--json", "--quiet"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["shards_retrained"] == [1]
+    assert result["slices_retrained"] == {"1": 1}
+    assert {"request_id", "seconds", "full_train_seconds"} <= result.keys()
+    after = _snapshot(run_dir)
+    untouched = [k for k in before if k.startswith("shards/shard_000/")]
+    assert untouched and all(after.get(k) == before[k] for k in untouched)  # shard 0 not touched at all
+    new_stages = ShardStore(run_dir, 1).manifest().stages
+    assert new_stages[:2] == stage_files_before[1][:2] and new_stages[2] != stage_files_before[1][2]
+    done = ledger.requests().to_pandas()
+    assert done["status"].tolist() == ["done"] and done["model_version"].tolist() == [1]
+    assert target in ShardStore(run_dir, 1).manifest().forgotten
+
+
+def test_verify_proves_the_unlearned_shard_equals_retraining_from_scratch(trained, monkeypatch, capsys):
+    run_dir, _, home = trained
+    _pin_env(monkeypatch, home)
+    cli.main(["verify", "--run-dir", str(run_dir), "--json", "--quiet"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["exact"] is True and result["shards_checked"] == [1]
+
+
+@pytest.mark.parametrize("ids", ["99999", "-4", "3,x", "7,7", "", "FORGOTTEN"])
+def test_bad_forget_input_exits_nonzero_and_changes_nothing(trained, monkeypatch, capsys, ids):
+    run_dir, _, home = trained
+    _pin_env(monkeypatch, home)
+    if ids == "FORGOTTEN":
+        ids = str(Ledger(run_dir).requests()["sample_id"][0].as_py())
+    before = _snapshot(run_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["forget", "--run-dir", str(run_dir), "--ids", ids, "--quiet"])
+    assert exit_info.value.code == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "error:" in err and len(err.strip().splitlines()) == 1
+    assert _snapshot(run_dir) == before
+
+
+def test_a_crashed_actor_leaves_the_request_pending_and_the_next_call_completes_it(trained, monkeypatch):
+    run_dir, _, home = trained
+    _pin_env(monkeypatch, home)
+    table = Ledger(run_dir).assignments().to_pandas()
+    target = int(table[(table["shard"] == 0) & (table["slice"] == 0)]["sample_id"].iloc[3])
+    manifest_before = ShardStore(run_dir, 0).manifest()
+    (run_dir / CRASH_FILE).write_text(json.dumps({"shard": 0, "after_stage": 1}))
+    with pytest.raises(ShardFailure, match="shard 0"):
+        runs.forget(run_dir, [target], log=lambda m: None)
+    requests = Ledger(run_dir).requests().to_pandas()
+    mine = requests[requests["sample_id"] == target]
+    assert mine["status"].tolist() == ["pending"]
+    assert ShardStore(run_dir, 0).manifest() == manifest_before  # nothing committed, old version live
+    # no `done` row may exist whose shard version is not committed
+    for _, row in requests[requests["status"] == "done"].iterrows():
+        assert ShardStore(run_dir, int(row["shard"])).manifest().version >= row["model_version"]
+    status = runs.status(run_dir, log=lambda m: None)
+    assert status["pending"] == []
+    requests = Ledger(run_dir).requests().to_pandas()
+    assert requests[requests["sample_id"] == target]["status"].tolist() == ["done"]
+    assert ShardStore(run_dir, 0).manifest().version == manifest_before.version + 1
+    assert not list((run_dir / "shards" / "shard_000").glob(".*.tmp"))
+    assert runs.verify(run_dir, log=lambda m: None)["exact"] is True
+
+
+def test_evaluate_and_status_report_the_documented_keys(trained, monkeypatch, capsys):
+    run_dir, _, home = trained
+    _pin_env(monkeypatch, home)
+    cli.main(["evaluate", "--run-dir", str(run_dir), "--json", "--quiet"])
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"accuracy", "vote_accuracy", "shard_accuracy", "epsilon_target", "epsilon_spent", "delta"} <= metrics.keys()
+    assert len(metrics["epsilon_spent"]) == 2 and metrics["epsilon_target"] == 2.0
+    cli.main(["status", "--run-dir", str(run_dir), "--json", "--quiet"])
+    status = json.loads(capsys.readouterr().out)
+    assert [s["version"] for s in status["shards"]] == [1, 1]
+    assert status["pending"] == [] and len(status["done"]) == 2
+    assert all(s["epsilon_cumulative"] > s["epsilon"] for s in status["shards"])
+
+
+def test_mlflow_has_one_run_per_job_with_params_metrics_and_artifacts(trained):
+    from mlflow.tracking import MlflowClient
+
+    _, _, home = trained
+    client = MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("dpsisa")
+    found = client.search_runs([experiment.experiment_id])
+    kinds = [r.data.tags["dpsisa.kind"] for r in found]
+    assert kinds.count("train") == 1 and kinds.count("forget") >= 2 and "verify" in kinds
+    train_run = next(r for r in found if r.data.tags["dpsisa.kind"] == "train")
+    assert train_run.data.params["shards.count"] == "2" and train_run.data.params["finetune.strategy"] == "fc_gn"
+    assert 0 < train_run.data.metrics["accuracy"] <= 1 and "epsilon_spent_0" in train_run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    assert {"config.yaml", "recipes.json", "train_summary.json", "ledger"} <= artifacts
+    ledger_files = {a.path for a in client.list_artifacts(train_run.info.run_id, "ledger")}
+    assert "ledger/assignments.parquet" in ledger_files
+
+
+def test_keep_alive_actors_are_named_detached_and_reused(ray_2cpu, tmp_path, digits_config):
+    config = digits_config("shards.count=2", "train.epochs=1")
+    run_dir = tmp_path / "warm"
+    runs.train(config, run_dir, keep_alive=True, log=lambda m: None)
+    from pipeline.cluster import named_actor
+    from pipeline.driver import actor_name
+
+    assert all(named_actor(actor_name(run_dir, s), "dpsisa") is not None for s in range(2))
+    messages: list[str] = []
+    ids = [int(Ledger(run_dir).assignments()["sample_id"][0].as_py())]
+    runs.forget(run_dir, ids, log=messages.append)
+    assert any("reusing 2 warm shard actors" in m for m in messages)
+    assert runs.stop(run_dir, log=lambda m: None)["actors_stopped"] == 2
+    assert all(named_actor(actor_name(run_dir, s), "dpsisa") is None for s in range(2))
+    with pytest.raises(ValueError):
+        ray_2cpu.util.get_placement_group(actor_name(run_dir, -1))  # its CPUs are free again
+
+
+def test_more_shards_than_the_cluster_holds_fails_fast(ray_2cpu, tmp_path, digits_config):
+    from pipeline.cluster import ClusterError
+
+    config = digits_config("shards.count=4", "ray.cpus_per_shard=1")
+    with pytest.raises(ClusterError, match="do not fit"):
+        runs.train(config, tmp_path / "big", log=lambda m: None)

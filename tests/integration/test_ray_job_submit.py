@@ -1,0 +1,82 @@
+"""A real `ray job submit` round trip: a local Ray head started by the test, train and forget
+jobs (digits) submitted through JobSubmissionClient, then the ledger checked."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head` in a subprocess (token auth stays on); stopped after the module."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    port, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+                    f"--dashboard-port={dashboard}", "--disable-usage-stats"], check=True, env=env,
+                   capture_output=True, timeout=180)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        os.environ.pop("RAY_AUTH_MODE", None)
+
+
+def _wait(client, job_id: str, timeout: float = 400) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            return status
+        time.sleep(2)
+    client.stop_job(job_id)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n{client.get_job_logs(job_id)[-3000:]}")
+
+
+def test_train_and_forget_jobs_round_trip_through_ray_job_submit(ray_head, tmp_path):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_head)
+    run_dir = tmp_path / "job-run"
+    runtime_env = {"working_dir": str(ROOT), "env_vars": {
+        "DPSISA_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "DPSISA_CACHE": os.environ.get("DPSISA_CACHE", str(tmp_path / "cache"))}}
+    train = client.submit_job(
+        entrypoint=f"{sys.executable} jobs/train.py jobs/configs/digits.yaml train.epochs=1 --run-dir {run_dir}",
+        runtime_env=runtime_env)
+    assert _wait(client, train) == JobStatus.SUCCEEDED, client.get_job_logs(train)[-3000:]
+    assignments = pq.read_table(run_dir / "ledger" / "assignments.parquet")
+    target = int(assignments["sample_id"][10].as_py())
+    forget = client.submit_job(entrypoint=f"{sys.executable} jobs/forget.py --run-dir {run_dir} --ids {target} --json",
+                               runtime_env=runtime_env)
+    assert _wait(client, forget) == JobStatus.SUCCEEDED, client.get_job_logs(forget)[-3000:]
+    assert '"shards_retrained"' in client.get_job_logs(forget)
+    requests = pq.read_table(run_dir / "ledger" / "requests.parquet").to_pylist()
+    assert [(r["sample_id"], r["status"]) for r in requests] == [(target, "done")]
+    bad = client.submit_job(entrypoint=f"{sys.executable} jobs/forget.py --run-dir {run_dir} --ids {target}",
+                            runtime_env=runtime_env)
+    assert _wait(client, bad) == JobStatus.FAILED  # already forgotten: a clear error, non-zero exit
+    assert "already forgotten" in client.get_job_logs(bad)

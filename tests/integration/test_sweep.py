@@ -1,0 +1,200 @@
+"""Sweeps: grid expansion and validation (fast, no Ray), plots on a synthetic table (fast), and a
+4-trial digits sweep on a 2-CPU Ray cluster with MLflow parent/child runs and a resume (slow)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline import plots, sweep
+from pipeline.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+DIGITS_SWEEP = ROOT / "jobs" / "configs" / "sweep_digits.yaml"
+
+
+def write_sweep(tmp_path: Path, **spec) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": str(ROOT / "jobs" / "configs" / "digits.yaml"), **spec}))
+    return path
+
+
+def test_grid_expands_to_cartesian_product_times_repeats(tmp_path, monkeypatch):
+    monkeypatch.setenv("DPSISA_HOME", str(tmp_path))
+    grid = {"privacy.epsilon": [0.5, None], "finetune.strategy": ["fc", "fc_gn", "fc_gn_conv"], "shards.count": [1, 4]}
+    spec = sweep.load_spec(write_sweep(tmp_path, name="g", grid=grid, num_samples=2, trial_cpus=1.0))
+    points = spec.points()
+    assert len(points) == 2 * 3 * 2 * 2
+    assert len({tuple(sorted(p.items())) for p in points}) == len(points)
+    assert spec.storage_path == (tmp_path / "sweeps" / "g").resolve()
+    configs = [sweep.trial_config(spec, p) for p in points]
+    assert {c.seed for c in configs} == {0, 1}  # seed = base seed (digits.yaml: 0) + repeat
+    assert all(not c.tracking.enabled for c in configs)  # the sweep logs child runs itself
+    assert {c.privacy.epsilon for c in configs} == {0.5, None}
+    for point, config in zip(points, configs, strict=True):
+        bundles = sweep.trial_bundles(spec, point)
+        assert len(bundles) == 1 + config.shards.count
+        assert sum(b["CPU"] for b in bundles) <= spec.trial_cpus + 1e-9
+        assert bundles[1]["CPU"] == config.ray.cpus_per_shard > 0
+    assert sweep.max_concurrent_trials(spec, {"CPU": 2.0}) == 2
+
+
+def test_overrides_apply_to_the_base_config(tmp_path):
+    spec = sweep.load_spec(DIGITS_SWEEP, ["train.epochs=0.5", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    assert spec.base_config.train.epochs == 0.5
+    assert spec.base_config.data.name == "digits"
+    assert len(spec.points()) >= 4
+
+
+@pytest.mark.parametrize("grid, named", [
+    ({"privacy.epsilonn": [1.0]}, "privacy.epsilonn"),
+    ({"shards.countt": [2]}, "shards.countt"),
+    ({"finetune.strategy": ["fc", "nope"]}, "finetune.strategy"),
+])
+def test_unknown_or_invalid_grid_key_is_rejected_with_the_key_named(tmp_path, grid, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        sweep.load_spec(write_sweep(tmp_path, grid=grid))
+
+
+def test_unknown_sweep_key_is_rejected_with_a_suggestion(tmp_path):
+    with pytest.raises(sweep.SweepError, match="'gird'.*did you mean 'grid'"):
+        sweep.load_spec(write_sweep(tmp_path, gird={"shards.count": [2]}))
+
+
+def test_trial_that_cannot_fit_the_cluster_fails_fast(tmp_path):
+    spec = sweep.load_spec(write_sweep(tmp_path, grid={"shards.count": [2]}, trial_cpus=4.0))
+    with pytest.raises(sweep.SweepError, match="trial needs 4 CPU but the cluster has 2"):
+        sweep.max_concurrent_trials(spec, {"CPU": 2.0})
+
+
+def test_bundled_sweep_configs_are_valid():
+    assert len(sweep.load_spec(ROOT / "jobs" / "configs" / "sweep_fmnist.yaml").points()) == 4 * 3 * 3
+    for name in ("sweep_digits.yaml", "sweep_fmnist.yaml"):
+        header = (ROOT / "jobs" / "configs" / name).read_text().splitlines()[0]
+        assert header == f"# ray job submit --working-dir . -- python jobs/sweep.py jobs/configs/{name}"
+
+
+def test_trial_metrics_read_mia_when_evaluate_reports_it():
+    summary = {"accuracy": 0.9, "vote_accuracy": 0.88, "epsilon_spent": [0.7, 0.9], "epsilon_lower_bound": 0.2,
+               "mia": {"posterior": {"advantage": 0.03, "auc": 0.52, "tpr_at_1pct_fpr": 0.011}, "loss": {"auc": 0.6}},
+               "mia_forgotten": {"posterior": {"advantage": 0.01, "auc": 0.5}}}
+    after = sweep.evaluation_metrics(summary, "_after_forget")
+    assert after == {"accuracy_after_forget": 0.9, "vote_accuracy_after_forget": 0.88,
+                     "epsilon_spent_max_after_forget": 0.9, "epsilon_lower_bound_after_forget": 0.2,
+                     "mia_advantage_after_forget": 0.03, "mia_auc_after_forget": 0.52,
+                     "mia_tpr_at_1pct_fpr_after_forget": 0.011, "mia_forgotten_advantage_after_forget": 0.01,
+                     "mia_forgotten_auc_after_forget": 0.5}
+    # before `mia` lands (or without DP) the keys are simply absent
+    assert sweep.evaluation_metrics({"accuracy": 0.5, "epsilon_spent": [None, None]}) == {"accuracy": 0.5}
+    reported = {**after, "training_iteration": 1, "time_total_s": 3.0, "trial_id": "x", "date": "today"}
+    assert sweep.trial_metrics(reported) == after
+    forgot = {"seconds": 2.0, "speedup": 5.0, "shards_retrained": [1], "slices_retrained": {"1": 2}}
+    assert sweep.forget_metrics(forgot) == {"forget_seconds": 2.0, "forget_speedup": 5.0, "shards_retrained": 1.0,
+                                            "stages_replayed": 2.0}
+
+
+def test_a_trial_keeps_one_child_run_when_a_resume_completes_it(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = sweep.load_spec(write_sweep(tmp_path, grid={"shards.count": [2]}), [f"tracking.uri={uri}"])
+    parent = sweep.open_parent(spec, resume=False)
+    point = spec.points()[0]
+    first = parent.log_trial(spec, "abc_00000", point, {}, error="trial failed")
+    again = parent.log_trial(spec, "abc_00000", point, {"accuracy": 0.8})
+    client = MlflowClient(uri)
+    children = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.parent_run_id}'")
+    assert first == again and len(children) == 1
+    child = children[0]
+    assert child.info.status == "FINISHED" and "dpsisa.error" not in child.data.tags
+    assert child.data.metrics == {"accuracy": 0.8} and child.data.params["shards.count"] == "2"
+    assert sweep.open_parent(spec, resume=True).parent_run_id == parent.parent_run_id
+
+
+def synthetic_table() -> pd.DataFrame:
+    rows = [{"trial_id": f"t{i}", "shards.count": s, "finetune.strategy": f, "privacy.epsilon": e,
+             "accuracy": 0.5 + 0.1 * (e or 3) + (0.05 if f == "fc_gn" else 0), "mia_advantage": 0.01 * (e or 5),
+             "forget_speedup": 2.0 * s}
+            for i, (s, f, e) in enumerate((s, f, e) for s in (1, 5) for f in ("fc", "fc_gn") for e in (0.5, 1.0, None))]
+    return plots.summary_table(rows)
+
+
+def test_no_dp_is_placed_right_of_the_largest_epsilon():
+    where, ticks, labels = plots.epsilon_positions(pd.Series([0.5, 1.0, 1.5, np.inf]))
+    assert where[np.inf] == pytest.approx(2.0) and ticks[-1] == where[np.inf]
+    assert labels == ["0.5", "1", "1.5", "∞ (no DP)"]
+
+
+def test_plots_and_best_strategy_from_a_summary_table(tmp_path):
+    table = synthetic_table()
+    assert table["privacy.epsilon"].isna().sum() == 4  # no DP kept as NaN, sorted last
+    best = plots.best_per_cell(table)
+    assert len(best) == 2 * 3 and {b["finetune.strategy"] for b in best} == {"fc_gn"}
+    assert any(b["privacy.epsilon"] is None for b in best)
+    paths = plots.save_all(table, tmp_path / "plots")
+    assert [p.name for p in paths] == ["accuracy_vs_epsilon.png", "mia_advantage_vs_epsilon.png",
+                                       "forget_speedup_vs_shards.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000 for p in paths)
+    assert "∞ (no DP)" in plots.format_table(table)
+
+
+# -- slow: a real sweep ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ray_2cpu():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="dpsisa-test-sweep")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_digits_sweep_logs_parent_and_one_child_run_per_trial(ray_2cpu, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("DPSISA_HOME", str(tmp_path))
+    monkeypatch.setenv("DPSISA_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = [f"tracking.uri={uri}", "tracking.experiment=sweep-test"]
+    result = sweep.run_sweep(DIGITS_SWEEP, overrides, log=print)
+
+    assert Path(result["storage_path"]) == (tmp_path / "sweeps" / "sweep_digits").resolve()
+    table = pd.DataFrame(result["table"])
+    assert len(table) == 4 and not result["errors"]
+    assert set(table["finetune.strategy"]) == {"fc", "fc_gn"} and table["privacy.epsilon"].isna().sum() == 2
+    assert table["accuracy"].between(0.3, 1.0).all()  # 10 classes: chance is 0.1
+    assert table["accuracy_after_forget"].between(0.3, 1.0).all()
+    assert (table["forget_speedup"] > 0).all() and (table["forget_seconds"] > 0).all()
+    dp = table[table["privacy.epsilon"].notna()]
+    assert (dp["epsilon_spent_max"] <= 1.0 + 1e-6).all() and (dp["epsilon_spent_max"] > 0.5).all()
+    assert len(result["best"]) == 2  # one per (shards=2, ε ∈ {1, no DP})
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sweep-test")
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.data.tags["dpsisa.kind"] == "sweep" and parent.info.status == "FINISHED"
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
+    assert len(children) == 4
+    assert {c.data.tags["dpsisa.trial_id"] for c in children} == set(table["trial_id"])
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"accuracy", "vote_accuracy", "accuracy_after_forget", "forget_seconds", "full_train_seconds",
+                "forget_speedup"} <= set(child.data.metrics)
+        assert child.data.params["tracking.enabled"] == "False" and child.data.params["shards.count"] == "2"
+        assert 0 < child.data.metrics["accuracy"] <= 1
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.csv", "summary.parquet", "accuracy_vs_epsilon.png", "mia_advantage_vs_epsilon.png",
+            "forget_speedup_vs_shards.png"} <= artifacts
+    # the trials' own jobs did not log runs of their own: only the parent and its children exist
+    assert len(client.search_runs([experiment.experiment_id])) == 5
+
+    # a second run of the same sweep is refused; --resume of a finished sweep adds no duplicate runs
+    with pytest.raises(sweep.SweepError, match="--resume"):
+        sweep.run_sweep(DIGITS_SWEEP, overrides)
+    resumed = sweep.run_sweep(DIGITS_SWEEP, overrides, resume=True)
+    assert resumed["parent_run_id"] == result["parent_run_id"] and len(resumed["table"]) == 4
+    assert len(client.search_runs([experiment.experiment_id])) == 5
