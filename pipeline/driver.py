@@ -188,13 +188,16 @@ class Ensemble:
             self.ledger.mark_done(request_id, {s: r["version"] for s, r in results.items()})
         return results
 
-    def complete_pending(self, log: Callable = print) -> list[str]:
-        """Finish requests a crash left `pending` (idempotent per shard)."""
-        pending = self.ledger.pending()
-        for request_id, ids in pending.items():
+    def complete_pending(self, log: Callable = print) -> dict[str, dict]:
+        """Finish requests a crash left `pending` (idempotent per shard); request id → summary."""
+        completed = {}
+        for request_id, ids in self.ledger.pending().items():
             log(f"completing pending forget request {request_id} ({len(ids)} ids)")
-            self._apply(request_id, ids, log)
-        return list(pending)
+            start = time.perf_counter()
+            results = self._apply(request_id, ids, log)
+            completed[request_id] = {"request_id": request_id, "ids": len(ids), "completed_pending": True,
+                                     **_forget_summary(results), "seconds": time.perf_counter() - start}
+        return completed
 
     def forget(self, ids: list[int], log: Callable = print) -> dict:
         """Validate, record as pending, retrain owners in parallel, mark done."""
@@ -205,16 +208,18 @@ class Ensemble:
             request_id = self.ledger.append_request(ids)
         log(f"forget request {request_id}: {len(ids)} id(s) owned by shard(s) {sorted(self.ledger.owners(ids))}")
         results = self._apply(request_id, ids, log)
-        return {
-            "request_id": request_id,
-            "ids": len(ids),
-            "shards_retrained": sorted(s for s, r in results.items() if not r["already_applied"]),
-            "slices_retrained": {str(s): r["stages_replayed"] for s, r in sorted(results.items())},
-            "from_stage": {str(s): r["from_stage"] for s, r in sorted(results.items())},
-            "versions": {str(s): r["version"] for s, r in sorted(results.items())},
-            "shard_seconds": {str(s): r["seconds"] for s, r in sorted(results.items())},
-            "seconds": time.perf_counter() - start,
-        }
+        return {"request_id": request_id, "ids": len(ids), **_forget_summary(results), "seconds": time.perf_counter() - start}
+
+
+def _forget_summary(results: dict[int, dict]) -> dict:
+    """What a forget request did, per shard (JSON keys are strings)."""
+    return {
+        "shards_retrained": sorted(s for s, r in results.items() if not r["already_applied"]),
+        "slices_retrained": {str(s): r["stages_replayed"] for s, r in sorted(results.items())},
+        "from_stage": {str(s): r["from_stage"] for s, r in sorted(results.items())},
+        "versions": {str(s): r["version"] for s, r in sorted(results.items())},
+        "shard_seconds": {str(s): r["seconds"] for s, r in sorted(results.items())},
+    }
 
 
 def aggregate(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

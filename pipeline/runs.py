@@ -84,6 +84,12 @@ class RunData:
         return self.get(), _pretrained_from_run(self.run_dir, self.config, self.get())
 
 
+def complete_pending(ensemble: Ensemble, config: Config, run_dir: Path, log: Callable) -> None:
+    """Finish requests a crash left pending; each becomes a forget run in MLflow."""
+    for summary in ensemble.complete_pending(log).values():
+        tracking.log_job("forget", config, run_dir, summary)
+
+
 @contextmanager
 def opened(run_dir: Path, log: Callable = print, placement=None) -> Iterator[tuple[Config, RunData, Ensemble]]:
     """Config, lazily loaded data and a live ensemble for an existing run (warm actors if kept alive)."""
@@ -148,6 +154,7 @@ def forget(run_dir: Path, ids: list[int], log: Callable = print, placement=None)
     load_run_config(run_dir)
     Ledger(run_dir).validate(ids)  # fail fast, before any actor starts (re-checked under the lock)
     with opened(run_dir, log, placement=placement) as (config, data, ensemble):
+        complete_pending(ensemble, config, run_dir, log)
         result = ensemble.forget(ids, log)
     result["full_train_seconds"] = json.loads((run_dir / "train_summary.json").read_text())["full_train_seconds"]
     result["speedup"] = result["full_train_seconds"] / max(result["seconds"], 1e-9)
@@ -157,7 +164,7 @@ def forget(run_dir: Path, ids: list[int], log: Callable = print, placement=None)
 
 def evaluate_run(run_dir: Path, log: Callable = print, placement=None) -> dict:
     with opened(run_dir, log, placement=placement) as (config, data, ensemble):
-        ensemble.complete_pending(log)
+        complete_pending(ensemble, config, run_dir, log)
         metrics = evaluate.ensemble_metrics(ensemble, data.get())
         log("membership-inference attacks (members vs non-members, forgotten vs non-members) ...")
         metrics.update(evaluate.membership_inference(ensemble, data.get(), Ledger(run_dir).forgotten_ids(), config.seed))
@@ -168,7 +175,7 @@ def evaluate_run(run_dir: Path, log: Callable = print, placement=None) -> dict:
 def verify(run_dir: Path, all_shards: bool = False, log: Callable = print) -> dict:
     """Retrain touched shards from scratch without their forgotten ids; compare bit for bit."""
     with opened(run_dir, log) as (config, data, ensemble):
-        ensemble.complete_pending(log)
+        complete_pending(ensemble, config, run_dir, log)
         touched = [s for s in range(config.shards.count) if all_shards or ShardStore(run_dir, s).manifest().version > 0]
         log(f"verifying shard(s) {touched} against from-scratch retraining ...")
         results = ensemble.verify(touched, log)
@@ -184,7 +191,7 @@ def status(run_dir: Path, log: Callable = print) -> dict:
     ledger = Ledger(run_dir)
     if ledger.pending():
         with opened(run_dir, log) as (_, _, ensemble):
-            ensemble.complete_pending(log)
+            complete_pending(ensemble, config, run_dir, log)
     requests = ledger.requests()
     by_request: dict[str, dict] = {}
     for rid, st in zip(requests["request_id"].to_pylist(), requests["status"].to_pylist()):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ class Shard:
 
     def _log(self, message: str) -> None:
         if self.log_progress:
-            print(f"[shard {self.shard}] {message}", flush=True)
+            print(f"[shard {self.shard}] {message}", file=sys.stderr, flush=True)  # stdout is for --json
 
     def _slices(self, exclude: set[int]) -> list[np.ndarray]:
         return self.ledger.shard_slices(self.shard, exclude)

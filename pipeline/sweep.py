@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import inspect
 import itertools
 import json
 import math
@@ -24,7 +23,7 @@ import ray
 import yaml
 from ray import tune
 
-from pipeline import cluster, evaluate, plots, runs, tracking
+from pipeline import cluster, plots, runs, tracking
 from pipeline import config as config_mod
 from pipeline.config import Config, ConfigError
 from pipeline.ledger import Ledger
@@ -178,31 +177,6 @@ def forget_ids(run_dir: Path, count: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(ids, size=min(count, len(ids)), replace=False).tolist())
 
 
-def _with_placement(func: Callable, placement) -> Callable:
-    """runs.forget / runs.evaluate_run inside the trial's placement group.
-    Until they take `placement=` (patch in the sweep report) the same steps run here."""
-    if "placement" in inspect.signature(func).parameters:
-        return partial(func, placement=placement)
-    return partial(_FALLBACKS[func.__name__], placement=placement)
-
-
-def _forget_fallback(run_dir: Path, ids: list[int], log: Callable, placement=None) -> dict:
-    with runs.opened(run_dir, log, placement=placement) as (_, _, ensemble):
-        result = ensemble.forget(ids, log)
-    result["full_train_seconds"] = json.loads((run_dir / "train_summary.json").read_text())["full_train_seconds"]
-    result["speedup"] = result["full_train_seconds"] / max(result["seconds"], 1e-9)
-    return result
-
-
-def _evaluate_fallback(run_dir: Path, log: Callable, placement=None) -> dict:
-    with runs.opened(run_dir, log, placement=placement) as (_, data, ensemble):
-        ensemble.complete_pending(log)
-        return evaluate.ensemble_metrics(ensemble, data.get() if hasattr(data, "get") else data)  # lazy RunData
-
-
-_FALLBACKS = {"forget": _forget_fallback, "evaluate_run": _evaluate_fallback}
-
-
 def _mia(key: str, field_name: str) -> Callable[[dict], Any]:
     return lambda summary: ((summary.get(key) or {}).get("posterior") or {}).get(field_name)
 
@@ -257,12 +231,12 @@ def run_trial(point: dict[str, Any], spec: SweepSpec) -> None:
 
     placement = ray.util.get_current_placement_group()
     trained = runs.train(config, run_dir, log=log, placement=placement)
-    metrics = {**evaluation_metrics(_with_placement(runs.evaluate_run, placement)(run_dir, log)),
+    metrics = {**evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement)),
                "full_train_seconds": float(trained["full_train_seconds"])}
     if spec.forget_count:
-        forgot = _with_placement(runs.forget, placement)(run_dir, forget_ids(run_dir, spec.forget_count, config.seed), log)
+        forgot = runs.forget(run_dir, forget_ids(run_dir, spec.forget_count, config.seed), log, placement=placement)
         metrics.update(forget_metrics(forgot))
-        metrics.update(evaluation_metrics(_with_placement(runs.evaluate_run, placement)(run_dir, log), AFTER))
+        metrics.update(evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement), AFTER))
     tune.report(metrics)
 
 
