@@ -21,10 +21,12 @@ def cache_dir(config: Config) -> Path:
     return Path(root) / "pretrained"
 
 
-def cache_key(config: Config, data: Data) -> str:
-    """Everything that changes the pretrained weights, and nothing else (not ε, shards, ...)."""
+def cache_key(config: Config, data: Data, model: torch.nn.Module) -> str:
+    """Everything that changes the pretrained weights, and nothing else (not ε, shards, ...);
+    the architecture enters as its parameter names and shapes, so a code change never loads stale weights."""
     d, m, p = config.data, config.model, config.pretrain
-    return digest("v2", d.name, d.public, d.public_size if d.public == "heldout" else None, m.name, m.width,
+    architecture = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
+    return digest("v2", architecture, d.name, d.public, d.public_size if d.public == "heldout" else None, m.name, m.width,
                   p.epochs, p.lr, p.batch_size, p.augment, config.seed, data.input_shape, int(data.public.y.max() + 1))
 
 
@@ -67,10 +69,10 @@ def pretrained_model(config: Config, data: Data, log=print) -> tuple[models.Clas
 
     When the public data is another data set (e.g. CIFAR-100 for CIFAR-10) the head is
     re-initialised (seeded) for the private classes."""
-    key = cache_key(config, data)
-    path = cache_dir(config) / f"{config.model.name}-{key}.pt"
     public_classes = int(data.public.y.max() + 1)
     model = models.build(config.model.name, data.input_shape, public_classes, config.model.width, config.seed)
+    key = cache_key(config, data, model)
+    path = cache_dir(config) / f"{config.model.name}-{key}.pt"
     info = {"cache_key": key, "path": str(path), "cached": path.is_file()}
     if path.is_file():
         model.load_state_dict(load_torch(path))

@@ -35,12 +35,11 @@ def ray_head(tmp_path_factory):
     subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
                     f"--dashboard-port={dashboard}", "--disable-usage-stats"], check=True, env=env,
                    capture_output=True, timeout=180)
-    os.environ["RAY_AUTH_MODE"] = "token"
+    token = subprocess.run([RAY, "get-auth-token"], check=True, env=env, capture_output=True, text=True).stdout.strip()
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        yield f"http://127.0.0.1:{dashboard}", {"Authorization": f"Bearer {token}"}
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
-        os.environ.pop("RAY_AUTH_MODE", None)
 
 
 def _wait(client, job_id: str, timeout: float = 400) -> str:
@@ -59,7 +58,8 @@ def _wait(client, job_id: str, timeout: float = 400) -> str:
 def test_train_and_forget_jobs_round_trip_through_ray_job_submit(ray_head, tmp_path):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(ray_head)
+    address, auth_headers = ray_head
+    client = JobSubmissionClient(address, headers=auth_headers)  # token auth stays on
     run_dir = tmp_path / "job-run"
     runtime_env = {"working_dir": str(ROOT), "env_vars": {
         "DPSISA_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
