@@ -26,13 +26,15 @@ from pipeline.privacy import Recipe, schedule  # noqa: E402
 from pipeline.train import ShardTrainer  # noqa: E402
 
 
-def measure(model, plan, slices, stages, batch, sigma, repeats=2) -> float:
+def measure(model, plan, slices, stages, batch, sigma, device="cpu", repeats=2) -> float:
     recipe = Recipe(0, stages, batch, 0.1, 0.9, sigma, 1.0, None, None, 1e-5, "rdp")
-    trainer = ShardTrainer(model, plan, recipe, seed=0, shard=0)
+    trainer = ShardTrainer(model, plan, recipe, seed=0, shard=0, device=device)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         trainer.train(slices)  # feature caching (fc) is part of the cost
+        if trainer.device.type == "cuda":
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return sum(s.steps for s in stages) * batch / best
 
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -57,17 +60,17 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for strategy in ("fc", "fc_gn", "fc_gn_conv", "full"):
         plan = finetune.plan_for(model, strategy)
-        dp = measure(model, plan, slices, stages, args.batch, sigma=1.0)
-        plain = measure(model, plan, slices, stages, args.batch, sigma=None)
+        dp = measure(model, plan, slices, stages, args.batch, sigma=1.0, device=args.device)
+        plain = measure(model, plan, slices, stages, args.batch, sigma=None, device=args.device)
         results[strategy] = {"dp_samples_per_s": round(dp, 1), "non_dp_samples_per_s": round(plain, 1),
                              "dp_slowdown": round(plain / dp, 3)}
         print(f"{strategy}: DP {dp:.0f}/s, non-DP {plain:.0f}/s", file=sys.stderr, flush=True)
     # the same head-only training without caching: the frozen backbone runs at every step
     uncached_plan = finetune.FinetunePlan("fc_uncached", finetune.plan_for(model, "fc").trainable)
-    uncached = measure(model, uncached_plan, slices, stages, args.batch, sigma=1.0)
+    uncached = measure(model, uncached_plan, slices, stages, args.batch, sigma=1.0, device=args.device)
     cached = results["fc"]["dp_samples_per_s"]
     print(json.dumps({
-        "benchmark": "dp_throughput", "model": "gn_cnn", "width": args.width, "threads": args.threads,
+        "benchmark": "dp_throughput", "device": args.device, "model": "gn_cnn", "width": args.width, "threads": args.threads,
         "samples": args.samples, "slices": args.slices, "epochs_per_stage": args.epochs, "batch": args.batch,
         "samples_seen_per_sample": round(sum(s.steps for s in stages) * args.batch / args.samples, 2),
         "strategies": results,
