@@ -21,7 +21,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import config as config_mod, finetune, models, privacy  # noqa: E402
+from pipeline import config as config_mod  # noqa: E402
+from pipeline import finetune, models, privacy
 from pipeline.data import datasets  # noqa: E402
 from pipeline.data.partition import partition  # noqa: E402
 from pipeline.train import ShardTrainer  # noqa: E402
@@ -48,10 +49,11 @@ def main() -> None:
             plan = finetune.plan_for(model, strategy, 0.05)
             recipe = privacy.make_recipe(config, 0, [len(s) for s in slices])
             trainer = ShardTrainer(model, plan, recipe, seed=0, shard=0, device=args.device)
-            states = {}
             start = time.perf_counter()
-            trainer.train([(data.private.x[s], data.private.y[s]) for s in slices], on_stage=lambda j, s: states.__setitem__(j, s))
-            replayed = trainer.train([(data.private.x[s], data.private.y[s]) for s in kept], 1, states[0])
+            first_stage: list = []
+            trainer.train([(data.private.x[s], data.private.y[s]) for s in slices],
+                          on_stage=lambda j, state, keep=first_stage: keep.append(state) if j == 0 else None)
+            replayed = trainer.train([(data.private.x[s], data.private.y[s]) for s in kept], 1, first_stage[0])
             oracle = trainer.train([(data.private.x[s], data.private.y[s]) for s in kept])
             diff = max(float((replayed.params[k] - oracle.params[k]).abs().max()) for k in oracle.params)
             results[f"{strategy}/eps={epsilon}"] = {"exact": diff == 0.0, "max_abs_diff": diff,

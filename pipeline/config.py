@@ -39,7 +39,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    epochs: int = 15
+    epochs: int = 30
     lr: float = 0.1
     batch_size: int = 128
     augment: bool = False  # random 2-pixel shifts and horizontal flips (not for digits)

@@ -37,6 +37,9 @@ class Shard:
         self.ledger, self.store = Ledger(run_dir), ShardStore(run_dir, shard)
         plan = plan_for(pretrained, self.config.finetune.strategy, self.config.finetune.conv_fraction)
         device = resolve_device(self.config.train.device)
+        if device.type == "cuda":  # bitwise replay on GPUs needs deterministic kernels (checked on an H100)
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
         self.trainer = ShardTrainer(pretrained, plan, self.recipe, self.config.seed, shard, device)
         self.log_progress = log_progress
         self._model: tuple[int, Classifier] | None = None

@@ -5,7 +5,7 @@ are a registry so a new one is one function.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
