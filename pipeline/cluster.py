@@ -24,7 +24,6 @@ def connect(config: RayConfig, log=print) -> bool:
     if ray.is_initialized():
         return False
     warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")  # per-shard progress lines look alike; show them all
     address = config.address or os.environ.get("RAY_ADDRESS")
     common = {"namespace": config.namespace, "log_to_driver": True, "configure_logging": False}
     if address:

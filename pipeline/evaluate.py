@@ -53,10 +53,11 @@ def ensemble_metrics(ensemble: Ensemble, data: Data) -> dict:
 
 
 def membership_inference(ensemble: Ensemble, data: Data, forgotten: set[int], seed: int = 0,
-                         samples: int = MIA_SAMPLES) -> dict:
+                         samples: int = MIA_SAMPLES, probe_ids: list[int] | None = None) -> dict:
     """Posterior, loss and logistic attacks on the mean-softmax ensemble: live training members
     vs test non-members (balanced), and forgotten ids vs non-members (should be at chance).
-    The posterior attack's Clopper–Pearson ε lower bound audits the accountant's ε."""
+    `probe_ids` replaces the forgotten ids in that last attack — ids about to be forgotten give
+    the "before" measurement. The posterior attack's Clopper–Pearson ε lower bound audits ε."""
     def probs(x: np.ndarray) -> np.ndarray:
         return ensemble.predict_proba(x).mean(axis=0)
 
@@ -73,8 +74,9 @@ def membership_inference(ensemble: Ensemble, data: Data, forgotten: set[int], se
             attacks.true_class_confidence(member_probs, member_y),
             attacks.true_class_confidence(nonmember_probs, nonmember_y), delta),
     }
-    if len(forgotten_arr):
-        gone, others = attacks.balanced_sample(forgotten_arr, data.test.ids, None, seed + 1)
+    probe = forgotten_arr if probe_ids is None else np.asarray(sorted(probe_ids), np.int64)
+    if len(probe):
+        gone, others = attacks.balanced_sample(probe, data.test.ids, None, seed + 1)
         gone_probs, other_probs = probs(data.private.x[gone]), probs(data.test.x[others])
         forgotten_results = attacks.run_attacks(gone_probs, data.private.y[gone], other_probs, data.test.y[others], seed)
         out["mia_forgotten"] = {name: r.to_dict() for name, r in forgotten_results.items()}

@@ -162,12 +162,15 @@ def forget(run_dir: Path, ids: list[int], log: Callable = print, placement=None)
     return result
 
 
-def evaluate_run(run_dir: Path, log: Callable = print, placement=None) -> dict:
+def evaluate_run(run_dir: Path, log: Callable = print, placement=None, probe_ids: list[int] | None = None) -> dict:
+    """Test metrics and membership-inference attacks; `probe_ids` (e.g. ids about to be
+    forgotten) are attacked in place of the forgotten ids."""
     with opened(run_dir, log, placement=placement) as (config, data, ensemble):
         complete_pending(ensemble, config, run_dir, log)
         metrics = evaluate.ensemble_metrics(ensemble, data.get())
         log("membership-inference attacks (members vs non-members, forgotten vs non-members) ...")
-        metrics.update(evaluate.membership_inference(ensemble, data.get(), Ledger(run_dir).forgotten_ids(), config.seed))
+        metrics.update(evaluate.membership_inference(ensemble, data.get(), Ledger(run_dir).forgotten_ids(), config.seed,
+                                                     probe_ids=probe_ids))
     tracking.log_job("evaluate", config, run_dir, metrics)
     return metrics
 

@@ -231,10 +231,12 @@ def run_trial(point: dict[str, Any], spec: SweepSpec) -> None:
 
     placement = ray.util.get_current_placement_group()
     trained = runs.train(config, run_dir, log=log, placement=placement)
-    metrics = {**evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement)),
+    doomed = forget_ids(run_dir, spec.forget_count, config.seed) if spec.forget_count else None
+    # before forgetting, the ids to forget are attacked as `mia_forgotten` (still members)
+    metrics = {**evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement, probe_ids=doomed)),
                "full_train_seconds": float(trained["full_train_seconds"])}
-    if spec.forget_count:
-        forgot = runs.forget(run_dir, forget_ids(run_dir, spec.forget_count, config.seed), log, placement=placement)
+    if doomed:
+        forgot = runs.forget(run_dir, doomed, log, placement=placement)
         metrics.update(forget_metrics(forgot))
         metrics.update(evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement), AFTER))
     tune.report(metrics)

@@ -133,6 +133,12 @@ def test_evaluate_and_status_report_the_documented_keys(trained, monkeypatch, ca
     metrics = json.loads(capsys.readouterr().out)
     assert {"accuracy", "vote_accuracy", "shard_accuracy", "epsilon_target", "epsilon_spent", "delta"} <= metrics.keys()
     assert len(metrics["epsilon_spent"]) == 2 and metrics["epsilon_target"] == 2.0
+    for attack in ("posterior", "loss", "logistic"):
+        assert {"accuracy", "advantage", "auc", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr"} <= metrics["mia"][attack].keys()
+        assert 0 <= metrics["mia"][attack]["auc"] <= 1
+    # the empirical audit must never claim more leakage than the accountant allows
+    assert 0 <= metrics["epsilon_lower_bound"] <= metrics["epsilon_target"]
+    assert "mia_forgotten" in metrics
     cli.main(["status", "--run-dir", str(run_dir), "--json", "--quiet"])
     status = json.loads(capsys.readouterr().out)
     assert [s["version"] for s in status["shards"]] == [1, 1]
@@ -182,3 +188,18 @@ def test_more_shards_than_the_cluster_holds_fails_fast(ray_2cpu, tmp_path, digit
     config = digits_config("shards.count=4", "ray.cpus_per_shard=1")
     with pytest.raises(ClusterError, match="do not fit"):
         runs.train(config, tmp_path / "big", log=lambda m: None)
+
+
+def test_forgotten_ids_are_at_chance_for_the_attack_after_forgetting(trained, monkeypatch):
+    run_dir, _, home = trained
+    _pin_env(monkeypatch, home)
+    ledger = Ledger(run_dir)
+    taken = ledger.forgotten_ids(status=None)
+    doomed = [int(i) for i in ledger.assignments()["sample_id"].to_numpy() if int(i) not in taken][:60]
+    before = runs.evaluate_run(run_dir, log=lambda m: None, probe_ids=doomed)["mia_forgotten"]["posterior"]
+    runs.forget(run_dir, doomed, log=lambda m: None)
+    after = runs.evaluate_run(run_dir, log=lambda m: None)["mia_forgotten"]["posterior"]
+    assert after["n_members"] == len(doomed) + 2  # these 60 and the 2 forgotten earlier in this module
+    low, high = after["accuracy_ci"]
+    assert low <= 0.5 + 1e-9, f"forgotten ids still distinguishable: {after}"
+    assert before["n_members"] == 60 and 0 <= before["auc"] <= 1
