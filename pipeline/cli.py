@@ -59,7 +59,7 @@ def _human_eval(m: dict) -> str:
 def _human_forget(r: dict) -> str:
     return (f"request {r['request_id']}: forgot {r['ids']} id(s); retrained shard(s) {r['shards_retrained']} "
             f"(stages replayed {r['slices_retrained']}) in {r['seconds']:.1f}s vs full training "
-            f"{r['full_train_seconds']:.1f}s (speed-up ×{r['speedup']:.1f})")
+            f"{r['full_train_seconds']:.1f}s (speed-up ×{r['speedup']:.1f}; {r['work_fraction']:.0%} of the training work replayed)")
 
 
 def _human_verify(v: dict) -> str:
