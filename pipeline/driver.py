@@ -176,9 +176,6 @@ class Ensemble:
     def status(self) -> dict[int, dict]:
         return self._gather({a.status.remote(): s for s, a in enumerate(self.actors)}, "status")
 
-    def parameters(self, shard: int) -> dict[str, np.ndarray]:
-        return ray.get(self.actors[shard].parameters.remote())
-
     # -- forgetting ---------------------------------------------------------------------------
     def _apply(self, request_id: str, ids: list[int], log: Callable) -> dict:
         owners = self.ledger.owners(ids)

@@ -15,7 +15,6 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import ray
 import yaml
 
 from pipeline import cluster, evaluate, models, tracking
@@ -232,8 +231,3 @@ def stop(run_dir: Path, log: Callable = print) -> dict:
     summary = json.loads((run_dir / "train_summary.json").read_text())
     atomic_write_json(run_dir / "train_summary.json", {**summary, "keep_alive": False})
     return {"run_dir": str(run_dir), "actors_stopped": stopped}
-
-
-def shutdown_ray() -> None:
-    if ray.is_initialized():
-        ray.shutdown()

@@ -20,6 +20,7 @@ from pipeline.ledger import Ledger
 from pipeline.models import Classifier
 from pipeline.privacy import Recipe, release_epsilon
 from pipeline.train import ShardState, ShardTrainer, ids_digest, predict_proba, resolve_device
+from pipeline.unlearning import parameter_l2_distance
 
 CRASH_FILE = ".inject-crash.json"  # fault injection for tests: {"shard": s, "after_stage": j}
 
@@ -136,9 +137,6 @@ class Shard:
         inputs = torch.from_numpy(np.array(x, dtype=np.float32)).to(self.trainer.device)  # a writable copy
         return predict_proba(self.model(), inputs).cpu().numpy()
 
-    def parameters(self) -> dict[str, np.ndarray]:
-        return {n: t.numpy() for n, t in self._state(self.store.manifest(), -1).params.items()}
-
     def verify(self) -> dict:
         """Auditor's oracle: retrain from scratch without the forgotten ids (same seeds, same
         recipe) and compare every live stage's parameters bit for bit."""
@@ -157,15 +155,15 @@ class Shard:
             if ids_digest(np.concatenate(slices[: j + 1])) != manifest.stages[j]["ids_digest"]:
                 mismatched.append(f"stage {j}: ids seen")
 
-        self.trainer.train(self._data(slices), 0, None, compare)
-        return {"shard": self.shard, "exact": not mismatched, "mismatches": mismatched[:20],
-                "max_abs_diff": max_diff, "version": manifest.version, "forgotten": len(manifest.forgotten)}
+        oracle = self.trainer.train(self._data(slices), 0, None, compare)
+        live = self._state(manifest, len(manifest.stages) - 1)
+        l2 = parameter_l2_distance({n: t.numpy() for n, t in oracle.params.items()},
+                                   {n: t.numpy() for n, t in live.params.items()})
+        return {"shard": self.shard, "exact": not mismatched, "mismatches": mismatched[:20], "max_abs_diff": max_diff,
+                "l2_to_oracle": l2, "version": manifest.version, "forgotten": len(manifest.forgotten)}
 
     def status(self) -> dict:
         m = self.store.manifest()
         return {"shard": self.shard, "version": m.version, "forgotten": len(m.forgotten),
                 "samples": m.stages[-1]["samples"], "epsilon": m.releases[-1]["epsilon"],
                 "epsilon_cumulative": m.releases[-1]["epsilon_cumulative"], "releases": m.releases}
-
-    def ping(self) -> int:
-        return self.shard

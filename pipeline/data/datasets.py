@@ -180,7 +180,3 @@ def load(config: DataConfig) -> Data:
         n = config.test_limit
         test = Split(test.x[:n], test.y[:n], test.ids[:n])
     return Data(config.name, num_classes, private, public, test)
-
-
-def public_num_classes(data: Data) -> int:
-    return int(data.public.y.max() + 1)

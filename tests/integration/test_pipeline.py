@@ -86,6 +86,7 @@ def test_verify_proves_the_unlearned_shard_equals_retraining_from_scratch(traine
     cli.main(["verify", "--run-dir", str(run_dir), "--json", "--quiet"])
     result = json.loads(capsys.readouterr().out)
     assert result["exact"] is True and result["shards_checked"] == [1]
+    assert result["shards"][0]["l2_to_oracle"] == 0.0 and result["shards"][0]["max_abs_diff"] == 0.0
 
 
 @pytest.mark.parametrize("ids", ["99999", "-4", "3,x", "7,7", "", "FORGOTTEN"])

@@ -1,4 +1,4 @@
-"""Unit tests for pipeline.unlearning_metrics: distances and the NeurIPS-2023 unlearning score."""
+"""Unit tests for pipeline.unlearning: distances and the NeurIPS-2023 unlearning score."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.unlearning_metrics import (
+from pipeline.unlearning import (
     accuracy,
     bucket_score,
     logit_scaled_confidence,
