@@ -67,6 +67,11 @@ def _human_verify(v: dict) -> str:
              "retraining without the forgotten ids" + ("" if v["exact"] else " — MISMATCH")]
     lines += [f"  shard {s['shard']} v{s['version']}: exact={s['exact']} ({s['forgotten']} forgotten)"
               + (f" mismatches {s['mismatches'][:3]}" if s["mismatches"] else "") for s in v["shards"]]
+    u = v.get("unlearning")
+    if u:
+        forget = "n/a" if u["forget_accuracy"] is None else f"{u['forget_accuracy']:.3f}"
+        lines.append(f"  yardstick: forget-set accuracy {forget}, retain {u['retain_accuracy']:.3f}, test {u['test_accuracy']:.4f} "
+                     f"(oracle {u['oracle_test_accuracy']:.4f}), KL(live ‖ oracle) {u['kl_to_oracle']:.3g}")
     return "\n".join(lines)
 
 

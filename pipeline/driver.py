@@ -170,8 +170,9 @@ class Ensemble:
         results = self._gather({a.predict_proba.remote(ref): s for s, a in enumerate(self.actors)}, "predict")
         return np.stack([results[s] for s in range(len(self.actors))])
 
-    def verify(self, shards: list[int], log: Callable = print) -> dict[int, dict]:
-        return self._gather({self.actors[s].verify.remote(): s for s in shards}, "verify", log)
+    def verify(self, shards: list[int], x_eval: np.ndarray | None = None, log: Callable = print) -> dict[int, dict]:
+        ref = None if x_eval is None else ray.put(x_eval)
+        return self._gather({self.actors[s].verify.remote(ref): s for s in shards}, "verify", log)
 
     def status(self) -> dict[int, dict]:
         return self._gather({a.status.remote(): s for s, a in enumerate(self.actors)}, "status")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import attacks
+from pipeline import attacks, unlearning
 from pipeline.data.datasets import Data
 from pipeline.driver import Ensemble, aggregate
 
@@ -81,3 +81,29 @@ def membership_inference(ensemble: Ensemble, data: Data, forgotten: set[int], se
         forgotten_results = attacks.run_attacks(gone_probs, data.private.y[gone], other_probs, data.test.y[others], seed)
         out["mia_forgotten"] = {name: r.to_dict() for name, r in forgotten_results.items()}
     return out
+
+
+def unlearning_report(ensemble: Ensemble, data: Data, forgotten: set[int], oracle_probs: dict[int, np.ndarray],
+                      seed: int = 0, samples: int = MIA_SAMPLES) -> dict:
+    """The unlearning yardstick against the retrained oracle (exactly 0 distances for SISA when
+    verify passes; the same numbers judge approximate methods): forget / retain / test accuracy
+    of the live ensemble and KL(live ‖ oracle) of the ensembles' test outputs."""
+    live = ensemble.predict_proba(data.test.x)  # (S, N, C)
+    oracle = np.stack([oracle_probs.get(s, live[s]) for s in range(len(live))])  # untouched shards are their own oracle
+    forgotten_ids = np.asarray(sorted(forgotten), np.int64)
+    retained = np.setdiff1d(data.private.ids, forgotten_ids)
+    retained = np.random.default_rng(seed).choice(retained, min(samples, len(retained)), replace=False)
+
+    def ensemble_accuracy(ids: np.ndarray) -> float | None:
+        if not len(ids):
+            return None
+        return unlearning.accuracy(ensemble.predict_proba(data.private.x[ids]).mean(axis=0), data.private.y[ids])
+
+    return {
+        "forget_accuracy": ensemble_accuracy(forgotten_ids),
+        "retain_accuracy": ensemble_accuracy(retained),
+        "test_accuracy": unlearning.accuracy(live.mean(axis=0), data.test.y),
+        "oracle_test_accuracy": unlearning.accuracy(oracle.mean(axis=0), data.test.y),
+        "kl_to_oracle": unlearning.mean_kl_divergence(live.mean(axis=0), oracle.mean(axis=0)),
+        "forgotten": int(len(forgotten_ids)),
+    }

@@ -192,10 +192,15 @@ def verify(run_dir: Path, all_shards: bool = False, log: Callable = print) -> di
         complete_pending(ensemble, config, run_dir, log)
         touched = [s for s in range(config.shards.count) if all_shards or ShardStore(run_dir, s).manifest().version > 0]
         log(f"verifying shard(s) {touched} against from-scratch retraining ...")
-        results = ensemble.verify(touched, log)
+        test = data.get().test
+        results = ensemble.verify(touched, test.x, log=log)
+        report = evaluate.unlearning_report(ensemble, data.get(), Ledger(run_dir).forgotten_ids(),
+                                            {s: r.pop("oracle_probs") for s, r in results.items()}, config.seed)
     summary = {"exact": all(r["exact"] for r in results.values()), "shards_checked": touched,
-               "shards": [results[s] for s in touched], "device": str(resolve_device(config.train.device))}
-    tracking.log_job("verify", config, run_dir, {"exact": float(summary["exact"]), "shards_checked": len(touched)})
+               "shards": [results[s] for s in touched], "device": str(resolve_device(config.train.device)),
+               "unlearning": report}
+    tracking.log_job("verify", config, run_dir, {"exact": float(summary["exact"]), "shards_checked": len(touched),
+                                                 **{f"unlearning.{k}": v for k, v in report.items()}})
     return summary
 
 

@@ -137,9 +137,10 @@ class Shard:
         inputs = torch.from_numpy(np.array(x, dtype=np.float32)).to(self.trainer.device)  # a writable copy
         return predict_proba(self.model(), inputs).cpu().numpy()
 
-    def verify(self) -> dict:
+    def verify(self, x_eval: np.ndarray | None = None) -> dict:
         """Auditor's oracle: retrain from scratch without the forgotten ids (same seeds, same
-        recipe) and compare every live stage's parameters bit for bit."""
+        recipe) and compare every live stage's parameters bit for bit. With `x_eval`, also
+        return the oracle's softmax outputs on it (for output-space distances)."""
         manifest = self.store.manifest()
         slices = self._slices(set(manifest.forgotten))
         mismatched: list[str] = []
@@ -159,8 +160,12 @@ class Shard:
         live = self._state(manifest, len(manifest.stages) - 1)
         l2 = parameter_l2_distance({n: t.numpy() for n, t in oracle.params.items()},
                                    {n: t.numpy() for n, t in live.params.items()})
-        return {"shard": self.shard, "exact": not mismatched, "mismatches": mismatched[:20], "max_abs_diff": max_diff,
-                "l2_to_oracle": l2, "version": manifest.version, "forgotten": len(manifest.forgotten)}
+        result = {"shard": self.shard, "exact": not mismatched, "mismatches": mismatched[:20], "max_abs_diff": max_diff,
+                  "l2_to_oracle": l2, "version": manifest.version, "forgotten": len(manifest.forgotten)}
+        if x_eval is not None:
+            inputs = torch.from_numpy(np.array(x_eval, dtype=np.float32)).to(self.trainer.device)
+            result["oracle_probs"] = predict_proba(self.trainer.model(oracle), inputs).cpu().numpy()
+        return result
 
     def status(self) -> dict:
         m = self.store.manifest()

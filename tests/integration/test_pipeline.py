@@ -87,6 +87,9 @@ def test_verify_proves_the_unlearned_shard_equals_retraining_from_scratch(traine
     result = json.loads(capsys.readouterr().out)
     assert result["exact"] is True and result["shards_checked"] == [1]
     assert result["shards"][0]["l2_to_oracle"] == 0.0 and result["shards"][0]["max_abs_diff"] == 0.0
+    report = result["unlearning"]
+    assert report["kl_to_oracle"] == 0.0 and report["test_accuracy"] == report["oracle_test_accuracy"]
+    assert report["forgotten"] == 1 and 0 <= report["forget_accuracy"] <= 1 and 0 < report["retain_accuracy"] <= 1
 
 
 @pytest.mark.parametrize("ids", ["99999", "-4", "3,x", "7,7", "", "FORGOTTEN"])
