@@ -82,6 +82,9 @@ class Ensemble:
             if all(found):
                 log(f"reusing {len(found)} warm shard actors (namespace {config.ray.namespace})")
                 return cls(run_dir, config, found, None, True)
+            if any(found):  # some died (a crash): release the survivors and their names, then rebuild
+                log(f"{found.count(None)} kept-alive shard actor(s) are gone; restarting all {len(found)}")
+                cls.stop_detached(run_dir, config)
         own_placement = placement is None
         if own_placement:
             res = shard_resources(config, ray.cluster_resources())
@@ -130,19 +133,21 @@ class Ensemble:
             remove_placement_group(self.placement)
 
     @staticmethod
-    def stop_detached(run_dir: Path, config: Config) -> int:
-        """Kill a run's kept-alive actors and release their placement group; returns how many."""
-        stopped = 0
-        for s in range(config.shards.count):
-            actor = cluster.named_actor(actor_name(run_dir, s), config.ray.namespace)
-            if actor is not None:
-                ray.kill(actor)
-                stopped += 1
+    def stop_detached(run_dir: Path, config: Config, timeout_s: float = 30.0) -> int:
+        """Kill a run's kept-alive actors and release their placement group; returns how many.
+        Waits until the names are free again, so actors of the same names can be created."""
+        names = [actor_name(run_dir, s) for s in range(config.shards.count)]
+        alive = [a for a in (cluster.named_actor(n, config.ray.namespace) for n in names) if a is not None]
+        for actor in alive:
+            ray.kill(actor)
         try:
             remove_placement_group(ray.util.get_placement_group(actor_name(run_dir, -1)))
         except ValueError:
             pass  # no kept-alive placement group for this run
-        return stopped
+        deadline = time.monotonic() + timeout_s
+        while any(cluster.named_actor(n, config.ray.namespace) for n in names) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return len(alive)
 
     # -- fan-out ------------------------------------------------------------------------------
     def _gather(self, refs: dict, what: str, log: Callable | None = None) -> dict:

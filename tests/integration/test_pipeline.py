@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -182,6 +183,14 @@ def test_keep_alive_actors_are_named_detached_and_reused(ray_2cpu, tmp_path, dig
     ids = [int(Ledger(run_dir).assignments()["sample_id"][0].as_py())]
     runs.forget(run_dir, ids, log=messages.append)
     assert any("reusing 2 warm shard actors" in m for m in messages)
+    ray_2cpu.kill(named_actor(actor_name(run_dir, 1), "dpsisa"))  # one kept-alive actor dies
+    deadline = time.monotonic() + 30
+    while named_actor(actor_name(run_dir, 1), "dpsisa") is not None and time.monotonic() < deadline:
+        time.sleep(0.2)  # the kill is asynchronous: wait until the name is released
+    messages.clear()
+    runs.forget(run_dir, [int(Ledger(run_dir).assignments()["sample_id"][1].as_py())], log=messages.append)
+    assert any("restarting all 2" in m for m in messages)
+    assert runs.verify(run_dir, log=lambda m: None)["exact"] is True
     assert runs.stop(run_dir, log=lambda m: None)["actors_stopped"] == 2
     assert all(named_actor(actor_name(run_dir, s), "dpsisa") is None for s in range(2))
     with pytest.raises(ValueError):
