@@ -203,9 +203,10 @@ class Ensemble:
         return completed
 
     def forget(self, ids: list[int], log: Callable = print) -> dict:
-        """Validate, record as pending, retrain owners in parallel, mark done."""
+        """Validate, record as pending, retrain owners in parallel, mark done. Callers complete
+        earlier pending requests first (runs.forget does, and logs each to MLflow); until then
+        their ids fail validation as already pending."""
         start = time.perf_counter()
-        self.complete_pending(log)
         with self.ledger.locked():
             self.ledger.validate(ids)
             request_id = self.ledger.append_request(ids)

@@ -89,7 +89,8 @@ def unlearning_report(ensemble: Ensemble, data: Data, forgotten: set[int], oracl
     verify passes; the same numbers judge approximate methods): forget / retain / test accuracy
     of the live ensemble and KL(live ‖ oracle) of the ensembles' test outputs."""
     live = ensemble.predict_proba(data.test.x)  # (S, N, C)
-    oracle = np.stack([oracle_probs.get(s, live[s]) for s in range(len(live))])  # untouched shards are their own oracle
+    oracle = np.stack([oracle_probs.get(s, live[s]) for s in range(len(live))]).mean(axis=0)  # untouched: own oracle
+    live = live.mean(axis=0)
     forgotten_ids = np.asarray(sorted(forgotten), np.int64)
     retained = np.setdiff1d(data.private.ids, forgotten_ids)
     retained = np.random.default_rng(seed).choice(retained, min(samples, len(retained)), replace=False)
@@ -102,8 +103,8 @@ def unlearning_report(ensemble: Ensemble, data: Data, forgotten: set[int], oracl
     return {
         "forget_accuracy": ensemble_accuracy(forgotten_ids),
         "retain_accuracy": ensemble_accuracy(retained),
-        "test_accuracy": unlearning.accuracy(live.mean(axis=0), data.test.y),
-        "oracle_test_accuracy": unlearning.accuracy(oracle.mean(axis=0), data.test.y),
-        "kl_to_oracle": unlearning.mean_kl_divergence(live.mean(axis=0), oracle.mean(axis=0)),
+        "test_accuracy": unlearning.accuracy(live, data.test.y),
+        "oracle_test_accuracy": unlearning.accuracy(oracle, data.test.y),
+        "kl_to_oracle": unlearning.mean_kl_divergence(live, oracle),
         "forgotten": int(len(forgotten_ids)),
     }

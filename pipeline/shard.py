@@ -132,10 +132,13 @@ class Shard:
             self._model = (manifest.version, self.trainer.model(self._state(manifest, len(manifest.stages) - 1)))
         return self._model[1]
 
+    def _inputs(self, x: np.ndarray) -> torch.Tensor:
+        """Images on the training device (a writable copy: object-store arrays are read-only)."""
+        return torch.from_numpy(np.array(x, dtype=np.float32)).to(self.trainer.device)
+
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Softmax outputs of the live version (re-read after every forget)."""
-        inputs = torch.from_numpy(np.array(x, dtype=np.float32)).to(self.trainer.device)  # a writable copy
-        return predict_proba(self.model(), inputs).cpu().numpy()
+        return predict_proba(self.model(), self._inputs(x)).cpu().numpy()
 
     def verify(self, x_eval: np.ndarray | None = None) -> dict:
         """Auditor's oracle: retrain from scratch without the forgotten ids (same seeds, same
@@ -145,9 +148,10 @@ class Shard:
         slices = self._slices(set(manifest.forgotten))
         mismatched: list[str] = []
         max_diff = 0.0
+        live = None
 
         def compare(j: int, oracle: ShardState) -> None:
-            nonlocal max_diff
+            nonlocal max_diff, live
             live = self._state(manifest, j)
             for name, tensor in oracle.params.items():
                 if not torch.equal(tensor, live.params[name]):
@@ -156,15 +160,13 @@ class Shard:
             if ids_digest(np.concatenate(slices[: j + 1])) != manifest.stages[j]["ids_digest"]:
                 mismatched.append(f"stage {j}: ids seen")
 
-        oracle = self.trainer.train(self._data(slices), 0, None, compare)
-        live = self._state(manifest, len(manifest.stages) - 1)
+        oracle = self.trainer.train(self._data(slices), 0, None, compare)  # leaves `live` at the last stage
         l2 = parameter_l2_distance({n: t.numpy() for n, t in oracle.params.items()},
                                    {n: t.numpy() for n, t in live.params.items()})
         result = {"shard": self.shard, "exact": not mismatched, "mismatches": mismatched[:20], "max_abs_diff": max_diff,
                   "l2_to_oracle": l2, "version": manifest.version, "forgotten": len(manifest.forgotten)}
         if x_eval is not None:
-            inputs = torch.from_numpy(np.array(x_eval, dtype=np.float32)).to(self.trainer.device)
-            result["oracle_probs"] = predict_proba(self.trainer.model(oracle), inputs).cpu().numpy()
+            result["oracle_probs"] = predict_proba(self.trainer.model(oracle), self._inputs(x_eval)).cpu().numpy()
         return result
 
     def status(self) -> dict:
