@@ -1,4 +1,4 @@
-"""`dpsisa train|forget|evaluate|verify|status|stop|sweep|demo`: progress on stderr, summaries on stdout.
+"""`dpsisa train|forget|evaluate|verify|status|stop|score|sweep|demo`: progress on stderr, summaries on stdout.
 
 Errors print one line — the cause and the fix — to stderr and exit non-zero.
 """
@@ -130,6 +130,31 @@ def cmd_stop(args: argparse.Namespace) -> None:
            lambda r: f"stopped {r['actors_stopped']} kept-alive shard actor(s) of {r['run_dir']}")
 
 
+def _human_score(r: dict) -> str:
+    sisa, control, retrained = r["sisa"], r["control_no_unlearning"], r["retrained"]
+    return "\n".join([
+        f"NeurIPS-2023 unlearning score, K={r['k']} models per group, {r['forget_count']} forgotten ids (δ={r['delta']}):",
+        f"  SISA forget           score {sisa['score']:.3f} (forgetting quality {sisa['forgetting_quality']:.3f}, "
+        f"mean per-example ε {sisa['epsilon_mean']:.2f}); forget/retain/test accuracy "
+        f"{sisa['forget_accuracy']:.3f}/{sisa['retain_accuracy']:.3f}/{sisa['test_accuracy']:.3f}",
+        f"  control: no unlearning score {control['score']:.3f} (forgetting quality {control['forgetting_quality']:.3f}, "
+        f"mean per-example ε {control['epsilon_mean']:.2f}); forget/retain/test accuracy "
+        f"{control['forget_accuracy']:.3f}/{control['retain_accuracy']:.3f}/{control['test_accuracy']:.3f}",
+        f"  retrained oracle      forget/retain/test accuracy {retrained['forget_accuracy']:.3f}/"
+        f"{retrained['retain_accuracy']:.3f}/{retrained['test_accuracy']:.3f}",
+        f"  {r['out_dir']} ({r['total_seconds']:.0f}s)"])
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    from pipeline import runs, scoring
+
+    config = config_mod.load(args.config, args.overrides)
+    out_dir = runs.resolve_run_dir(args.out_dir or f"scores/{Path(runs.resolve_run_dir(None, config)).name}")
+    log = _log(args.quiet)
+    log(f"scoring SISA unlearning in {out_dir}")
+    _print(scoring.run_score(config, out_dir, args.k, args.forget_count, log=log), args.json, _human_score)
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from pipeline import sweep
 
@@ -169,6 +194,15 @@ def parser() -> argparse.ArgumentParser:
     verify.add_argument("--all", action="store_true", help="check every shard, not only those touched by a forget")
     add("status", cmd_status, "shards, versions, requests, ε")
     add("stop", cmd_stop, "stop the shard actors that `train --keep-alive` left running")
+    score = sub.add_parser("score", help="NeurIPS-2023 unlearning score: K unlearned vs K retrained ensembles")
+    score.set_defaults(func=cmd_score)
+    score.add_argument("config", help="YAML config, e.g. jobs/configs/digits.yaml")
+    score.add_argument("overrides", nargs="*", help="key=value overrides of the config")
+    score.add_argument("--k", type=int, default=3, help="ensembles per group (trains 2K; default 3)")
+    score.add_argument("--forget-count", type=int, default=20, help="random ids to forget (default 20)")
+    score.add_argument("--out-dir", default=None, help="directory for the 2K runs (relative: under $DPSISA_HOME or cwd)")
+    score.add_argument("--json", action="store_true", help="print one JSON object")
+    score.add_argument("--quiet", action="store_true", help="no progress messages")
     sweep = sub.add_parser("sweep", help="Ray Tune sweep of whole experiments (MLflow parent run, one child per trial)")
     sweep.set_defaults(func=cmd_sweep)
     sweep.add_argument("config", help="sweep YAML, e.g. jobs/configs/sweep_digits.yaml")

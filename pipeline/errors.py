@@ -9,7 +9,8 @@ from pipeline.finetune import FinetuneError
 from pipeline.ledger import ForgetRequestError
 from pipeline.privacy import PrivacyError
 from pipeline.runs import RunError
+from pipeline.scoring import ScoreError
 
 USER_ERRORS = (ConfigError, DataError, PartitionError, ForgetRequestError, RunError, ClusterError,
-               PrivacyError, FinetuneError)
+               PrivacyError, FinetuneError, ScoreError)
 RECOVERABLE = (ShardFailure,)

@@ -104,8 +104,12 @@ def opened(run_dir: Path, log: Callable = print, placement=None) -> Iterator[tup
         ensemble.shutdown()
 
 
-def train(config: Config, run_dir: Path, keep_alive: bool = False, log: Callable = print, placement=None) -> dict:
-    """Partition, pretrain (cached), calibrate DP, train all shards in parallel, evaluate, track."""
+def train(config: Config, run_dir: Path, keep_alive: bool = False, log: Callable = print, placement=None,
+          exclude_ids: list[int] | None = None) -> dict:
+    """Partition, pretrain (cached), calibrate DP, train all shards in parallel, evaluate, track.
+
+    `exclude_ids` leaves private ids out of the partition altogether: the retrain-from-scratch
+    oracle that unlearning scores compare against (the ledger then does not know those ids)."""
     if (run_dir / "config.yaml").exists():
         raise RunError(f"run directory {run_dir} already holds a run; choose a new --run-dir.")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -116,8 +120,16 @@ def train(config: Config, run_dir: Path, keep_alive: bool = False, log: Callable
     data = datasets.load(config.data)
     _check_private_rows(data)
     log(f"data: {config.data.name}: {len(data.private.y)} private, {len(data.public.y)} public, {len(data.test.y)} test samples")
-    columns = partition(data.private.ids, data.private.y, config.shards.count, config.shards.slices,
-                        config.partition.strategy, config.seed, data.private.x)
+    ids = data.private.ids
+    excluded = sorted(set(exclude_ids or ()))
+    if excluded:
+        unknown = [i for i in excluded if not 0 <= i < len(ids)]
+        if unknown:
+            raise RunError(f"exclude_ids {unknown[:5]} are not private sample ids (0..{len(ids) - 1}).")
+        ids = np.setdiff1d(ids, np.asarray(excluded, dtype=ids.dtype))
+        log(f"excluding {len(excluded)} private id(s) from training (retrain-from-scratch oracle)")
+    columns = partition(ids, data.private.y[ids], config.shards.count, config.shards.slices,
+                        config.partition.strategy, config.seed, data.private.x[ids])
     ledger = Ledger(run_dir)
     ledger.write_assignments({**columns, "label": data.private.y[columns["sample_id"]]})
     model, pretrain_info = pretrained_model(config, data, log)
@@ -139,7 +151,7 @@ def train(config: Config, run_dir: Path, keep_alive: bool = False, log: Callable
         full_train_seconds = time.perf_counter() - fit_start
         atomic_write_json(run_dir / "train_summary.json", {
             "full_train_seconds": full_train_seconds, "shard_seconds": [per_shard[s]["seconds"] for s in sorted(per_shard)],
-            "keep_alive": keep_alive, "pretrain": pretrain_info})
+            "keep_alive": keep_alive, "pretrain": pretrain_info, "excluded_ids": excluded})
         metrics = evaluate.ensemble_metrics(ensemble, data)
     finally:
         ensemble.shutdown()
@@ -160,6 +172,13 @@ def forget(run_dir: Path, ids: list[int], log: Callable = print, placement=None)
     result["work_fraction"] = work_fraction(json.loads((run_dir / "recipes.json").read_text()), result["from_stage"])
     tracking.log_job("forget", config, run_dir, result)
     return result
+
+
+def predict(run_dir: Path, inputs: dict[str, np.ndarray], log: Callable = print) -> dict[str, np.ndarray]:
+    """(N, C) ensemble probabilities of the live (unlearned) ensemble for each named input array."""
+    with opened(run_dir, log) as (config, _, ensemble):
+        complete_pending(ensemble, config, run_dir, log)
+        return {name: ensemble.predict_proba(x) for name, x in inputs.items()}
 
 
 def work_fraction(recipes: list[dict], from_stage: dict[str, int | None]) -> float:

@@ -198,3 +198,47 @@ def test_digits_sweep_logs_parent_and_one_child_run_per_trial(ray_2cpu, tmp_path
     resumed = sweep.run_sweep(DIGITS_SWEEP, overrides, resume=True)
     assert resumed["parent_run_id"] == result["parent_run_id"] and len(resumed["table"]) == 4
     assert len(client.search_runs([experiment.experiment_id])) == 5
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_to_one_child_run_per_trial(ray_2cpu, tmp_path):
+    """SIGINT the real command once a trial has reported, then --resume: every trial ends with
+    exactly one finished child run and the summary holds all of them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = [f"tracking.uri={uri}", "tracking.experiment=resume-test"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # DPSISA_HOME is tmp_path (conftest)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(DIGITS_SWEEP), *overrides],
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    tune_dir = tmp_path / "sweeps" / "sweep_digits" / "tune"
+    deadline = time.monotonic() + 600
+    while not any(p.stat().st_size for p in tune_dir.glob("*/result.json")):
+        assert proc.poll() is None, f"the sweep ended before any trial reported:\n{proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no trial reported within 10 minutes"
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 4, stderr[-3000:]  # interrupted: unfinished trials, --resume suggested
+    assert "rerun with --resume" in stderr
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("resume-test")
+    interrupted = client.search_runs([experiment.experiment_id], "tags.dpsisa.kind = 'sweep'")
+    assert len(interrupted) == 1 and interrupted[0].info.status == "KILLED"
+    done_before = len(client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'"))
+    assert 1 <= done_before < 4
+
+    resumed = sweep.run_sweep(DIGITS_SWEEP, overrides, resume=True)
+    assert resumed["parent_run_id"] == interrupted[0].info.run_id
+    assert not resumed["errors"] and not resumed["unfinished"] and len(resumed["table"]) == 4
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{resumed['parent_run_id']}'")
+    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.tags["dpsisa.trial_id"] for c in children) == sorted(r["trial_id"] for r in resumed["table"])
+    assert client.get_run(resumed["parent_run_id"]).info.status == "FINISHED"

@@ -1,0 +1,107 @@
+"""`dpsisa score`: the NeurIPS-2023 unlearning score of SISA forgetting, against real retraining.
+
+K "unlearned" ensembles (seeds s..s+K-1) are trained on all private data and then forget a random
+forget set F through the product's forget path; K "retrained" ensembles (seeds s+K..s+2K-1) are
+trained from scratch without F (`runs.train(exclude_ids=F)`). Per forget example, threshold
+attacks on the logit-scaled true-class confidence separate the two groups; their ε are bucketed
+and averaged (`unlearning.unlearning_score`). The unlearned ensembles *before* forgetting give the
+control: the score of doing nothing, which a method must beat for the score to mean anything.
+
+With small K the score is a noisy, downward-biased estimate even for a perfect method: with K=3
+per side, three unlearned scores all above three retrained ones happens by chance and costs that
+example a bucket. Compare methods at the same K, and always with the control.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import runs, tracking
+from pipeline.checkpoints import atomic_write_json
+from pipeline.config import Config
+from pipeline.data import datasets
+from pipeline.unlearning import accuracy, logit_scaled_confidence, unlearning_score
+
+RETAIN_SAMPLE = 2000  # retain-set accuracy on at most this many random retained ids
+
+
+class ScoreError(ValueError):
+    """The scoring request is impossible (K < 1, forget set larger than the data); message names the fix."""
+
+
+def choose_ids(n_private: int, forget_count: int, seed: int) -> tuple[list[int], np.ndarray]:
+    """Seeded forget set F and a retain sample drawn from the rest (at most RETAIN_SAMPLE ids)."""
+    if not 0 < forget_count < n_private:
+        raise ScoreError(f"--forget-count must be between 1 and {n_private - 1} (the private set has {n_private} ids).")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n_private)
+    forget = sorted(int(i) for i in order[:forget_count])
+    retain = np.sort(order[forget_count:forget_count + RETAIN_SAMPLE])
+    return forget, retain
+
+
+def _group_summary(probs: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray]) -> dict:
+    """Mean accuracies over the K models of a group, and the (K, |F|) forget-set confidence scores."""
+    return {"forget_scores": np.stack([logit_scaled_confidence(p, labels["forget"]) for p in probs["forget"]]),
+            **{f"{split}_accuracy": float(np.mean([accuracy(p, labels[split]) for p in probs[split]]))
+               for split in ("forget", "retain", "test")}}
+
+
+def _score(unlearned: dict, retrained: dict, delta: float) -> dict:
+    result = unlearning_score(unlearned["forget_scores"], retrained["forget_scores"],
+                              unlearned["retain_accuracy"], retrained["retain_accuracy"],
+                              unlearned["test_accuracy"], retrained["test_accuracy"], delta=delta)
+    eps = np.asarray(result.pop("epsilons"))
+    return {**result, "epsilon_mean": float(eps.mean()), "epsilon_max": float(eps.max()),
+            "examples_in_first_bucket": float(np.mean(eps < 0.5)),
+            **{f"{k}_accuracy": unlearned[f"{k}_accuracy"] for k in ("forget", "retain", "test")}}
+
+
+def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20, delta: float = 1e-5,
+              log: Callable[[str], None] = print) -> dict:
+    """Train 2K ensembles under out_dir, forget F in K of them, and score SISA against retraining."""
+    if k < 1:
+        raise ScoreError("--k must be at least 1 (models per group; the challenge used 512, small K is noisy).")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ScoreError(f"{out_dir} is not empty; choose a new --out-dir.")
+    started = time.perf_counter()
+    data = datasets.load(config.data)
+    forget, retain = choose_ids(len(data.private.y), forget_count, config.seed)
+    inputs = {"forget": data.private.x[forget], "retain": data.private.x[retain], "test": data.test.x}
+    labels = {"forget": data.private.y[forget], "retain": data.private.y[retain], "test": data.test.y}
+    groups: dict[str, dict[str, list[np.ndarray]]] = {g: {s: [] for s in inputs} for g in ("original", "unlearned", "retrained")}
+
+    def predict_into(group: str, run_dir: Path) -> None:
+        for split, probs in runs.predict(run_dir, inputs, log=lambda _: None).items():
+            groups[group][split].append(probs)
+
+    forget_seconds = []
+    for i in range(k):
+        seed = config.seed + i
+        log(f"== unlearned model {i + 1}/{k} (seed {seed}): train on all data, then forget {len(forget)} ids")
+        run_dir = out_dir / f"unlearned-{i}"
+        runs.train(replace(config, seed=seed), run_dir, log=log)
+        predict_into("original", run_dir)
+        forget_seconds.append(runs.forget(run_dir, forget, log=log)["seconds"])
+        predict_into("unlearned", run_dir)
+    for i in range(k):
+        seed = config.seed + k + i
+        log(f"== retrained model {i + 1}/{k} (seed {seed}): train from scratch without the forget set")
+        run_dir = out_dir / f"retrained-{i}"
+        runs.train(replace(config, seed=seed), run_dir, log=log, exclude_ids=forget)
+        predict_into("retrained", run_dir)
+    stats = {g: _group_summary(groups[g], labels) for g in groups}
+    sisa, control = _score(stats["unlearned"], stats["retrained"], delta), _score(stats["original"], stats["retrained"], delta)
+    summary = {
+        "out_dir": str(out_dir), "k": k, "forget_count": len(forget), "forget_ids": forget, "retain_sample": int(len(retain)),
+        "delta": delta, "score": sisa["score"], "forgetting_quality": sisa["forgetting_quality"], "sisa": sisa,
+        "control_no_unlearning": control,
+        "retrained": {f"{s}_accuracy": stats["retrained"][f"{s}_accuracy"] for s in ("forget", "retain", "test")},
+        "forget_seconds_mean": float(np.mean(forget_seconds)), "total_seconds": time.perf_counter() - started}
+    atomic_write_json(out_dir / "score.json", summary)
+    tracking.log_job("score", config, out_dir, summary)
+    return summary

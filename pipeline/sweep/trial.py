@@ -1,0 +1,104 @@
+"""One Tune trial: a whole experiment (train → evaluate → forget k random ids → evaluate) inside
+the trial's placement group, and the flat metrics it reports.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray import tune
+
+from pipeline import runs
+from pipeline.ledger import Ledger
+from pipeline.sweep.spec import SweepSpec, trial_bundles, trial_config, trial_dir
+
+AFTER = "_after_forget"
+
+
+def trial_resources(spec: SweepSpec, point: dict[str, Any]) -> tune.PlacementGroupFactory:
+    return tune.PlacementGroupFactory(trial_bundles(spec, point))
+
+
+def forget_ids(run_dir: Path, count: int, seed: int) -> list[int]:
+    """`count` distinct private ids drawn with the trial's seed (the same ids on a rerun)."""
+    ids = Ledger(run_dir).assignments()["sample_id"].to_numpy()
+    return sorted(np.random.default_rng(seed).choice(ids, size=min(count, len(ids)), replace=False).tolist())
+
+
+def _mia(key: str, field_name: str) -> Callable[[dict], Any]:
+    return lambda summary: ((summary.get(key) or {}).get("posterior") or {}).get(field_name)
+
+
+def _max_epsilon(summary: dict) -> float | None:
+    spent = [e for e in summary.get("epsilon_spent") or [] if e is not None]
+    return max(spent) if spent else None
+
+
+# metric name → how to read it from an evaluate summary (absent values are skipped)
+EVALUATION_METRICS: dict[str, Callable[[dict], Any]] = {
+    "accuracy": lambda s: s.get("accuracy"),
+    "vote_accuracy": lambda s: s.get("vote_accuracy"),
+    "ece": lambda s: s.get("ece"),
+    "epsilon_spent_max": _max_epsilon,
+    "epsilon_lower_bound": lambda s: s.get("epsilon_lower_bound"),
+    **{f"mia_{f}": _mia("mia", f) for f in ("advantage", "auc", "tpr_at_1pct_fpr")},
+    **{f"mia_forgotten_{f}": _mia("mia_forgotten", f) for f in ("advantage", "auc", "tpr_at_1pct_fpr")},
+}
+FORGET_METRICS: dict[str, Callable[[dict], Any]] = {
+    "forget_seconds": lambda r: r["seconds"],
+    "forget_speedup": lambda r: r["speedup"],
+    "shards_retrained": lambda r: len(r["shards_retrained"]),
+    "stages_replayed": lambda r: sum(int(v) for v in r["slices_retrained"].values()),
+}
+
+
+def _pick(registry: dict[str, Callable[[dict], Any]], summary: dict, suffix: str = "") -> dict[str, float]:
+    values = {name + suffix: read(summary) for name, read in registry.items()}
+    return {k: float(v) for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def evaluation_metrics(summary: dict, suffix: str = "") -> dict[str, float]:
+    """Flat trial metrics from an evaluate summary (MIA ones once evaluate reports `mia`)."""
+    return _pick(EVALUATION_METRICS, summary, suffix)
+
+
+def forget_metrics(result: dict) -> dict[str, float]:
+    return _pick(FORGET_METRICS, result)
+
+
+def run_trial(point: dict[str, Any], spec: SweepSpec) -> None:
+    """Tune trainable: one whole experiment in its own run dir, reported once via tune.report."""
+    config = trial_config(spec, point)
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = trial_dir(spec, trial_id)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a retried (resumed) trial starts over
+
+    def log(message: str) -> None:
+        print(f"[{trial_id}] {message}", flush=True)
+
+    placement = ray.util.get_current_placement_group()
+    trained = runs.train(config, run_dir, log=log, placement=placement)
+    doomed = forget_ids(run_dir, spec.forget_count, config.seed) if spec.forget_count else None
+    # before forgetting, the ids to forget are attacked as `mia_forgotten` (still members)
+    metrics = {**evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement, probe_ids=doomed)),
+               "full_train_seconds": float(trained["full_train_seconds"])}
+    if doomed:
+        forgot = runs.forget(run_dir, doomed, log, placement=placement)
+        metrics.update(forget_metrics(forgot))
+        metrics.update(evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement), AFTER))
+    tune.report(metrics)
+
+
+def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """The metrics a trial reported, without Tune's bookkeeping keys."""
+    names = set(EVALUATION_METRICS) | set(FORGET_METRICS) | {"full_train_seconds"}
+    names |= {n + AFTER for n in EVALUATION_METRICS}
+    return {k: float(v) for k, v in result.items() if k in names and isinstance(v, (int, float))}
+
+
