@@ -169,7 +169,8 @@ def forget(run_dir: Path, ids: list[int], log: Callable = print, placement=None)
         result = ensemble.forget(ids, log)
     result["full_train_seconds"] = json.loads((run_dir / "train_summary.json").read_text())["full_train_seconds"]
     result["speedup"] = result["full_train_seconds"] / max(result["seconds"], 1e-9)
-    result["work_fraction"] = work_fraction(json.loads((run_dir / "recipes.json").read_text()), result["from_stage"])
+    replayed, total = replay_work(json.loads((run_dir / "recipes.json").read_text()), result["from_stage"])
+    result.update(samples_processed=replayed, full_train_samples=total, work_fraction=replayed / total)
     tracking.log_job("forget", config, run_dir, result)
     return result
 
@@ -181,15 +182,15 @@ def predict(run_dir: Path, inputs: dict[str, np.ndarray], log: Callable = print)
         return {name: ensemble.predict_proba(x) for name, x in inputs.items()}
 
 
-def work_fraction(recipes: list[dict], from_stage: dict[str, int | None]) -> float:
-    """Share of the ensemble's training work (SGD sample-steps) a forget replayed: SISA's cost
-    model — an id in an early slice forces replaying almost the whole shard."""
+def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple[float, float]:
+    """(replayed, total) SGD sample-steps (steps × expected batch) of a forget versus full training:
+    SISA's cost model — an id in an early slice forces replaying almost the whole shard."""
     def work(recipe: dict, first: int) -> float:
         return sum(s["steps"] * recipe["batch_size"] for s in recipe["stages"][first:])
 
     total = sum(work(r, 0) for r in recipes)
     replayed = sum(work(recipes[int(s)], k) for s, k in from_stage.items() if k is not None)
-    return replayed / total
+    return replayed, total
 
 
 def evaluate_run(run_dir: Path, log: Callable = print, placement=None, probe_ids: list[int] | None = None) -> dict:

@@ -54,6 +54,8 @@ FORGET_METRICS: dict[str, Callable[[dict], Any]] = {
     "forget_speedup": lambda r: r["speedup"],
     "shards_retrained": lambda r: len(r["shards_retrained"]),
     "stages_replayed": lambda r: sum(int(v) for v in r["slices_retrained"].values()),
+    "forget_work_fraction": lambda r: r.get("work_fraction"),
+    "forget_samples_processed": lambda r: r.get("samples_processed"),
 }
 
 

@@ -71,6 +71,7 @@ def test_forgetting_an_id_in_the_last_slice_replays_only_that_stage_of_its_shard
     assert {"request_id", "seconds", "full_train_seconds"} <= result.keys()
     # only the last stage of one of two equal shards: a small share of the training work
     assert 0 < result["work_fraction"] <= 0.3  # ≈ ½ (last of 3 cumulative stages) × ½ (one of two shards)
+    assert result["samples_processed"] == pytest.approx(result["work_fraction"] * result["full_train_samples"])
     after = _snapshot(run_dir)
     untouched = [k for k in before if k.startswith("shards/shard_000/")]
     assert untouched and all(after.get(k) == before[k] for k in untouched)  # shard 0 not touched at all

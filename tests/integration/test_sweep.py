@@ -94,6 +94,9 @@ def test_trial_metrics_read_mia_when_evaluate_reports_it():
     forgot = {"seconds": 2.0, "speedup": 5.0, "shards_retrained": [1], "slices_retrained": {"1": 2}}
     assert sweep.forget_metrics(forgot) == {"forget_seconds": 2.0, "forget_speedup": 5.0, "shards_retrained": 1.0,
                                             "stages_replayed": 2.0}
+    forgot.update(work_fraction=0.25, samples_processed=512.0)
+    assert sweep.forget_metrics(forgot)["forget_work_fraction"] == 0.25
+    assert sweep.forget_metrics(forgot)["forget_samples_processed"] == 512.0
 
 
 def test_a_trial_keeps_one_child_run_when_a_resume_completes_it(tmp_path):
