@@ -80,3 +80,30 @@ def test_train_and_forget_jobs_round_trip_through_ray_job_submit(ray_head, tmp_p
                             runtime_env=runtime_env)
     assert _wait(client, bad) == JobStatus.FAILED  # already forgotten: a clear error, non-zero exit
     assert "already forgotten" in client.get_job_logs(bad)
+
+
+def test_a_sweep_runs_as_a_ray_job_with_its_trials_on_the_cluster(ray_head, tmp_path):
+    """`ray job submit -- python jobs/sweep.py SWEEP.yaml`: Tune runs inside the job, on the cluster."""
+    import pandas as pd
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    address, auth_headers = ray_head
+    client = JobSubmissionClient(address, headers=auth_headers)
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "job_sweep", "base": str(ROOT / "jobs" / "configs" / "digits.yaml"),
+        "overrides": {"shards.count": 1, "shards.slices": 2, "train.epochs": 1},
+        "grid": {"finetune.strategy": ["fc", "fc_gn"]}, "forget_count": 3}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runtime_env = {"working_dir": str(ROOT), "env_vars": {
+        "DPSISA_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": uri,
+        "DPSISA_CACHE": os.environ.get("DPSISA_CACHE", str(tmp_path / "cache"))}}
+    job = client.submit_job(entrypoint=f"{sys.executable} jobs/sweep.py {sweep_file}", runtime_env=runtime_env)
+    assert _wait(client, job, timeout=600) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    assert "best strategy per (shards, ε)" in client.get_job_logs(job)
+    table = pd.read_csv(tmp_path / "sweeps" / "job_sweep" / "summary" / "summary.csv")
+    assert sorted(table["finetune.strategy"]) == ["fc", "fc_gn"] and table["accuracy_after_forget"].between(0.3, 1).all()
+    runs = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
+    assert sorted(r.data.tags["dpsisa.kind"] for r in runs) == ["sweep", "sweep_trial", "sweep_trial"]

@@ -32,17 +32,17 @@ def test_forget_and_retain_ids_are_seeded_and_disjoint():
 
 @pytest.mark.slow
 def test_score_compares_sisa_forgetting_with_real_retraining(ray_2cpu, tmp_path, capsys):
-    cli.main(["score", "jobs/configs/digits.yaml", "shards.slices=2", "train.epochs=1", "--k", "2",
+    cli.main(["score", "jobs/configs/digits.yaml", "shards.count=1", "shards.slices=2", "train.epochs=1", "--k", "2",
               "--forget-count", "8", "--out-dir", "score", "--json", "--quiet"])
     result = json.loads(capsys.readouterr().out)
     out = tmp_path / "score"
     forget = result["forget_ids"]
-    assert result["k"] == 2 and len(forget) == 8 and result["retain_sample"] == 1037 - 8
+    assert result["k"] == 2 and len(forget) == 8 and result["retain_sample"] == 1038 - 8
     for i in range(2):
         unlearned, retrained = Ledger(out / f"unlearned-{i}"), Ledger(out / f"retrained-{i}")
         assert unlearned.forgotten_ids() == set(forget)  # forgotten through the product's forget path
         trained_on = set(retrained.assignments()["sample_id"].to_pylist())
-        assert not trained_on & set(forget) and len(trained_on) == 1037 - 8  # the oracle never saw F
+        assert not trained_on & set(forget) and len(trained_on) == 1038 - 8  # the oracle never saw F
         excluded = json.loads((out / f"retrained-{i}" / "train_summary.json").read_text())["excluded_ids"]
         assert excluded == forget
     for name in ("sisa", "control_no_unlearning"):
