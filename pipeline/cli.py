@@ -131,16 +131,19 @@ def cmd_stop(args: argparse.Namespace) -> None:
 
 
 def _human_score(r: dict) -> str:
-    sisa, control, retrained = r["sisa"], r["control_no_unlearning"], r["retrained"]
+    retrained = r["retrained"]
+
+    def line(name: str, part: dict) -> str:
+        null = (f"; at chance {part['forgetting_quality_null_mean']:.3f}, p={part['forgetting_quality_p_value']:.3f}"
+                if "forgetting_quality_p_value" in part else "")
+        return (f"  {name:<24}score {part['score']:.3f} (forgetting quality {part['forgetting_quality']:.3f}{null}; "
+                f"mean per-example ε {part['epsilon_mean']:.2f}); forget/retain/test accuracy "
+                f"{part['forget_accuracy']:.3f}/{part['retain_accuracy']:.3f}/{part['test_accuracy']:.3f}")
+
     return "\n".join([
         f"NeurIPS-2023 unlearning score, K={r['k']} models per group, {r['forget_count']} forgotten ids (δ={r['delta']}):",
-        f"  SISA forget           score {sisa['score']:.3f} (forgetting quality {sisa['forgetting_quality']:.3f}, "
-        f"mean per-example ε {sisa['epsilon_mean']:.2f}); forget/retain/test accuracy "
-        f"{sisa['forget_accuracy']:.3f}/{sisa['retain_accuracy']:.3f}/{sisa['test_accuracy']:.3f}",
-        f"  control: no unlearning score {control['score']:.3f} (forgetting quality {control['forgetting_quality']:.3f}, "
-        f"mean per-example ε {control['epsilon_mean']:.2f}); forget/retain/test accuracy "
-        f"{control['forget_accuracy']:.3f}/{control['retain_accuracy']:.3f}/{control['test_accuracy']:.3f}",
-        f"  retrained oracle      forget/retain/test accuracy {retrained['forget_accuracy']:.3f}/"
+        line("SISA forget", r["sisa"]), line("control: no unlearning", r["control_no_unlearning"]),
+        f"  retrained oracle        forget/retain/test accuracy {retrained['forget_accuracy']:.3f}/"
         f"{retrained['retain_accuracy']:.3f}/{retrained['test_accuracy']:.3f}",
         f"  {r['out_dir']} ({r['total_seconds']:.0f}s)"])
 
@@ -152,7 +155,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     out_dir = runs.resolve_run_dir(args.out_dir or f"scores/{Path(runs.resolve_run_dir(None, config)).name}")
     log = _log(args.quiet)
     log(f"scoring SISA unlearning in {out_dir}")
-    _print(scoring.run_score(config, out_dir, args.k, args.forget_count, log=log), args.json, _human_score)
+    _print(scoring.run_score(config, out_dir, args.k, args.forget_count, permutations=args.permutations, log=log),
+           args.json, _human_score)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -200,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     score.add_argument("--k", type=int, default=3, help="ensembles per group (trains 2K; default 3)")
     score.add_argument("--forget-count", type=int, default=20, help="random ids to forget (default 20)")
+    score.add_argument("--permutations", type=int, default=200,
+                       help="random relabellings of the 2K models for the at-chance baseline and p-value (0: skip)")
     score.add_argument("--out-dir", default=None, help="directory for the 2K runs (relative: under $DPSISA_HOME or cwd)")
     score.add_argument("--json", action="store_true", help="print one JSON object")
     score.add_argument("--quiet", action="store_true", help="no progress messages")

@@ -9,7 +9,10 @@ control: the score of doing nothing, which a method must beat for the score to m
 
 With small K the score is a noisy, downward-biased estimate even for a perfect method: with K=3
 per side, three unlearned scores all above three retrained ones happens by chance and costs that
-example a bucket. Compare methods at the same K, and always with the control.
+example a bucket. Compare methods at the same K, and always with the control and with the
+permutation baseline: relabelling the 2K models at random gives the F of a method that *is*
+retraining in distribution at this K (`forgetting_quality_null_mean`) and a p-value for "the
+unlearned models are distinguishable from retrained ones" (`forgetting_quality_p_value`).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from pipeline import runs, tracking
 from pipeline.checkpoints import atomic_write_json
 from pipeline.config import Config
 from pipeline.data import datasets
-from pipeline.unlearning import accuracy, logit_scaled_confidence, unlearning_score
+from pipeline.unlearning import accuracy, logit_scaled_confidence, permutation_null, unlearning_score
 
 RETAIN_SAMPLE = 2000  # retain-set accuracy on at most this many random retained ids
 
@@ -51,21 +54,26 @@ def _group_summary(probs: dict[str, list[np.ndarray]], labels: dict[str, np.ndar
                for split in ("forget", "retain", "test")}}
 
 
-def _score(unlearned: dict, retrained: dict, delta: float) -> dict:
+def _score(unlearned: dict, retrained: dict, delta: float, permutations: int = 200, seed: int = 0) -> dict:
     result = unlearning_score(unlearned["forget_scores"], retrained["forget_scores"],
                               unlearned["retain_accuracy"], retrained["retain_accuracy"],
                               unlearned["test_accuracy"], retrained["test_accuracy"], delta=delta)
     eps = np.asarray(result.pop("epsilons"))
+    if permutations:
+        null = permutation_null(unlearned["forget_scores"], retrained["forget_scores"], delta, permutations, seed)
+        result.update({f"forgetting_quality_{k}": v for k, v in null.items()})
     return {**result, "epsilon_mean": float(eps.mean()), "epsilon_max": float(eps.max()),
             "examples_in_first_bucket": float(np.mean(eps < 0.5)),
             **{f"{k}_accuracy": unlearned[f"{k}_accuracy"] for k in ("forget", "retain", "test")}}
 
 
 def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20, delta: float = 1e-5,
-              log: Callable[[str], None] = print) -> dict:
+              permutations: int = 200, log: Callable[[str], None] = print) -> dict:
     """Train 2K ensembles under out_dir, forget F in K of them, and score SISA against retraining."""
     if k < 1:
         raise ScoreError("--k must be at least 1 (models per group; the challenge used 512, small K is noisy).")
+    if permutations < 0:
+        raise ScoreError("--permutations must be ≥ 0 (0 skips the exchangeability baseline).")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ScoreError(f"{out_dir} is not empty; choose a new --out-dir.")
     started = time.perf_counter()
@@ -95,10 +103,12 @@ def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20,
         runs.train(replace(config, seed=seed), run_dir, log=log, exclude_ids=forget)
         predict_into("retrained", run_dir)
     stats = {g: _group_summary(groups[g], labels) for g in groups}
-    sisa, control = _score(stats["unlearned"], stats["retrained"], delta), _score(stats["original"], stats["retrained"], delta)
+    sisa = _score(stats["unlearned"], stats["retrained"], delta, permutations, config.seed)
+    control = _score(stats["original"], stats["retrained"], delta, permutations, config.seed)
     summary = {
         "out_dir": str(out_dir), "k": k, "forget_count": len(forget), "forget_ids": forget, "retain_sample": int(len(retain)),
-        "delta": delta, "score": sisa["score"], "forgetting_quality": sisa["forgetting_quality"], "sisa": sisa,
+        "delta": delta, "permutations": permutations,
+        "score": sisa["score"], "forgetting_quality": sisa["forgetting_quality"], "sisa": sisa,
         "control_no_unlearning": control,
         "retrained": {f"{s}_accuracy": stats["retrained"][f"{s}_accuracy"] for s in ("forget", "retain", "test")},
         "forget_seconds_mean": float(np.mean(forget_seconds)), "total_seconds": time.perf_counter() - started}

@@ -115,6 +115,40 @@ def bucket_score(eps: float) -> float:
     return float(2.0 ** (-math.floor(eps / 0.5)))
 
 
+def forgetting_quality(unlearned_forget_scores: np.ndarray, retrained_forget_scores: np.ndarray,
+                       delta: float = 1e-5) -> tuple[float, list[float]]:
+    """F = mean bucket credit over forget examples, and the per-example ε; arrays are (K, n_forget)."""
+    u = np.asarray(unlearned_forget_scores, dtype=np.float64)
+    r = np.asarray(retrained_forget_scores, dtype=np.float64)
+    if u.ndim != 2 or r.ndim != 2 or u.shape[1] != r.shape[1]:
+        raise ValueError(f"score arrays must be (K, n_forget) with equal n_forget; got {u.shape}, {r.shape}")
+    if u.shape[1] == 0:
+        raise ValueError("no forget examples")
+    epsilons = [per_example_epsilon(u[:, i], r[:, i], delta) for i in range(u.shape[1])]
+    return float(np.mean([bucket_score(e) for e in epsilons])), epsilons
+
+
+def permutation_null(unlearned_forget_scores: np.ndarray, retrained_forget_scores: np.ndarray, delta: float = 1e-5,
+                     permutations: int = 200, seed: int = 0) -> dict[str, float]:
+    """What F looks like when the two groups are exchangeable (the method is retraining in distribution).
+
+    Models (rows) are relabelled at random, keeping each model's scores across examples together.
+    `null_mean` is the expected F of a perfect method at this K and forget-set size (small K
+    pulls it well below 1); `p_value` is the share of relabellings with F ≤ the observed F (with
+    the observed labelling counted): a small p says the unlearned models are distinguishable from
+    retrained ones beyond chance.
+    """
+    u = np.asarray(unlearned_forget_scores, dtype=np.float64)
+    r = np.asarray(retrained_forget_scores, dtype=np.float64)
+    observed, _ = forgetting_quality(u, r, delta)
+    pooled, k = np.concatenate([u, r]), len(u)
+    rng = np.random.default_rng(seed)
+    null = np.array([forgetting_quality(pooled[order[:k]], pooled[order[k:]], delta)[0]
+                     for order in (rng.permutation(len(pooled)) for _ in range(permutations))])
+    return {"null_mean": float(null.mean()), "null_p05": float(np.quantile(null, 0.05)),
+            "p_value": float((1 + np.sum(null <= observed + 1e-12)) / (1 + permutations))}
+
+
 def unlearning_score(
     unlearned_forget_scores: np.ndarray,
     retrained_forget_scores: np.ndarray,
@@ -128,15 +162,8 @@ def unlearning_score(
 
     Score arrays are (K, n_forget): row k holds the forget-set scores of the k-th model.
     """
-    u = np.asarray(unlearned_forget_scores, dtype=np.float64)
-    r = np.asarray(retrained_forget_scores, dtype=np.float64)
-    if u.ndim != 2 or r.ndim != 2 or u.shape[1] != r.shape[1]:
-        raise ValueError(f"score arrays must be (K, n_forget) with equal n_forget; got {u.shape}, {r.shape}")
-    if u.shape[1] == 0:
-        raise ValueError("no forget examples")
     if retain_acc_retrained <= 0 or test_acc_retrained <= 0:
         raise ValueError("retrained accuracies must be positive to form ratios")
-    epsilons = [per_example_epsilon(u[:, i], r[:, i], delta) for i in range(u.shape[1])]
-    forgetting = float(np.mean([bucket_score(e) for e in epsilons]))
+    forgetting, epsilons = forgetting_quality(unlearned_forget_scores, retrained_forget_scores, delta)
     ratio = (retain_acc_unlearned / retain_acc_retrained) * (test_acc_unlearned / test_acc_retrained)
     return {"forgetting_quality": forgetting, "score": float(forgetting * ratio), "epsilons": epsilons}

@@ -52,6 +52,7 @@ def test_score_compares_sisa_forgetting_with_real_retraining(ray_2cpu, tmp_path,
         assert part["score"] == pytest.approx(part["forgetting_quality"] * ratios)
         # with K=2 per side every per-example ε is at most log((1 - δ - 1/4) / (1/4)) < 1.1: bucket ≥ 1/4
         assert part["forgetting_quality"] >= bucket_score(part["epsilon_max"]) >= 0.25
+        assert 0 < part["forgetting_quality_p_value"] <= 1 and 0 < part["forgetting_quality_null_mean"] <= 1
         assert 0.3 < part["test_accuracy"] <= 1.0 and 0.3 < part["retain_accuracy"] <= 1.0
     assert result["score"] == result["sisa"]["score"]
     assert json.loads((out / "score.json").read_text())["score"] == result["score"]

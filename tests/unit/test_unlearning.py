@@ -99,3 +99,17 @@ def test_unlearning_score_penalises_distinguishable_models():
     retrained = rng.normal(0.0, 0.1, size=(10, 4))
     out = unlearning_score(unlearned, retrained, 1.0, 1.0, 1.0, 1.0)
     assert out["forgetting_quality"] < 0.25
+
+
+def test_permutation_null_calls_exchangeable_groups_chance_and_separated_groups_distinguishable():
+    from pipeline.unlearning import forgetting_quality, permutation_null
+
+    rng = np.random.default_rng(0)
+    same_u, same_r = rng.normal(size=(6, 40)), rng.normal(size=(6, 40))
+    null = permutation_null(same_u, same_r, permutations=300, seed=1)
+    observed, _ = forgetting_quality(same_u, same_r)
+    assert 0.1 < null["p_value"] <= 1.0  # retraining in distribution: not distinguishable
+    assert abs(observed - null["null_mean"]) < 0.1 and null["null_mean"] < 0.6  # small K pulls F far below 1
+    far = permutation_null(same_u + 5.0, same_r, permutations=300, seed=1)  # remembered: every example separated
+    assert far["p_value"] == pytest.approx(1 / 301) and far["null_p05"] > forgetting_quality(same_u + 5.0, same_r)[0]
+    assert permutation_null(same_u, same_r, permutations=300, seed=1) == null  # seeded
