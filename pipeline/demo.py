@@ -4,8 +4,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from pipeline import config as config_mod
 from pipeline import runs
 from pipeline.ledger import Ledger
@@ -21,9 +19,7 @@ def demo(config_path: str | None, overrides: list[str], run_dir: str | None, log
     trained = runs.train(config, path, log=log)
     log(f"   test accuracy {trained['accuracy']:.4f} (vote {trained['vote_accuracy']:.4f}), "
         f"full training {trained['full_train_seconds']:.1f}s")
-    rng = np.random.default_rng(config.seed)
-    ids = sorted(int(i) for i in rng.choice(Ledger(path).assignments()["sample_id"].to_numpy(),
-                                            config.forget.demo_count, replace=False))
+    ids = Ledger(path).sample_ids(config.forget.demo_count, config.seed)
     log(f"== 2/4 forget {len(ids)} random training ids: {ids}")
     forgot = runs.forget(path, ids, log=log)
     log(f"   retrained shard(s) {forgot['shards_retrained']}, stages replayed {forgot['slices_retrained']}, "

@@ -175,6 +175,10 @@ class Ensemble:
         results = self._gather({a.predict_proba.remote(ref): s for s, a in enumerate(self.actors)}, "predict")
         return np.stack([results[s] for s in range(len(self.actors))])
 
+    def predict_mean(self, x: np.ndarray) -> np.ndarray:
+        """(N, C) mean-softmax output of the ensemble (what is served)."""
+        return self.predict_proba(x).mean(axis=0)
+
     def verify(self, shards: list[int], x_eval: np.ndarray | None = None, log: Callable = print) -> dict[int, dict]:
         ref = None if x_eval is None else ray.put(x_eval)
         return self._gather({self.actors[s].verify.remote(ref): s for s in shards}, "verify", log)

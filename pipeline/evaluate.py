@@ -58,13 +58,10 @@ def membership_inference(ensemble: Ensemble, data: Data, forgotten: set[int], se
     vs test non-members (balanced), and forgotten ids vs non-members (should be at chance).
     `probe_ids` replaces the forgotten ids in that last attack — ids about to be forgotten give
     the "before" measurement. The posterior attack's Clopper–Pearson ε lower bound audits ε."""
-    def probs(x: np.ndarray) -> np.ndarray:
-        return ensemble.predict_proba(x).mean(axis=0)
-
     forgotten_arr = np.fromiter(sorted(forgotten), np.int64, len(forgotten))
     live = np.setdiff1d(data.private.ids, forgotten_arr)
     members, nonmembers = attacks.balanced_sample(live, data.test.ids, min(samples, len(live), len(data.test.ids)), seed)
-    member_probs, nonmember_probs = probs(data.private.x[members]), probs(data.test.x[nonmembers])
+    member_probs, nonmember_probs = ensemble.predict_mean(data.private.x[members]), ensemble.predict_mean(data.test.x[nonmembers])
     member_y, nonmember_y = data.private.y[members], data.test.y[nonmembers]
     results = attacks.run_attacks(member_probs, member_y, nonmember_probs, nonmember_y, seed)
     delta = ensemble.config.privacy.delta
@@ -77,7 +74,7 @@ def membership_inference(ensemble: Ensemble, data: Data, forgotten: set[int], se
     probe = forgotten_arr if probe_ids is None else np.asarray(sorted(probe_ids), np.int64)
     if len(probe):
         gone, others = attacks.balanced_sample(probe, data.test.ids, None, seed + 1)
-        gone_probs, other_probs = probs(data.private.x[gone]), probs(data.test.x[others])
+        gone_probs, other_probs = ensemble.predict_mean(data.private.x[gone]), ensemble.predict_mean(data.test.x[others])
         forgotten_results = attacks.run_attacks(gone_probs, data.private.y[gone], other_probs, data.test.y[others], seed)
         out["mia_forgotten"] = {name: r.to_dict() for name, r in forgotten_results.items()}
     return out
@@ -98,7 +95,7 @@ def unlearning_report(ensemble: Ensemble, data: Data, forgotten: set[int], oracl
     def ensemble_accuracy(ids: np.ndarray) -> float | None:
         if not len(ids):
             return None
-        return unlearning.accuracy(ensemble.predict_proba(data.private.x[ids]).mean(axis=0), data.private.y[ids])
+        return unlearning.accuracy(ensemble.predict_mean(data.private.x[ids]), data.private.y[ids])
 
     return {
         "forget_accuracy": ensemble_accuracy(forgotten_ids),

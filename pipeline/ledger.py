@@ -94,6 +94,11 @@ class Ledger:
             self._assignments = pq.read_table(self.assignments_path)
         return self._assignments
 
+    def sample_ids(self, count: int, seed: int) -> list[int]:
+        """Up to `count` distinct training ids drawn with `seed` (the same ids on a rerun), sorted."""
+        ids = self.assignments()["sample_id"].to_numpy()
+        return sorted(np.random.default_rng(seed).choice(ids, size=min(count, len(ids)), replace=False).tolist())
+
     def shard_slices(self, shard: int, exclude: set[int] | frozenset[int] = frozenset()) -> list[np.ndarray]:
         """Ids of each slice of `shard`, in ledger order, without `exclude`."""
         table = self.assignments()

@@ -179,7 +179,7 @@ def predict(run_dir: Path, inputs: dict[str, np.ndarray], log: Callable = print)
     """(N, C) ensemble probabilities of the live (unlearned) ensemble for each named input array."""
     with opened(run_dir, log) as (config, _, ensemble):
         complete_pending(ensemble, config, run_dir, log)
-        return {name: ensemble.predict_proba(x).mean(axis=0) for name, x in inputs.items()}  # (S, N, C) → mean softmax
+        return {name: ensemble.predict_mean(x) for name, x in inputs.items()}
 
 
 def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple[float, float]:

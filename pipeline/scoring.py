@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +91,7 @@ def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20,
         seed = config.seed + i
         log(f"== unlearned model {i + 1}/{k} (seed {seed}): train on all data, then forget {len(forget)} ids")
         run_dir = out_dir / f"unlearned-{i}"
-        runs.train(replace(config, seed=seed), run_dir, log=log)
+        runs.train(config.with_overrides({"seed": seed}), run_dir, log=log)
         predict_into("original", run_dir)
         forget_seconds.append(runs.forget(run_dir, forget, log=log)["seconds"])
         predict_into("unlearned", run_dir)
@@ -100,7 +99,7 @@ def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20,
         seed = config.seed + k + i
         log(f"== retrained model {i + 1}/{k} (seed {seed}): train from scratch without the forget set")
         run_dir = out_dir / f"retrained-{i}"
-        runs.train(replace(config, seed=seed), run_dir, log=log, exclude_ids=forget)
+        runs.train(config.with_overrides({"seed": seed}), run_dir, log=log, exclude_ids=forget)
         predict_into("retrained", run_dir)
     stats = {g: _group_summary(groups[g], labels) for g in groups}
     sisa = _score(stats["unlearned"], stats["retrained"], delta, permutations, config.seed)

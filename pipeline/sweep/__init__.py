@@ -14,7 +14,6 @@ from pipeline.sweep.trial import (
                                   EVALUATION_METRICS,
                                   FORGET_METRICS,
                                   evaluation_metrics,
-                                  forget_ids,
                                   forget_metrics,
                                   run_trial,
                                   trial_metrics,
@@ -22,6 +21,6 @@ from pipeline.sweep.trial import (
 )
 
 __all__ = ["AFTER", "EVALUATION_METRICS", "FORGET_METRICS", "TRAINABLE_CPUS", "ChildRunCallback", "SweepError", "SweepSpec",
-           "SweepTracking", "add_arguments", "command", "evaluation_metrics", "expand_grid", "forget_ids", "forget_metrics",
+           "SweepTracking", "add_arguments", "command", "evaluation_metrics", "expand_grid", "forget_metrics",
            "load_spec", "main", "max_concurrent_trials", "open_parent", "param_space", "run_sweep", "run_trial",
            "trial_bundles", "trial_config", "trial_dir", "trial_metrics", "trial_resources", "warm_pretrain_cache"]

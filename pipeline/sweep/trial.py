@@ -6,10 +6,8 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 from ray import tune
 
@@ -22,12 +20,6 @@ AFTER = "_after_forget"
 
 def trial_resources(spec: SweepSpec, point: dict[str, Any]) -> tune.PlacementGroupFactory:
     return tune.PlacementGroupFactory(trial_bundles(spec, point))
-
-
-def forget_ids(run_dir: Path, count: int, seed: int) -> list[int]:
-    """`count` distinct private ids drawn with the trial's seed (the same ids on a rerun)."""
-    ids = Ledger(run_dir).assignments()["sample_id"].to_numpy()
-    return sorted(np.random.default_rng(seed).choice(ids, size=min(count, len(ids)), replace=False).tolist())
 
 
 def _mia(key: str, field_name: str) -> Callable[[dict], Any]:
@@ -86,7 +78,7 @@ def run_trial(point: dict[str, Any], spec: SweepSpec) -> None:
 
     placement = ray.util.get_current_placement_group()
     trained = runs.train(config, run_dir, log=log, placement=placement)
-    doomed = forget_ids(run_dir, spec.forget_count, config.seed) if spec.forget_count else None
+    doomed = Ledger(run_dir).sample_ids(spec.forget_count, config.seed) if spec.forget_count else None
     # before forgetting, the ids to forget are attacked as `mia_forgotten` (still members)
     metrics = {**evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement, probe_ids=doomed)),
                "full_train_seconds": float(trained["full_train_seconds"])}

@@ -43,3 +43,11 @@ def test_owners_route_ids_to_their_shards_and_slices_exclude_forgotten(ledger):
     assert ledger.owners([1, 2, 3]) == {1: [1, 3], 0: [2]}
     slices = ledger.shard_slices(0, exclude={2})
     assert sorted(np.concatenate(slices).tolist()) == [0, 4, 6, 8, 10, 12, 14, 16, 18]
+
+
+def test_sample_ids_are_seeded_distinct_sorted_training_ids_and_clamped_to_the_ledger(ledger):
+    known = set(ledger.assignments()["sample_id"].to_pylist())
+    drawn = ledger.sample_ids(5, seed=3)
+    assert drawn == ledger.sample_ids(5, seed=3) == sorted(drawn) and len(set(drawn)) == 5 and set(drawn) <= known
+    assert drawn != ledger.sample_ids(5, seed=4)
+    assert sorted(ledger.sample_ids(10 * len(known), seed=0)) == sorted(known)
