@@ -13,6 +13,7 @@ import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -37,6 +38,19 @@ class ShardState:
 
     params: dict[str, torch.Tensor]
     momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class StepHook(Protocol):
+    """Observes every SGD step of a stage (training-time records of unlearning baselines).
+
+    `positions` index the stage's cumulative inputs (slices 0..stage in ledger order); `params`
+    are the trainable parameters (`names` in model order), at θ_t in `before_step` and at θ_t+1
+    in `after_step`. A hook must not touch the seeded generators or the parameters."""
+
+    def before_step(self, stage: int, positions: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                    module: nn.Module, names: list[str], params: list[nn.Parameter]) -> None: ...
+
+    def after_step(self, stage: int, names: list[str], params: list[nn.Parameter]) -> None: ...
 
 
 def stage_seed(seed: int, shard: int, stage: int, purpose: str) -> int:
@@ -102,7 +116,8 @@ class ShardTrainer:
         names = [prefix + n for n, p in module.named_parameters() if p.requires_grad]
         return module, params, names, prefix
 
-    def run_stage(self, state: ShardState, x: torch.Tensor, y: torch.Tensor, stage_index: int) -> ShardState:
+    def run_stage(self, state: ShardState, x: torch.Tensor, y: torch.Tensor, stage_index: int,
+                  hook: StepHook | None = None) -> ShardState:
         """One slice stage on the cumulative inputs `x`, `y` (slices 0..stage_index)."""
         recipe, stage = self.recipe, self.recipe.stages[stage_index]
         module, params, names, prefix = self._module(state)
@@ -119,6 +134,8 @@ class ShardTrainer:
         masks = [self.masks.get(n) for n in names]
         for _ in range(stage.steps):
             chosen = (torch.rand(len(x), generator=sampler) < stage.sample_rate).nonzero().squeeze(1).to(self.device)
+            if hook is not None:
+                hook.before_step(stage_index, chosen, x[chosen], y[chosen], module, names, params)
             loss = F.cross_entropy(module(x[chosen]), y[chosen], reduction="sum")
             if recipe.private:
                 loss.backward()
@@ -134,6 +151,8 @@ class ShardTrainer:
                 _mask_grads(params, masks)
                 sgd.step()
                 sgd.zero_grad(set_to_none=True)
+            if hook is not None:
+                hook.after_step(stage_index, names, params)
         if recipe.private:
             module = module.to_standard_module()
         return ShardState(
@@ -144,13 +163,13 @@ class ShardTrainer:
 
     def train(self, slices: list[tuple[np.ndarray, np.ndarray]], start_stage: int = 0,
               state: ShardState | None = None,
-              on_stage: Callable[[int, ShardState], None] | None = None) -> ShardState:
+              on_stage: Callable[[int, ShardState], None] | None = None, hook: StepHook | None = None) -> ShardState:
         """Train stages start_stage..R-1; `slices` holds (x, y) of every slice 0..R-1."""
         state = state or initial_state(self.pretrained, self.plan)
         inputs = [self.slice_inputs(x) for x, _ in slices]
         labels = [torch.from_numpy(np.asarray(y, np.int64)).to(self.device) for _, y in slices]
         for j in range(start_stage, len(slices)):
-            state = self.run_stage(state, torch.cat(inputs[: j + 1]), torch.cat(labels[: j + 1]), j)
+            state = self.run_stage(state, torch.cat(inputs[: j + 1]), torch.cat(labels[: j + 1]), j, hook)
             if on_stage is not None:
                 on_stage(j, state)
         return state
