@@ -1,4 +1,4 @@
-"""`dpsisa train|forget|evaluate|verify|status|stop|score|sweep|demo`: progress on stderr, summaries on stdout.
+"""`dpsisa train|forget|evaluate|verify|status|stop|score|baselines|unlearnable|sweep|demo`: progress on stderr, summaries on stdout.
 
 Errors print one line — the cause and the fix — to stderr and exit non-zero.
 """
@@ -159,6 +159,32 @@ def cmd_score(args: argparse.Namespace) -> None:
            args.json, _human_score)
 
 
+def cmd_baselines(args: argparse.Namespace) -> None:
+    from pipeline import runs
+    from pipeline.baselines import report, runner
+
+    config = config_mod.load(args.config, args.overrides)
+    methods = runner.parse_methods(args.methods)
+    fractions = runner.parse_fractions(args.forget_fractions)
+    out_dir = runs.resolve_run_dir(args.out_dir or f"baselines/{Path(runs.resolve_run_dir(None, config)).name}")
+    log = _log(args.quiet)
+    log(f"comparing {len(methods)} unlearning method(s) in {out_dir}")
+    result = runner.run_comparison(config, out_dir, methods, count=args.forget, fraction=args.forget_fraction,
+                                   forget_class=args.forget_class, k=args.k, fractions=fractions, log=log)
+    paths = report.write(result, out_dir)
+    result["mlflow_run_id"] = report.log_mlflow(config, result, paths)
+    _print(result, args.json, report.format_table)
+
+
+def cmd_unlearnable(args: argparse.Namespace) -> None:
+    from pipeline.baselines import unlearnable
+
+    config = config_mod.load(args.config, args.overrides)
+    fractions = unlearnable.parse_fractions(args.fractions)
+    result = unlearnable.run_unlearnable(config, fractions, log=_log(args.quiet))
+    _print(result, args.json, unlearnable.format_table)
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from pipeline import sweep
 
@@ -209,6 +235,27 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--out-dir", default=None, help="directory for the 2K runs (relative: under $DPSISA_HOME or cwd)")
     score.add_argument("--json", action="store_true", help="print one JSON object")
     score.add_argument("--quiet", action="store_true", help="no progress messages")
+    baselines = sub.add_parser("baselines", help="unlearning methods side by side (exact, certified, approximate)")
+    baselines.set_defaults(func=cmd_baselines)
+    baselines.add_argument("config", help="YAML config, e.g. jobs/configs/baselines_fmnist.yaml")
+    baselines.add_argument("overrides", nargs="*", help="key=value overrides, e.g. baselines.frequent_epochs=50")
+    what = baselines.add_mutually_exclusive_group(required=True)
+    what.add_argument("--forget", type=int, default=None, help="forget N random private ids")
+    what.add_argument("--forget-fraction", type=float, default=None, help="forget this fraction of the private ids, in (0, 1)")
+    what.add_argument("--forget-class", type=int, default=None, help="forget every private sample of class C")
+    baselines.add_argument("--methods", default=None, help="comma-separated methods (default: all registered)")
+    baselines.add_argument("--k", type=int, default=2, help="runs per method and oracle retrains, seeds s..s+K-1 (default 2)")
+    baselines.add_argument("--forget-fractions", default=None, help="deletion-rate curve, e.g. 0.001,0.01,0.05,0.1")
+    baselines.add_argument("--out-dir", default=None, help="output folder (relative: under $DPSISA_HOME or cwd)")
+    baselines.add_argument("--json", action="store_true", help="print one JSON object")
+    baselines.add_argument("--quiet", action="store_true", help="no progress messages")
+    unlearnable = sub.add_parser("unlearnable", help="unlearnable examples: clean-test accuracy as the protected fraction grows")
+    unlearnable.set_defaults(func=cmd_unlearnable)
+    unlearnable.add_argument("config", help="YAML config, e.g. jobs/configs/baselines_fmnist.yaml")
+    unlearnable.add_argument("overrides", nargs="*", help="key=value overrides")
+    unlearnable.add_argument("--fractions", default="0,0.2,0.4,0.6,0.8,1", help="protected fractions (default 0,0.2,...,1)")
+    unlearnable.add_argument("--json", action="store_true", help="print one JSON object")
+    unlearnable.add_argument("--quiet", action="store_true", help="no progress messages")
     sweep = sub.add_parser("sweep", help="Ray Tune sweep of whole experiments (MLflow parent run, one child per trial)")
     sweep.set_defaults(func=cmd_sweep)
     sweep.add_argument("config", help="sweep YAML, e.g. jobs/configs/sweep_digits.yaml")

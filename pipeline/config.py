@@ -298,6 +298,25 @@ def validate(config: Config) -> None:
         _check(flat[key] is None or flat[key] >= 1, key, "must be ≥ 1 or null.")
     for key in ("ray.cpus_per_shard", "ray.gpus_per_shard"):
         _check(flat[key] is None or flat[key] >= 0, key, "must be ≥ 0 or null.")
+    _validate_baselines(config.baselines)
+
+
+def _validate_baselines(b: BaselinesConfig) -> None:
+    for name in ("lr", "deltagrad_lr", "deltagrad_l2", "dp_epsilon", "unlearnable_budget", "distill_temperature"):
+        _check(getattr(b, name) > 0, f"baselines.{name}", f"must be > 0; got {getattr(b, name)}.")
+    for name in ("batch_size", "sisa_shards", "sisa_slices", "deltagrad_iterations", "deltagrad_period",
+                 "deltagrad_history", "hybrid_finetune_every"):
+        _check(getattr(b, name) >= 1, f"baselines.{name}", f"must be ≥ 1; got {getattr(b, name)}.")
+    for name in ("finetune_epochs", "neggrad_epochs", "alternating_epochs", "frequent_epochs", "final_finetune_epochs",
+                 "hybrid_epochs", "neggrad_plus_epochs", "salun_epochs", "distill_epochs", "amnesiac_finetune_epochs",
+                 "deltagrad_burn_in", "unlearnable_steps", "unlearnable_rounds", "unlearnable_epochs", "distill_forget_weight",
+                 "weight_decay", "alternating_reverse_scale", "frequent_reverse_scale"):
+        _check(getattr(b, name) >= 0, f"baselines.{name}", f"must be ≥ 0; got {getattr(b, name)}.")
+    _check(0 <= b.momentum < 1, "baselines.momentum", "must be in [0, 1).")
+    for name in ("amnesiac_fraction", "salun_saliency", "neggrad_plus_alpha"):
+        _check(0 < getattr(b, name) <= 1, f"baselines.{name}", f"must be in (0, 1]; got {getattr(b, name)}.")
+    _check(0 <= b.hybrid_unfreeze_at <= 1, "baselines.hybrid_unfreeze_at", "must be in [0, 1].")
+    _check(b.distill_width is None or b.distill_width >= 1, "baselines.distill_width", "must be ≥ 1 or null.")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

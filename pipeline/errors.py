@@ -1,5 +1,6 @@
 """Which exceptions are the user's to fix (one-line message, exit 3) and which are recoverable
 failures (a crashed actor: work stays pending in the ledger, exit 4)."""
+from pipeline.baselines.base import BaselineError
 from pipeline.cluster import ClusterError
 from pipeline.config import ConfigError
 from pipeline.data.datasets import DataError
@@ -12,5 +13,5 @@ from pipeline.runs import RunError
 from pipeline.scoring import ScoreError
 
 USER_ERRORS = (ConfigError, DataError, PartitionError, ForgetRequestError, RunError, ClusterError,
-               PrivacyError, FinetuneError, ScoreError)
+               PrivacyError, FinetuneError, ScoreError, BaselineError)
 RECOVERABLE = (ShardFailure,)

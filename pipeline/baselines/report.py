@@ -1,0 +1,156 @@
+"""The comparison's outputs: a readable table, CSV/Parquet/JSON files, PNG plots, and MLflow
+(one parent run per comparison, one child run per method). Headless matplotlib (Agg Figures)."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from pipeline import tracking
+from pipeline.checkpoints import atomic_write, atomic_write_json
+from pipeline.config import Config
+
+COLUMNS = ("method", "family", "oracle", "forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc",
+           "mia_tpr_at_1pct_fpr", "kl_to_oracle", "kl_to_oracle_forget", "l2_to_oracle", "score", "seconds", "speedup",
+           "storage_bytes")
+
+
+def table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame([{c: r.get(c) for c in COLUMNS} for r in rows])
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def header(result: dict) -> str:
+    o, f = result["original"], result["forget"]
+    what = f"class {f['class']}" if f["class"] is not None else f"{f['count']} random ids"
+    return (f"Unlearning methods on {result['dataset']} ({result['private_samples']} private ids, forget {what}, "
+            f"K={result['k']} seeds)\noriginal (full finetune, S=1): forget accuracy {o['forget_accuracy']:.3f}, "
+            f"test {o['test_accuracy']:.3f}: gap {o['gap_points']:+.1f} points; MIA AUC on the forget set {o['mia_auc']:.3f}")
+
+
+def format_table(result: dict) -> str:
+    lines = [header(result),
+             f"{'method':<24}{'family':<12}{'oracle':<14}{'forget':>7}{'retain':>7}{'test':>7}{'MIA':>6}"
+             f"{'KL':>9}{'L2':>8}{'score':>7}{'sec':>8}{'×':>8}{'storage':>11}"]
+    for r in result["rows"]:
+        speed = "inst." if r["speedup"] is None else f"{r['speedup']:.1f}"
+        lines.append(f"{r['method']:<24}{r['family']:<12}{r['oracle']:<14}{r['forget_accuracy']:7.3f}"
+                     f"{r['retain_accuracy']:7.3f}{r['test_accuracy']:7.3f}{r['mia_auc']:6.3f}{r['kl_to_oracle']:9.4f}"
+                     f"{r['l2_to_oracle']:8.3f}{r['score']:7.3f}{r['seconds']:8.2f}{speed:>8}{_bytes(r['storage_bytes']):>11}")
+    notes = [f"  {r['method']}: {r['details']['certificate']}" for r in result["rows"] if "certificate" in r["details"]]
+    notes += [f"  {r['method']}: {r['details']['note']}" for r in result["rows"] if "note" in r["details"]]
+    if notes:
+        lines += ["notes:", *notes]
+    lines.append("forget/retain/test: accuracy; MIA: loss-attack AUC forget set vs test non-members; KL/L2: to the row's "
+                 "oracle (test outputs / parameters); score: NeurIPS-2023, K runs vs K oracle runs; ×: speed-up vs the oracle")
+    return "\n".join(lines)
+
+
+def _scatter(rows: list[dict], x: str, y: str, xlabel: str, ylabel: str, title: str, logx: bool = False) -> Figure:
+    fig = Figure(figsize=(7, 5))
+    ax = fig.add_subplot()
+    for r in rows:
+        if r.get(x) is None or r.get(y) is None:
+            continue
+        xv = max(r[x], 1e-6) if logx else r[x]
+        ax.scatter(xv, r[y], s=30)
+        ax.annotate(r["method"], (xv, r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def _curve(points: list[dict]) -> Figure:
+    fig = Figure(figsize=(12, 8))
+    frame = pd.DataFrame(points)
+    for i, (metric, label) in enumerate((("forget_accuracy", "forget accuracy"), ("test_accuracy", "test accuracy"),
+                                         ("seconds", "unlearning seconds"), ("kl_to_oracle", "KL to oracle (test)"))):
+        ax = fig.add_subplot(2, 2, i + 1)
+        for method, group in frame.groupby("method"):
+            ax.plot(group["fraction"], group[metric], marker="o", label=method)
+        ax.set(xscale="log", xlabel="deletion rate (fraction of private ids)", ylabel=label)
+        ax.grid(alpha=0.3)
+    fig.axes[0].legend(fontsize=6, ncol=2)
+    fig.suptitle("deletion-rate curve")
+    fig.tight_layout()
+    return fig
+
+
+def figures(result: dict) -> dict[str, Figure]:
+    rows = result["rows"]
+    out = {
+        "forget_vs_test_accuracy.png": _scatter(rows, "test_accuracy", "forget_accuracy", "test accuracy",
+                                                "forget-set accuracy", "forget vs test accuracy per method"),
+        "time_vs_quality.png": _scatter(rows, "seconds", "kl_to_oracle", "unlearning seconds (log)",
+                                        "KL to oracle (test)", "time vs quality", logx=True),
+        "storage_vs_quality.png": _scatter(rows, "storage_bytes", "kl_to_oracle", "extra storage bytes (log; 0 drawn at 1e-6)",
+                                           "KL to oracle (test)", "storage vs quality", logx=True),
+    }
+    if result.get("curve"):
+        out["deletion_rate_curve.png"] = _curve(result["curve"])
+    return out
+
+
+def write(result: dict, out_dir: Path) -> list[Path]:
+    """baselines.json, table.csv/.parquet, curve.csv and the PNGs; returns the paths."""
+    paths = [out_dir / "baselines.json", out_dir / "table.csv", out_dir / "table.parquet"]
+    atomic_write_json(paths[0], result)
+    frame = table(result["rows"])
+    atomic_write(paths[1], frame.to_csv(index=False).encode())
+    frame.to_parquet(paths[2], index=False)
+    if result.get("curve"):
+        paths.append(out_dir / "curve.csv")
+        atomic_write(paths[-1], pd.DataFrame(result["curve"]).to_csv(index=False).encode())
+    for name, fig in figures(result).items():
+        fig.savefig(out_dir / name, dpi=110)
+        paths.append(out_dir / name)
+    return paths
+
+
+def _metrics(row: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and np.isfinite(v)}
+
+
+def log_mlflow(config: Config, result: dict, paths: list[Path]) -> str | None:
+    """One parent run for the comparison (the table and plots as artifacts), one child run per method."""
+    if not config.tracking.enabled:
+        return None
+    import mlflow
+
+    tracking.set_experiment(config)
+    forget = result["forget"]
+    with mlflow.start_run(run_name=f"baselines-{Path(result['out_dir']).name}",
+                          tags={"dpsisa.kind": "baselines", "dpsisa.out_dir": result["out_dir"]}) as parent:
+        mlflow.log_params({k: tracking._safe_param(v) for k, v in config.flat().items()})
+        mlflow.log_params({"forget.count": forget["count"], "forget.fraction": forget["fraction"], "forget.class": forget["class"],
+                           "k": result["k"], "methods": ",".join(result["methods"])})
+        mlflow.log_metrics({f"original.{k}": v for k, v in _metrics(result["original"]).items()})
+        for path in paths:
+            mlflow.log_artifact(str(path))
+        for row in result["rows"]:
+            with mlflow.start_run(run_name=row["method"], nested=True,
+                                  tags={"dpsisa.kind": "baselines_method", "dpsisa.method": row["method"],
+                                        "dpsisa.family": row["family"], "dpsisa.oracle": row["oracle"]}):
+                mlflow.log_params({"method": row["method"], "family": row["family"], "oracle": row["oracle"]})
+                mlflow.log_metrics(_metrics(row))
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / f"{row['method']}.json"
+                    path.write_text(json.dumps(row, indent=2, default=str))
+                    mlflow.log_artifact(str(path))
+        return parent.info.run_id

@@ -1,0 +1,96 @@
+"""The comparison's one yardstick: every method's predictions judged the same way against its oracle.
+
+Pure numpy over predictions made in the method tasks: forget / retain / test accuracy, MIA on the
+forget set vs test non-members (same class for class forgetting), KL to the oracle's outputs on
+the test and forget sets, parameter L2 to the oracle (per ensemble member), and the NeurIPS-2023
+score of K method runs against K oracle runs (`unlearning.unlearning_score`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline import attacks
+from pipeline.unlearning import (
+    accuracy,
+    logit_scaled_confidence,
+    mean_kl_divergence,
+    parameter_l2_distance,
+    permutation_null,
+    unlearning_score,
+)
+
+SPLITS = ("forget", "retain", "test")
+
+
+@dataclass(frozen=True)
+class Labels:
+    """Labels of the evaluation splits, and which test rows are the forget set's non-members."""
+
+    forget: np.ndarray
+    retain: np.ndarray
+    test: np.ndarray
+    nonmember_rows: np.ndarray  # rows of the test split used as MIA non-members
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (method or oracle, seed) result: mean-softmax predictions per split and member parameters."""
+
+    probs: dict[str, np.ndarray]
+    params: list[dict[str, np.ndarray]]
+    seconds: float
+
+
+def mia(probs: dict[str, np.ndarray], labels: Labels, seed: int) -> dict[str, float]:
+    """Loss attack (Yeom et al.): forget set (members) vs test non-members, balanced draw."""
+    members, nonmembers = attacks.balanced_sample(np.arange(len(labels.forget)), labels.nonmember_rows, None, seed)
+    result = attacks.loss_attack(probs["forget"][members], labels.forget[members],
+                                 probs["test"][nonmembers], labels.test[nonmembers])
+    return {"mia_auc": result.auc, "mia_advantage": result.advantage, "mia_tpr_at_1pct_fpr": result.tpr_at_1pct_fpr}
+
+
+def accuracies(probs: dict[str, np.ndarray], labels: Labels) -> dict[str, float]:
+    return {f"{s}_accuracy": accuracy(probs[s], getattr(labels, s)) for s in SPLITS}
+
+
+def l2_per_member(run: Run, oracle: Run) -> list[float]:
+    return [parameter_l2_distance(a, b) for a, b in zip(run.params, oracle.params)]
+
+
+def compare(runs: list[Run], oracles: list[Run], labels: Labels, seed: int, permutations: int = 100) -> dict:
+    """Row metrics: means over the K (run, oracle) pairs of the same seed, plus the K-vs-K score."""
+    per_seed = []
+    for run, oracle in zip(runs, oracles):
+        l2 = l2_per_member(run, oracle)
+        per_seed.append({**accuracies(run.probs, labels), **mia(run.probs, labels, seed),
+                         "kl_to_oracle": mean_kl_divergence(run.probs["test"], oracle.probs["test"]),
+                         "kl_to_oracle_forget": mean_kl_divergence(run.probs["forget"], oracle.probs["forget"]),
+                         "l2_to_oracle": float(np.mean(l2)), "seconds": run.seconds, "oracle_seconds": oracle.seconds,
+                         "l2_to_oracle_per_shard": l2})
+    row = {key: float(np.mean([p[key] for p in per_seed])) for key in per_seed[0] if key != "l2_to_oracle_per_shard"}
+    row["l2_to_oracle_per_shard"] = per_seed[0]["l2_to_oracle_per_shard"]
+    row["speedup"] = None if row["seconds"] < 1e-4 else row["oracle_seconds"] / row["seconds"]  # None: no work at all
+    row.update(score(runs, oracles, labels, permutations, seed))
+    return row
+
+
+def score(runs: list[Run], oracles: list[Run], labels: Labels, permutations: int, seed: int) -> dict:
+    """NeurIPS-2023 score of K runs vs K oracles (forget-set logit confidences), with the permutation baseline."""
+    u = np.stack([logit_scaled_confidence(r.probs["forget"], labels.forget) for r in runs])
+    o = np.stack([logit_scaled_confidence(r.probs["forget"], labels.forget) for r in oracles])
+    mean = {g: {s: float(np.mean([accuracy(r.probs[s], getattr(labels, s)) for r in group])) for s in ("retain", "test")}
+            for g, group in (("u", runs), ("o", oracles))}
+    result = unlearning_score(u, o, mean["u"]["retain"], mean["o"]["retain"], mean["u"]["test"], mean["o"]["test"])
+    out = {"score": result["score"], "forgetting_quality": result["forgetting_quality"]}
+    if permutations and len(runs) > 1:
+        null = permutation_null(u, o, permutations=permutations, seed=seed)
+        out.update(score_at_chance=null["null_mean"], score_p_value=null["p_value"])
+    return out
+
+
+def original_gap(probs: dict[str, np.ndarray], labels: Labels, seed: int) -> dict[str, float]:
+    """How much the original remembers: forget-set minus test accuracy (points), and its MIA on the forget set."""
+    acc = accuracies(probs, labels)
+    return {**acc, "gap_points": 100 * (acc["forget_accuracy"] - acc["test_accuracy"]), **mia(probs, labels, seed)}
