@@ -2,7 +2,7 @@
 
 Importing this package registers every method; the runner (`runner.py`) is the only Ray code.
 """
-from pipeline.baselines import exact  # noqa: F401  (registers retrain, sisa, dp_nothing)
+from pipeline.baselines import amnesiac, deltagrad, distill, exact, reversal, sota  # noqa: F401  (importing registers the methods)
 from pipeline.baselines.base import METHODS, BaselineError, Method, Outcome, Problem, get
 
 __all__ = ["METHODS", "BaselineError", "Method", "Outcome", "Problem", "get"]

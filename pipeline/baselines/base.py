@@ -147,10 +147,10 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def sgd(params: list[nn.Parameter], config: Config) -> torch.optim.SGD:
+def sgd(params: list[nn.Parameter], config: Config, lr: float | None = None) -> torch.optim.SGD:
     """Report 003's optimiser for unlearning updates: SGD(lr, momentum 0.9, weight decay 5e-4)."""
     b = config.baselines
-    return torch.optim.SGD(params, lr=b.lr, momentum=b.momentum, weight_decay=b.weight_decay)
+    return torch.optim.SGD(params, lr=b.lr if lr is None else lr, momentum=b.momentum, weight_decay=b.weight_decay)
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
