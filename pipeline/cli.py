@@ -180,9 +180,11 @@ def cmd_unlearnable(args: argparse.Namespace) -> None:
     from pipeline.baselines import unlearnable
 
     config = config_mod.load(args.config, args.overrides)
-    fractions = unlearnable.parse_fractions(args.fractions)
-    result = unlearnable.run_unlearnable(config, fractions, log=_log(args.quiet))
-    _print(result, args.json, unlearnable.format_table)
+    from pipeline.baselines.report import format_unlearnable
+    from pipeline.baselines.runner import parse_fractions
+
+    fractions = unlearnable.check_fractions(parse_fractions(args.fractions, "--fractions", closed=True))
+    _print(unlearnable.run_unlearnable(config, fractions, log=_log(args.quiet)), args.json, format_unlearnable)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:

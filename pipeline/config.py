@@ -148,7 +148,7 @@ class BaselinesConfig:
     unlearnable_budget: float = 8 / 255  # L∞ budget in pixel space ([0, 1] images)
     unlearnable_steps: int = 10  # PGD steps per noise update
     unlearnable_rounds: int = 10  # alternations of model training and noise minimisation
-    unlearnable_epochs: int = 10  # training epochs of the from-scratch models compared
+    unlearnable_epochs: int = 15  # training epochs of the from-scratch models compared
 
 
 @dataclass(frozen=True)

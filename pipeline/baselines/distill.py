@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.baselines.base import Problem, register
-from pipeline.baselines.reversal import Approximate, Session, cosine, step
+from pipeline.baselines.session import Approximate, Session, cosine, step
 from pipeline.models import Classifier, build
 
 

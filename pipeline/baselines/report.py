@@ -154,3 +154,19 @@ def log_mlflow(config: Config, result: dict, paths: list[Path]) -> str | None:
                     path.write_text(json.dumps(row, indent=2, default=str))
                     mlflow.log_artifact(str(path))
         return parent.info.run_id
+
+
+def format_unlearnable(result: dict) -> str:
+    """`dpsisa unlearnable`'s table: clean-test accuracy as the protected (unlearnable) fraction grows."""
+    lines = [f"Unlearnable examples on {result['dataset']} ({result['private_samples']} private ids, {result['model']} from "
+             f"scratch, {result['epochs']} epochs, L∞ budget {result['budget'] * 255:.1f}/255 pixels; noise model "
+             f"{result['noise_train_accuracy']:.3f} train accuracy on x+δ)",
+             f"{'fraction':>9}{'|Du|':>7}{'|Dc|':>7}{'Dc only':>10}{'Dc + Du':>10}"]
+    for r in result["rows"]:
+        clean = "n/a" if r["clean_only_accuracy"] is None else f"{r['clean_only_accuracy']:.4f}"
+        lines.append(f"{r['fraction']:9.2f}{r['unlearnable_samples']:7d}{r['clean_samples']:7d}{clean:>10}"
+                     f"{r['with_unlearnable_accuracy']:10.4f}")
+    if "random_noise_accuracy" in result:
+        lines.append(f"control: every sample with random noise of the same budget → {result['random_noise_accuracy']:.4f}")
+    lines.append("Dc only: trained on the clean part; Dc + Du: also on the perturbed part (clean-test accuracy both)")
+    return "\n".join(lines)

@@ -42,16 +42,17 @@ def parse_methods(text: str | None) -> list[str]:
     return names
 
 
-def parse_fractions(text: str | None) -> list[float]:
+def parse_fractions(text: str | None, flag: str = "--forget-fractions", closed: bool = False) -> list[float]:
+    """'0.01,0.1' → [0.01, 0.1]; each in (0, 1), or [0, 1] when `closed`; empty items are refused."""
     if not text:
         return []
     try:
         values = [float(t) for t in text.split(",")]
     except ValueError as exc:
-        raise BaselineError(f"--forget-fractions '{text}' must be numbers separated by commas, e.g. 0.001,0.01.") from exc
-    bad = [v for v in values if not 0 < v < 1]
+        raise BaselineError(f"{flag} '{text}' must be numbers separated by single commas, e.g. 0.001,0.01.") from exc
+    bad = [v for v in values if not (0 <= v <= 1 if closed else 0 < v < 1)]
     if bad:
-        raise BaselineError(f"--forget-fractions {bad} must each be in (0, 1).")
+        raise BaselineError(f"{flag} {bad} must each be in {'[0, 1]' if closed else '(0, 1)'}.")
     return values
 
 

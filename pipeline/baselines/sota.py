@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from pipeline.baselines.base import batches, register
-from pipeline.baselines.reversal import Approximate, Session, step
+from pipeline.baselines.session import Approximate, Session, step
 
 
 @register

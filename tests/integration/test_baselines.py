@@ -116,7 +116,8 @@ def test_the_comparison_prints_the_json_table_writes_plots_and_logs_one_parent_w
 
 @pytest.mark.slow
 def test_class_forgetting_oracle_is_near_zero_on_the_class_and_rows_say_how_close_methods_get(ray_2cpu, tmp_path, capsys):
-    cli.main(["baselines", CONFIG, "--forget-class", "3", "--methods", "finetune,neggrad_plus", "--k", "1",
+    cli.main(["baselines", CONFIG, "baselines.neggrad_plus_alpha=0.5", "baselines.neggrad_plus_epochs=3",
+              "--forget-class", "3", "--methods", "finetune,neggrad_plus", "--k", "1",
               "--out-dir", "cls", "--json", "--quiet"])
     result = json.loads(capsys.readouterr().out)
     rows = {r["method"]: r for r in result["rows"]}
@@ -124,3 +125,16 @@ def test_class_forgetting_oracle_is_near_zero_on_the_class_and_rows_say_how_clos
     assert rows["neggrad_plus"]["forget_accuracy"] < result["original"]["forget_accuracy"]
     assert all(0 <= r["forget_accuracy"] <= 1 for r in rows.values())
     assert result["oracle"]["forget_accuracy"] <= 0.05  # retraining without the class never predicts it
+
+
+def test_unlearnable_command_prints_accuracy_per_protected_fraction_and_refuses_bad_fractions(capsys):
+    cli.main(["unlearnable", CONFIG, "--fractions", "0,0.5,1", "--json", "--quiet"])
+    result = json.loads(capsys.readouterr().out)
+    assert [r["fraction"] for r in result["rows"]] == [0.0, 0.5, 1.0]
+    first, _, last = result["rows"]
+    assert first["clean_only_accuracy"] == first["with_unlearnable_accuracy"] and last["clean_only_accuracy"] is None
+    assert result["noise_train_accuracy"] > 0.5 and 0 < last["with_unlearnable_accuracy"] <= 1
+    for bad, message in (("0,,1", "must be numbers"), ("0.2,20", "must each be in [0, 1]"), ("0.5,0.5", "must not repeat")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["unlearnable", CONFIG, "--fractions", bad, "--quiet"])
+        assert exit_info.value.code == 3 and message in capsys.readouterr().err

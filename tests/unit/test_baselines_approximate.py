@@ -13,7 +13,7 @@ from pipeline import config as config_mod
 from pipeline.baselines.base import METHODS, get
 from pipeline.baselines.distill import soft_kl
 from pipeline.baselines.problem import load_problem, train_original
-from pipeline.baselines.reversal import Session, blocks, early_blocks, last_block
+from pipeline.baselines.session import Session, blocks, early_blocks, last_block
 from pipeline.baselines.sota import saliency_mask, wrong_labels
 from pipeline.models import build
 
