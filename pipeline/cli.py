@@ -29,8 +29,8 @@ def _ids(args: argparse.Namespace) -> list[int]:
         path = Path(args.ids_file)
         if not path.is_file():
             raise ForgetRequestError(f"--ids-file {path} not found.")
-        return parse_ids(path.read_text())
-    return parse_ids(args.ids)
+        return parse_ids(path.read_text(), source=f"--ids-file {path}")
+    return parse_ids(args.ids, source="--ids")
 
 
 def _print(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:

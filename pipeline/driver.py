@@ -6,6 +6,7 @@ detached and named in a fixed namespace so a later job reaches them warm.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline import cluster
+from pipeline.checkpoints import CheckpointIntegrityError
 from pipeline.config import Config
 from pipeline.data.datasets import Data
 from pipeline.ledger import Ledger
@@ -37,17 +39,42 @@ class Resources:
     gpus: float
 
 
+RESOURCE_UNITS = 10_000  # Ray keeps resource amounts in fixed point, in units of 1e-4 (ray._raylet.RESOURCE_UNIT_SCALING)
+
+
+def _units(amount: float) -> int:
+    """An amount in Ray's fixed-point units, converted as Ray does (to the nearest unit)."""
+    return int(math.floor(amount * RESOURCE_UNITS + 0.5))
+
+
+def resource_share(total: float, parts: int) -> float:
+    """total / parts rounded DOWN to Ray's granularity (1e-4), so that `parts` shares always fit in `total`."""
+    return _units(total) // parts / RESOURCE_UNITS
+
+
 def shard_resources(config: Config, total: dict[str, float]) -> Resources:
-    """Per-shard request that lets all S actors live at once on the cluster (fail fast if not)."""
+    """Per-shard request that lets all S actors live at once on the cluster (fail fast if not).
+
+    Unset (null) requests get an equal share of the cluster, at most 1 CPU / 1 GPU per shard, rounded
+    down to Ray's granularity: a layout that fits is never refused by rounding (3 shards on 2 CPUs get
+    0.6666 CPU each). Explicit requests that do not fit, and shards too many for a non-zero share, fail."""
     shards = config.shards.count
     cpus_total, gpus_total = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    cpus = config.ray.cpus_per_shard
+    cpus, gpus = config.ray.cpus_per_shard, config.ray.gpus_per_shard
+    share_cpus = cpus is None and cpus_total > 0
+    share_gpus = gpus is None and gpus_total > 0 and config.train.device != "cpu"
     if cpus is None:
-        cpus = min(1.0, round(cpus_total / shards, 4)) if cpus_total else 0.0
-    gpus = config.ray.gpus_per_shard
+        cpus = min(1.0, resource_share(cpus_total, shards)) if share_cpus else 0.0
     if gpus is None:
-        gpus = min(1.0, round(gpus_total / shards, 4)) if gpus_total and config.train.device != "cpu" else 0.0
-    if cpus * shards > cpus_total + 1e-9 or gpus * shards > gpus_total + 1e-9 or (cpus == 0 and gpus == 0):
+        gpus = min(1.0, resource_share(gpus_total, shards)) if share_gpus else 0.0
+    for key, shared, share, amount in (("CPU", share_cpus, cpus, cpus_total), ("GPU", share_gpus, gpus, gpus_total)):
+        if shared and share == 0:
+            raise cluster.ClusterError(
+                f"{shards} shards cannot each get a share of the cluster's {key} {amount} (Ray's smallest share is "
+                f"{1 / RESOURCE_UNITS:g}); lower shards.count or add nodes."
+            )
+    if (_units(cpus) * shards > _units(cpus_total) or _units(gpus) * shards > _units(gpus_total)
+            or (cpus == 0 and gpus == 0)):
         raise cluster.ClusterError(
             f"{shards} shards × (CPU {cpus}, GPU {gpus}) do not fit the cluster's CPU {cpus_total}, GPU {gpus_total}; "
             "lower shards.count, set ray.cpus_per_shard / ray.gpus_per_shard, or add nodes."
@@ -161,6 +188,8 @@ class Ensemble:
             except RayActorError as exc:
                 raise ShardFailure(f"shard {shard} actor died during {what}: {exc.__class__.__name__}") from exc
             except ray.exceptions.RayTaskError as exc:
+                if isinstance(exc.cause, CheckpointIntegrityError):  # rerunning cannot help: the user must act
+                    raise CheckpointIntegrityError(f"shard {shard}: {exc.cause}") from exc
                 raise ShardFailure(f"shard {shard} failed during {what}: {exc.cause!r}") from exc
             if log is not None:
                 log(f"  {what}: shard {shard} done ({len(results)}/{len(refs)}, {time.perf_counter() - start:.1f}s)")

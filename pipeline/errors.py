@@ -1,6 +1,7 @@
 """Which exceptions are the user's to fix (one-line message, exit 3) and which are recoverable
 failures (a crashed actor: work stays pending in the ledger, exit 4)."""
 from pipeline.baselines.base import BaselineError
+from pipeline.checkpoints import CheckpointIntegrityError
 from pipeline.cluster import ClusterError
 from pipeline.config import ConfigError
 from pipeline.data.datasets import DataError
@@ -13,5 +14,6 @@ from pipeline.runs import RunError
 from pipeline.scoring import ScoreError
 
 USER_ERRORS = (ConfigError, DataError, PartitionError, ForgetRequestError, RunError, ClusterError,
-               PrivacyError, FinetuneError, ScoreError, BaselineError)
+               PrivacyError, FinetuneError, ScoreError, BaselineError,
+               CheckpointIntegrityError)
 RECOVERABLE = (ShardFailure,)

@@ -44,17 +44,41 @@ def _write_parquet(path: Path, table: pa.Table) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def parse_ids(text: str) -> list[int]:
-    """'12,907, 40311' → [12, 907, 40311]; anything that is not an integer is an error."""
-    ids = []
-    for token in text.replace("\n", ",").split(","):
-        token = token.strip()
-        if not token:
-            continue
-        try:
-            ids.append(int(token))
-        except ValueError:
-            raise ForgetRequestError(f"sample id '{token}' is not an integer; pass ids like --ids 12,907,40311.") from None
+def parse_ids(text: str, source: str | None = None) -> list[int]:
+    """'12,907, 40311' or one id per line → [12, 907, 40311]; anything else is an error, nothing requested.
+
+    Items are separated by commas and newlines; spaces around an id are fine, and so is one final
+    newline (how files end). An empty item — '2,,4', a leading or trailing comma, a blank line —
+    is an error, not something to skip: it is how an id lost by a script (an unset shell variable)
+    shows. `source` names the input in messages, e.g. "--ids" or "--ids-file FILE".
+    """
+    body = text.rstrip(" \t\r")
+    body = body[:-1] if body.endswith("\n") else body  # one final newline ends a file; a blank line after it does not
+    where = source or "the id list"
+    if not body.strip():
+        raise ForgetRequestError(f"{where} is empty (an unset shell variable?); nothing was requested: "
+                                 "pass ids like --ids 12,907,40311 or --ids-file FILE.")
+    lines = body.split("\n")
+    shown = "" if len(lines) > 1 or len(body) > 60 else f" '{body}'"
+    ids, position = [], 0
+    for number, line in enumerate(lines, 1):
+        items = line.split(",")
+        for column, token in enumerate(items, 1):
+            position += 1
+            token = token.strip()
+            if not token:
+                if len(lines) == 1:
+                    at = f"an empty item at position {position}"
+                elif len(items) == 1:
+                    at = f"a blank line at line {number}"
+                else:
+                    at = f"an empty item at line {number}, position {column}"
+                raise ForgetRequestError(f"{where}{shown} has {at} (a lost id, e.g. an unset shell variable?); nothing was requested: "
+                                         "pass only ids, e.g. --ids 12,907,40311 or one id per line.")
+            try:
+                ids.append(int(token))
+            except ValueError:
+                raise ForgetRequestError(f"sample id '{token}' is not an integer; pass ids like --ids 12,907,40311.") from None
     return ids
 
 
@@ -128,6 +152,15 @@ class Ledger:
                 out.setdefault(rid, []).append(sid)
         return out
 
+    def holders(self, ids: list[int]) -> dict[int, tuple[str, str]]:
+        """id → (request_id, status) of the request that already holds it, for each given id that one does; sorted by id."""
+        table = self.requests()
+        table = table.filter(pa.compute.is_in(table["sample_id"], value_set=pa.array(ids, pa.int64())))
+        out: dict[int, tuple[str, str]] = {}
+        for sid, rid, status in zip(table["sample_id"].to_pylist(), table["request_id"].to_pylist(), table["status"].to_pylist()):
+            out[sid] = (rid, status)  # the latest request wins (there is one: validate refuses a second)
+        return dict(sorted(out.items()))
+
     def validate(self, ids: list[int]) -> None:
         """Raise ForgetRequestError naming every problem; the ledger is not touched."""
         if not ids:
@@ -144,9 +177,11 @@ class Ledger:
         unknown = values[(values >= 0) & ~np.isin(values, known)]
         if len(unknown):
             problems.append(f"ids not in this run's private training set {unknown[:10].tolist()}")
-        already = sorted(set(values.tolist()) & self.forgotten_ids(status=None))
-        if already:
-            problems.append(f"ids already forgotten or pending {already[:10]}")
+        held = self.holders(values.tolist())
+        if held:  # a retrying script can tell "already requested" from "bad id" by the request id
+            named = ", ".join(f"{sid} (request {rid} {status})" for sid, (rid, status) in list(held.items())[:10])
+            more = f" and {len(held) - 10} more" if len(held) > 10 else ""
+            problems.append(f"ids already forgotten or pending: {named}{more}")
         if problems:
             raise ForgetRequestError("forget request rejected, nothing changed: " + "; ".join(problems) + ".")
 

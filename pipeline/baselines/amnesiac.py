@@ -225,7 +225,7 @@ class AmnesiacSample(_Amnesiac):
 
     def undo(self, model: Classifier, problem: Problem, record: dict) -> dict[str, Any]:
         kept, named = record["kept"], dict(model.named_parameters())
-        subtract(model, record["names"], record["contributions"][torch.from_numpy(problem.forget_ids)].double().sum(0), kept)
+        subtract(model, record["names"], record["contributions"][torch.as_tensor(np.array(problem.forget_ids))].double().sum(0), kept)
         return {"kept_elements": len(kept), "kept_fraction": len(kept) / sum(named[n].numel() for n in record["names"]),
                 "samples_undone": len(problem.forget_ids),
                 "note": ("per sample, the total change its gradients made to the kept parameter elements "

@@ -139,7 +139,7 @@ class DeltaGrad(Method):
         """Deterministic (full-batch GD): `seed` is unused."""
         b = problem.config.baselines
         head = Head(features(problem), torch.from_numpy(np.asarray(problem.y, np.int64)), problem.num_classes, b.deltagrad_l2)
-        forget = torch.from_numpy(problem.forget_ids)
+        forget = torch.as_tensor(np.array(problem.forget_ids))
         retain = torch.from_numpy(np.setdiff1d(np.arange(len(problem.y)), problem.forget_ids))
         start = torch.cat([problem.pretrained.fc.weight.detach(), problem.pretrained.fc.bias.detach()[:, None]], 1)
         start = start.double().reshape(-1)

@@ -33,11 +33,13 @@ def _bytes(n: float) -> str:
 
 
 def header(result: dict) -> str:
-    o, f = result["original"], result["forget"]
+    o, f, r = result["original"], result["forget"], result["oracle"]
     what = f"class {f['class']}" if f["class"] is not None else f"{f['count']} random ids"
     return (f"Unlearning methods on {result['dataset']} ({result['private_samples']} private ids, forget {what}, "
             f"K={result['k']} seeds)\noriginal (full finetune, S=1): forget accuracy {o['forget_accuracy']:.3f}, "
-            f"test {o['test_accuracy']:.3f}: gap {o['gap_points']:+.1f} points; MIA AUC on the forget set {o['mia_auc']:.3f}")
+            f"test {o['test_accuracy']:.3f}: gap {o['gap_points']:+.1f} points; MIA AUC on the forget set {o['mia_auc']:.3f}"
+            f"\noracle (retrain without the forget set): forget accuracy {r['forget_accuracy']:.3f}, "
+            f"test {r['test_accuracy']:.3f}")
 
 
 def format_table(result: dict) -> str:
@@ -51,11 +53,20 @@ def format_table(result: dict) -> str:
                      f"{r['l2_to_oracle']:8.3f}{r['score']:7.3f}{r['seconds']:8.2f}{speed:>8}{_bytes(r['storage_bytes']):>11}")
     notes = [f"  {r['method']}: {r['details']['certificate']}" for r in result["rows"] if "certificate" in r["details"]]
     notes += [f"  {r['method']}: {r['details']['note']}" for r in result["rows"] if "note" in r["details"]]
+    notes += [_deltagrad_note(r["details"]) for r in result["rows"] if r["method"] == "deltagrad"]
     if notes:
         lines += ["notes:", *notes]
     lines.append("forget/retain/test: accuracy; MIA: loss-attack AUC forget set vs test non-members; KL/L2: to the row's "
                  "oracle (test outputs / parameters); score: NeurIPS-2023, K runs vs K oracle runs; ×: speed-up vs the oracle")
     return "\n".join(lines)
+
+
+def _deltagrad_note(d: dict) -> str:
+    def part(name: str, x: dict) -> str:
+        saved = x["gradient_evaluations_saved"] / max(x["gradient_evaluations_exact"], 1)
+        return (f"{name}: L2 to the exact head {x['l2_to_exact']:.2e} (unchanged head: {x['l2_original_to_exact']:.2e}), "
+                f"×{x['speedup_vs_exact']:.1f} vs exact GD, {saved:.0%} of gradient evaluations saved")
+    return f"  deltagrad: {part('delete', d)}; {part('add', d['add'])}"
 
 
 def _scatter(rows: list[dict], x: str, y: str, xlabel: str, ylabel: str, title: str, logx: bool = False) -> Figure:

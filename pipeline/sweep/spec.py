@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import yaml
 from pipeline import config as config_mod
 from pipeline import runs
 from pipeline.config import Config, ConfigError
+from pipeline.driver import resource_share
 
 TRAINABLE_CPUS = 0.01  # the trial's own process (bundle 0); the shards share the other bundles
 SPEC_KEYS = ("name", "base", "overrides", "grid", "num_samples", "forget_count", "max_concurrent_trials",
@@ -117,11 +117,6 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec
 
 
 # -- one trial ------------------------------------------------------------------------------------
-def _share(total: float, parts: int) -> float:
-    """total / parts rounded down to Ray's resource granularity, so S shares never exceed total."""
-    return math.floor(total / parts * 1e4) / 1e4
-
-
 def trial_config(spec: SweepSpec, point: dict[str, Any]) -> Config:
     """Base + grid point; seed + repeat; tracking off (the sweep logs); per-shard resources pinned."""
     overrides = {k: v for k, v in point.items() if k != "repeat"}
@@ -129,8 +124,8 @@ def trial_config(spec: SweepSpec, point: dict[str, Any]) -> Config:
     shards, cpus, gpus = config.shards.count, config.ray.cpus_per_shard, config.ray.gpus_per_shard
     return config.with_overrides({
         "seed": config.seed + point.get("repeat", 0), "tracking.enabled": False,
-        "ray.cpus_per_shard": cpus if cpus is not None else _share(spec.trial_cpus - TRAINABLE_CPUS, shards),
-        "ray.gpus_per_shard": gpus if gpus is not None else _share(spec.trial_gpus, shards),
+        "ray.cpus_per_shard": cpus if cpus is not None else resource_share(spec.trial_cpus - TRAINABLE_CPUS, shards),
+        "ray.gpus_per_shard": gpus if gpus is not None else resource_share(spec.trial_gpus, shards),
         # trials run in their own processes and dirs: pin the cache the driver warmed, absolutely
         "pretrain.cache_dir": str(Path(config.pretrain.cache_dir or _default_cache_root()).resolve()),
     })

@@ -219,3 +219,22 @@ def test_forgotten_ids_are_at_chance_for_the_attack_after_forgetting(trained, mo
     low, high = after["accuracy_ci"]
     assert low <= 0.5 + 1e-9, f"forgotten ids still distinguishable: {after}"
     assert before["n_members"] == 60 and 0 <= before["auc"] <= 1
+
+
+def test_a_tampered_stage_file_is_refused_with_one_line_naming_it_and_exit_3(trained, monkeypatch, capsys, tmp_path):
+    import shutil
+
+    run_dir, _, home = trained
+    _pin_env(monkeypatch, home)
+    copy = tmp_path / "tampered"
+    shutil.copytree(run_dir, copy)
+    store = ShardStore(copy, 0)
+    stage = store.dir / store.manifest().stages[-1]["file"]
+    data = bytearray(stage.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stage.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["evaluate", "--run-dir", str(copy), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 3 and len(err.splitlines()) == 1
+    assert "failed its integrity check" in err and stage.name in err

@@ -14,7 +14,9 @@ def ledger(tmp_path):
 
 
 def test_parse_ids_accepts_commas_spaces_and_newlines():
-    assert parse_ids("1, 2,3\n4,") == [1, 2, 3, 4]
+    assert parse_ids("1, 2,3\n4\n") == [1, 2, 3, 4]
+    with pytest.raises(ForgetRequestError, match="empty item"):  # a trailing comma is a lost id, not nothing
+        parse_ids("1, 2,3\n4,")
     with pytest.raises(ForgetRequestError, match="'x'"):
         parse_ids("1,x")
 
