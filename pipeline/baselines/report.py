@@ -37,7 +37,9 @@ def header(result: dict) -> str:
     what = f"class {f['class']}" if f["class"] is not None else f"{f['count']} random ids"
     return (f"Unlearning methods on {result['dataset']} ({result['private_samples']} private ids, forget {what}, "
             f"K={result['k']} seeds)\noriginal (full finetune, S=1): forget accuracy {o['forget_accuracy']:.3f}, "
-            f"test {o['test_accuracy']:.3f}: gap {o['gap_points']:+.1f} points; MIA AUC on the forget set {o['mia_auc']:.3f}"
+            f"test {o['test_accuracy']:.3f}: gap {o['gap_points']:+.1f} points; MIA AUC on the forget set {o['mia_auc']:.3f} "
+            f"(95% CI {o['mia_auc_ci'][0]:.2f}–{o['mia_auc_ci'][1]:.2f}), on {result['retain_sample']} retained ids "
+            f"{o['mia_auc_retain']:.3f} ({o['mia_auc_retain_ci'][0]:.2f}–{o['mia_auc_retain_ci'][1]:.2f})"
             f"\noracle (retrain without the forget set): forget accuracy {r['forget_accuracy']:.3f}, "
             f"test {r['test_accuracy']:.3f}")
 

@@ -183,7 +183,8 @@ def run_comparison(config: Config, out_dir: Path, methods: list[str], *, count: 
             "forget": {"count": int(len(problem.forget_ids)), "fraction": fraction, "class": forget_class},
             "k": k, "seeds": seeds, "methods": methods, "curve": curve, "out_dir": str(out_dir),
             "dataset": config.data.name, "private_samples": int(len(problem.train_order)),
-            "test_samples": int(len(problem.y_test)), "total_seconds": time.perf_counter() - started}
+            "test_samples": int(len(problem.y_test)), "retain_sample": int(len(retain_rows)),
+            "total_seconds": time.perf_counter() - started}
 
 
 def _curve(problem: Problem, methods: list[str], fractions: list[float], records: dict,

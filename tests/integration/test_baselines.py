@@ -88,7 +88,9 @@ def test_the_comparison_prints_the_json_table_writes_plots_and_logs_one_parent_w
     assert set(rows) == set(METHODS)
     for row in rows.values():
         assert ROW_KEYS <= set(row) and row["family"] in ("exact", "certified", "approximate")
-    assert result["original"]["gap_points"] >= 5 and result["original"]["mia_auc"] > 0.5
+    original = result["original"]
+    assert original["gap_points"] >= 5 and original["mia_auc"] > 0.5 and original["mia_auc_retain"] > 0.5
+    assert original["mia_auc_ci"][0] <= original["mia_auc"] <= original["mia_auc_ci"][1]
     for exact in ("retrain", "sisa"):  # exact rows equal their own oracle
         assert rows[exact]["kl_to_oracle"] == 0 and rows[exact]["l2_to_oracle"] == 0 and rows[exact]["score"] == 1
     assert rows["sisa"]["oracle"] == "sisa_retrain" and rows["dp_nothing"]["oracle"] == "dp_retrain"
@@ -116,13 +118,13 @@ def test_the_comparison_prints_the_json_table_writes_plots_and_logs_one_parent_w
 
 @pytest.mark.slow
 def test_class_forgetting_oracle_is_near_zero_on_the_class_and_rows_say_how_close_methods_get(ray_2cpu, tmp_path, capsys):
-    cli.main(["baselines", CONFIG, "baselines.neggrad_plus_alpha=0.5", "baselines.neggrad_plus_epochs=3",
-              "--forget-class", "3", "--methods", "finetune,neggrad_plus", "--k", "1",
+    cli.main(["baselines", CONFIG, "--forget-class", "3", "--methods", "finetune,salun", "--k", "1",
               "--out-dir", "cls", "--json", "--quiet"])
     result = json.loads(capsys.readouterr().out)
     rows = {r["method"]: r for r in result["rows"]}
     assert result["forget"]["class"] == 3 and result["forget"]["count"] > 20
-    assert rows["neggrad_plus"]["forget_accuracy"] < result["original"]["forget_accuracy"]
+    # report 003's finding: retain finetuning barely lowers forget accuracy; SalUn's random labels erase the class
+    assert rows["salun"]["forget_accuracy"] < 0.5 <= rows["finetune"]["forget_accuracy"] <= result["original"]["forget_accuracy"]
     assert all(0 <= r["forget_accuracy"] <= 1 for r in rows.values())
     assert result["oracle"]["forget_accuracy"] <= 0.05  # retraining without the class never predicts it
 
