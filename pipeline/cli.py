@@ -205,12 +205,15 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dpsisa", description="SISA exact unlearning with DP finetuning on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def output_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--json", action="store_true", help="print one JSON object")
+        sp.add_argument("--quiet", action="store_true", help="no progress messages")
+
     def add(name: str, func, help_text: str, run_dir_required: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text)
         sp.set_defaults(func=func)
         sp.add_argument("--run-dir", required=run_dir_required, help="run directory (relative: under $DPSISA_HOME or cwd)")
-        sp.add_argument("--json", action="store_true", help="print one JSON object")
-        sp.add_argument("--quiet", action="store_true", help="no progress messages")
+        output_flags(sp)
         return sp
 
     train = add("train", cmd_train, "train a SISA ensemble", run_dir_required=False)
@@ -235,8 +238,7 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--permutations", type=int, default=200,
                        help="random relabellings of the 2K models for the at-chance baseline and p-value (0: skip)")
     score.add_argument("--out-dir", default=None, help="directory for the 2K runs (relative: under $DPSISA_HOME or cwd)")
-    score.add_argument("--json", action="store_true", help="print one JSON object")
-    score.add_argument("--quiet", action="store_true", help="no progress messages")
+    output_flags(score)
     baselines = sub.add_parser("baselines", help="unlearning methods side by side (exact, certified, approximate)")
     baselines.set_defaults(func=cmd_baselines)
     baselines.add_argument("config", help="YAML config, e.g. jobs/configs/baselines_fmnist.yaml")
@@ -249,15 +251,13 @@ def parser() -> argparse.ArgumentParser:
     baselines.add_argument("--k", type=int, default=2, help="runs per method and oracle retrains, seeds s..s+K-1 (default 2)")
     baselines.add_argument("--forget-fractions", default=None, help="deletion-rate curve, e.g. 0.001,0.01,0.05,0.1")
     baselines.add_argument("--out-dir", default=None, help="output folder (relative: under $DPSISA_HOME or cwd)")
-    baselines.add_argument("--json", action="store_true", help="print one JSON object")
-    baselines.add_argument("--quiet", action="store_true", help="no progress messages")
+    output_flags(baselines)
     unlearnable = sub.add_parser("unlearnable", help="unlearnable examples: clean-test accuracy as the protected fraction grows")
     unlearnable.set_defaults(func=cmd_unlearnable)
     unlearnable.add_argument("config", help="YAML config, e.g. jobs/configs/baselines_fmnist.yaml")
     unlearnable.add_argument("overrides", nargs="*", help="key=value overrides")
     unlearnable.add_argument("--fractions", default="0,0.2,0.4,0.6,0.8,1", help="protected fractions (default 0,0.2,...,1)")
-    unlearnable.add_argument("--json", action="store_true", help="print one JSON object")
-    unlearnable.add_argument("--quiet", action="store_true", help="no progress messages")
+    output_flags(unlearnable)
     sweep = sub.add_parser("sweep", help="Ray Tune sweep of whole experiments (MLflow parent run, one child per trial)")
     sweep.set_defaults(func=cmd_sweep)
     sweep.add_argument("config", help="sweep YAML, e.g. jobs/configs/sweep_digits.yaml")
