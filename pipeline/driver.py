@@ -27,6 +27,9 @@ from pipeline.models import Classifier
 from pipeline.shard import Shard
 
 PLACEMENT_TIMEOUT_S = 60
+PROGRESS_GROUP = "progress"  # a second concurrency group per actor: `progress` answers while fit/forget runs
+PROGRESS_POLL_S = 1.0
+OnStage = Callable[[int, dict], None]  # (shard, progress record of one finished stage)
 
 
 class ShardFailure(RuntimeError):
@@ -135,7 +138,7 @@ class Ensemble:
             res = shard_resources(config, totals)
         data, pretrained = load()
         x_ref, y_ref, model_ref = ray.put(data.private.x), ray.put(data.private.y), ray.put(pretrained)
-        remote = ray.remote(Shard)
+        remote = ray.remote(concurrency_groups={PROGRESS_GROUP: 1})(Shard)  # default group: 1 (fit, forget, …)
         actors = []
         for s in range(config.shards.count):
             options = {
@@ -177,26 +180,39 @@ class Ensemble:
         return len(alive)
 
     # -- fan-out ------------------------------------------------------------------------------
-    def _gather(self, refs: dict, what: str, log: Callable | None = None) -> dict:
-        """Wait for every ref, reporting progress; a dead actor becomes a ShardFailure."""
+    def _gather(self, refs: dict, what: str, log: Callable | None = None, progress: _Progress | None = None) -> dict:
+        """Wait for every ref, reporting progress (and, with `progress`, each shard's finished
+        stages while it works); a dead actor becomes a ShardFailure."""
         results, pending, start = {}, dict(refs), time.perf_counter()
         while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            shard = pending.pop(done[0])
-            try:
-                results[shard] = ray.get(done[0])
-            except RayActorError as exc:
-                raise ShardFailure(f"shard {shard} actor died during {what}: {exc.__class__.__name__}") from exc
-            except ray.exceptions.RayTaskError as exc:
-                if isinstance(exc.cause, CheckpointIntegrityError):  # rerunning cannot help: the user must act
-                    raise CheckpointIntegrityError(f"shard {shard}: {exc.cause}") from exc
-                raise ShardFailure(f"shard {shard} failed during {what}: {exc.cause!r}") from exc
-            if log is not None:
-                log(f"  {what}: shard {shard} done ({len(results)}/{len(refs)}, {time.perf_counter() - start:.1f}s)")
+            polls = [] if progress is None else progress.ask(set(pending.values()))
+            done, _ = ray.wait(list(pending) + polls, num_returns=1, timeout=PROGRESS_POLL_S if progress else None)
+            for ref in done:
+                if ref not in pending:  # a progress answer
+                    progress.answer(ref)
+                    continue
+                shard = pending.pop(ref)
+                try:
+                    results[shard] = ray.get(ref)
+                except RayActorError as exc:
+                    raise ShardFailure(f"shard {shard} actor died during {what}: {exc.__class__.__name__}") from exc
+                except ray.exceptions.RayTaskError as exc:
+                    if isinstance(exc.cause, CheckpointIntegrityError):  # rerunning cannot help: the user must act
+                        raise CheckpointIntegrityError(f"shard {shard}: {exc.cause}") from exc
+                    raise ShardFailure(f"shard {shard} failed during {what}: {exc.cause!r}") from exc
+                if progress is not None:  # the result carries every record: none is lost between polls
+                    progress.report(shard, results[shard].get("progress", []))
+                if log is not None:
+                    log(f"  {what}: shard {shard} done ({len(results)}/{len(refs)}, {time.perf_counter() - start:.1f}s)")
         return results
 
-    def fit(self, log: Callable = print) -> dict[int, dict]:
-        return self._gather({a.fit.remote(): s for s, a in enumerate(self.actors)}, "train", log)
+    def _progress(self, job: str, on_stage: OnStage | None) -> _Progress | None:
+        return None if on_stage is None else _Progress(self.actors, job, on_stage)
+
+    def fit(self, log: Callable = print, on_stage: OnStage | None = None) -> dict[int, dict]:
+        """Train every shard; `on_stage(shard, record)` sees each finished stage while training goes on."""
+        return self._gather({a.fit.remote(): s for s, a in enumerate(self.actors)}, "train", log,
+                            self._progress("fit", on_stage))
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """(S, N, C) softmax outputs of every constituent model."""
@@ -216,26 +232,28 @@ class Ensemble:
         return self._gather({a.status.remote(): s for s, a in enumerate(self.actors)}, "status")
 
     # -- forgetting ---------------------------------------------------------------------------
-    def _apply(self, request_id: str, ids: list[int], log: Callable) -> dict:
+    def _apply(self, request_id: str, ids: list[int], log: Callable, on_stage: OnStage | None = None) -> dict:
         owners = self.ledger.owners(ids)
         results = self._gather({self.actors[s].forget.remote(request_id, owned): s for s, owned in owners.items()},
-                               "forget", log)
+                               "forget", log, self._progress(request_id, on_stage))
         with self.ledger.locked():
             self.ledger.mark_done(request_id, {s: r["version"] for s, r in results.items()})
         return results
 
-    def complete_pending(self, log: Callable = print) -> dict[str, dict]:
-        """Finish requests a crash left `pending` (idempotent per shard); request id → summary."""
-        completed = {}
-        for request_id, ids in self.ledger.pending().items():
-            log(f"completing pending forget request {request_id} ({len(ids)} ids)")
-            start = time.perf_counter()
-            results = self._apply(request_id, ids, log)
-            completed[request_id] = {"request_id": request_id, "ids": len(ids), "completed_pending": True,
-                                     **_forget_summary(results), "seconds": time.perf_counter() - start}
-        return completed
+    def complete_request(self, request_id: str, ids: list[int], log: Callable = print,
+                         on_stage: OnStage | None = None) -> dict:
+        """Finish one request a crash left `pending` (idempotent per shard); its summary."""
+        log(f"completing pending forget request {request_id} ({len(ids)} ids)")
+        start = time.perf_counter()
+        results = self._apply(request_id, ids, log, on_stage)
+        return {"request_id": request_id, "ids": len(ids), "completed_pending": True,
+                **_forget_summary(results), "seconds": time.perf_counter() - start}
 
-    def forget(self, ids: list[int], log: Callable = print) -> dict:
+    def complete_pending(self, log: Callable = print) -> dict[str, dict]:
+        """Finish every request a crash left `pending`; request id → summary."""
+        return {rid: self.complete_request(rid, ids, log) for rid, ids in self.ledger.pending().items()}
+
+    def forget(self, ids: list[int], log: Callable = print, on_stage: OnStage | None = None) -> dict:
         """Validate, record as pending, retrain owners in parallel, mark done. Callers complete
         earlier pending requests first (runs.forget does, and logs each to MLflow); until then
         their ids fail validation as already pending."""
@@ -244,8 +262,52 @@ class Ensemble:
             self.ledger.validate(ids)
             request_id = self.ledger.append_request(ids)
         log(f"forget request {request_id}: {len(ids)} id(s) owned by shard(s) {sorted(self.ledger.owners(ids))}")
-        results = self._apply(request_id, ids, log)
+        results = self._apply(request_id, ids, log, on_stage)
         return {"request_id": request_id, "ids": len(ids), **_forget_summary(results), "seconds": time.perf_counter() - start}
+
+
+class _Progress:
+    """Asks working shards for their finished stages (at most every PROGRESS_POLL_S per shard, one
+    question in flight each) and hands each record to `on_stage` once, in stage order per shard.
+    The driver waits on the answers together with the results, so a stage is logged as soon as
+    the shard answers. A shard whose poll fails (it died, or a kept-alive actor predates
+    `progress`) is asked no more: its final result still reports every stage."""
+
+    def __init__(self, actors: list, job: str, on_stage: OnStage):
+        self.actors, self.job, self.on_stage = actors, job, on_stage
+        self.reported: set[tuple[int, int]] = set()
+        self.in_flight: dict = {}  # poll ref → shard
+        self.asked: dict[int, float] = {}  # shard → when last asked
+        self.broken: set[int] = set()
+
+    def ask(self, shards: set[int]) -> list:
+        """Send due questions; returns every poll ref still unanswered."""
+        now, busy = time.monotonic(), set(self.in_flight.values())
+        for shard in sorted(shards - busy - self.broken):
+            if now - self.asked.get(shard, -math.inf) < PROGRESS_POLL_S:
+                continue
+            try:
+                ref = self.actors[shard].progress.options(concurrency_group=PROGRESS_GROUP).remote(self.job)
+            except Exception:  # noqa: BLE001 - an actor without the method or group: no live progress from it
+                self.broken.add(shard)
+                continue
+            self.in_flight[ref], self.asked[shard] = shard, now
+        return list(self.in_flight)
+
+    def answer(self, ref) -> None:
+        shard = self.in_flight.pop(ref)
+        try:
+            records = ray.get(ref)
+        except ray.exceptions.RayError:
+            self.broken.add(shard)
+            return
+        self.report(shard, records)
+
+    def report(self, shard: int, records: list[dict]) -> None:
+        for record in sorted(records, key=lambda r: r["stage"]):
+            if record.get("job", self.job) == self.job and (shard, record["stage"]) not in self.reported:
+                self.reported.add((shard, record["stage"]))
+                self.on_stage(shard, record)
 
 
 def _forget_summary(results: dict[int, dict]) -> dict:

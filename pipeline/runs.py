@@ -83,10 +83,21 @@ class RunData:
         return self.get(), _pretrained_from_run(self.run_dir, self.config, self.get())
 
 
+def trained_ids(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, labels) the live model version trained on: the ledger's assignments less done forgets."""
+    table = Ledger(run_dir).assignments()
+    ids, labels = table["sample_id"].to_numpy(), table["label"].to_numpy()
+    keep = ~np.isin(ids, np.fromiter(Ledger(run_dir).forgotten_ids(), np.int64))
+    return ids[keep], labels[keep]
+
+
 def complete_pending(ensemble: Ensemble, config: Config, run_dir: Path, log: Callable) -> None:
-    """Finish requests a crash left pending; each becomes a forget run in MLflow."""
-    for summary in ensemble.complete_pending(log).values():
-        tracking.log_job("forget", config, run_dir, summary)
+    """Finish requests a crash left pending; each becomes a forget child run in MLflow."""
+    for request_id, ids in ensemble.ledger.pending().items():
+        with tracking.verb_run("forget", config, run_dir, tags={"dpsisa.completed_pending": "true"}) as run:
+            summary = ensemble.complete_request(request_id, ids, log, on_stage=run.log_stage)
+            run.log_dataset(config, *trained_ids(run_dir))
+            run.log_summary(summary)
 
 
 @contextmanager
@@ -113,65 +124,69 @@ def train(config: Config, run_dir: Path, keep_alive: bool = False, log: Callable
     if (run_dir / "config.yaml").exists():
         raise RunError(f"run directory {run_dir} already holds a run; choose a new --run-dir.")
     run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    local = cluster.connect(config.ray, log)
-    if keep_alive and local:
-        log("warning: --keep-alive on a local Ray cluster: actors die with this process; use `ray start --head`.")
-    data = datasets.load(config.data)
-    _check_private_rows(data)
-    log(f"data: {config.data.name}: {len(data.private.y)} private, {len(data.public.y)} public, {len(data.test.y)} test samples")
-    ids = data.private.ids
-    excluded = sorted(set(exclude_ids or ()))
-    if excluded:
-        unknown = [i for i in excluded if not 0 <= i < len(ids)]
-        if unknown:
-            raise RunError(f"exclude_ids {unknown[:5]} are not private sample ids (0..{len(ids) - 1}).")
-        ids = np.setdiff1d(ids, np.asarray(excluded, dtype=ids.dtype))
-        log(f"excluding {len(excluded)} private id(s) from training (retrain-from-scratch oracle)")
-    columns = partition(ids, data.private.y[ids], config.shards.count, config.shards.slices,
-                        config.partition.strategy, config.seed, data.private.x[ids])
-    ledger = Ledger(run_dir)
-    ledger.write_assignments({**columns, "label": data.private.y[columns["sample_id"]]})
-    model, pretrain_info = pretrained_model(config, data, log)
-    save_torch(run_dir / "pretrained.pt", model.state_dict())
-    recipes = [make_recipe(config, s, [len(ids) for ids in ledger.shard_slices(s)]).to_dict()
-               for s in range(config.shards.count)]
-    if config.privacy.epsilon is not None:
-        log(f"DP: ε={config.privacy.epsilon}, δ={config.privacy.delta}, σ per shard "
-            f"{sorted({round(r['noise_multiplier'], 3) for r in recipes})} over {config.shards.slices} slice stages")
-    atomic_write_json(run_dir / "recipes.json", recipes)
-    atomic_write(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
-    ensemble = Ensemble.start(run_dir, config, lambda: (data, model), recipes, keep_alive=keep_alive,
-                              placement=placement, log=log)
-    try:
-        fit_start = time.perf_counter()
-        log(f"training {config.shards.count} shards × {config.shards.slices} slices "
-            f"({config.finetune.strategy}, {'ε=' + str(config.privacy.epsilon) if recipes[0]['noise_multiplier'] else 'no DP'})")
-        per_shard = ensemble.fit(log)
-        full_train_seconds = time.perf_counter() - fit_start
-        atomic_write_json(run_dir / "train_summary.json", {
-            "full_train_seconds": full_train_seconds, "shard_seconds": [per_shard[s]["seconds"] for s in sorted(per_shard)],
-            "keep_alive": keep_alive, "pretrain": pretrain_info, "excluded_ids": excluded})
-        metrics = evaluate.ensemble_metrics(ensemble, data)
-    finally:
-        ensemble.shutdown()
-    summary = {"run_dir": str(run_dir), "full_train_seconds": full_train_seconds,
-               "total_seconds": time.perf_counter() - started, **metrics}
-    tracking.log_job("train", config, run_dir, summary)
+    with tracking.verb_run("train", config, run_dir) as run:
+        started = time.perf_counter()
+        local = cluster.connect(config.ray, log)
+        if keep_alive and local:
+            log("warning: --keep-alive on a local Ray cluster: actors die with this process; use `ray start --head`.")
+        data = datasets.load(config.data)
+        _check_private_rows(data)
+        log(f"data: {config.data.name}: {len(data.private.y)} private, {len(data.public.y)} public, {len(data.test.y)} test samples")
+        ids = data.private.ids
+        excluded = sorted(set(exclude_ids or ()))
+        if excluded:
+            unknown = [i for i in excluded if not 0 <= i < len(ids)]
+            if unknown:
+                raise RunError(f"exclude_ids {unknown[:5]} are not private sample ids (0..{len(ids) - 1}).")
+            ids = np.setdiff1d(ids, np.asarray(excluded, dtype=ids.dtype))
+            log(f"excluding {len(excluded)} private id(s) from training (retrain-from-scratch oracle)")
+        columns = partition(ids, data.private.y[ids], config.shards.count, config.shards.slices,
+                            config.partition.strategy, config.seed, data.private.x[ids])
+        ledger = Ledger(run_dir)
+        ledger.write_assignments({**columns, "label": data.private.y[columns["sample_id"]]})
+        model, pretrain_info = pretrained_model(config, data, log)
+        save_torch(run_dir / "pretrained.pt", model.state_dict())
+        recipes = [make_recipe(config, s, [len(ids) for ids in ledger.shard_slices(s)]).to_dict()
+                   for s in range(config.shards.count)]
+        if config.privacy.epsilon is not None:
+            log(f"DP: ε={config.privacy.epsilon}, δ={config.privacy.delta}, σ per shard "
+                f"{sorted({round(r['noise_multiplier'], 3) for r in recipes})} over {config.shards.slices} slice stages")
+        atomic_write_json(run_dir / "recipes.json", recipes)
+        atomic_write(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+        ensemble = Ensemble.start(run_dir, config, lambda: (data, model), recipes, keep_alive=keep_alive,
+                                  placement=placement, log=log)
+        try:
+            fit_start = time.perf_counter()
+            log(f"training {config.shards.count} shards × {config.shards.slices} slices "
+                f"({config.finetune.strategy}, {'ε=' + str(config.privacy.epsilon) if recipes[0]['noise_multiplier'] else 'no DP'})")
+            per_shard = ensemble.fit(log, on_stage=run.log_stage)
+            full_train_seconds = time.perf_counter() - fit_start
+            atomic_write_json(run_dir / "train_summary.json", {
+                "full_train_seconds": full_train_seconds, "shard_seconds": [per_shard[s]["seconds"] for s in sorted(per_shard)],
+                "keep_alive": keep_alive, "pretrain": pretrain_info, "excluded_ids": excluded})
+            metrics = evaluate.ensemble_metrics(ensemble, data)
+        finally:
+            ensemble.shutdown()
+        summary = {"run_dir": str(run_dir), "full_train_seconds": full_train_seconds,
+                   "total_seconds": time.perf_counter() - started, **metrics}
+        run.log_dataset(config, *trained_ids(run_dir))
+        run.log_summary(summary)
     return summary
 
 
 def forget(run_dir: Path, ids: list[int], log: Callable = print, placement=None) -> dict:
-    load_run_config(run_dir)
+    config = load_run_config(run_dir)
     Ledger(run_dir).validate(ids)  # fail fast, before any actor starts (re-checked under the lock)
-    with opened(run_dir, log, placement=placement) as (config, data, ensemble):
-        complete_pending(ensemble, config, run_dir, log)
-        result = ensemble.forget(ids, log)
-    result["full_train_seconds"] = json.loads((run_dir / "train_summary.json").read_text())["full_train_seconds"]
-    result["speedup"] = result["full_train_seconds"] / max(result["seconds"], 1e-9)
-    replayed, total = replay_work(json.loads((run_dir / "recipes.json").read_text()), result["from_stage"])
-    result.update(samples_processed=replayed, full_train_samples=total, work_fraction=replayed / total)
-    tracking.log_job("forget", config, run_dir, result)
+    with tracking.verb_run("forget", config, run_dir) as run:
+        with opened(run_dir, log, placement=placement) as (config, data, ensemble):
+            complete_pending(ensemble, config, run_dir, log)
+            result = ensemble.forget(ids, log, on_stage=run.log_stage)
+        result["full_train_seconds"] = json.loads((run_dir / "train_summary.json").read_text())["full_train_seconds"]
+        result["speedup"] = result["full_train_seconds"] / max(result["seconds"], 1e-9)
+        replayed, total = replay_work(json.loads((run_dir / "recipes.json").read_text()), result["from_stage"])
+        result.update(samples_processed=replayed, full_train_samples=total, work_fraction=replayed / total)
+        run.log_dataset(config, *trained_ids(run_dir))
+        run.log_summary(result)
     return result
 
 
@@ -196,31 +211,33 @@ def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple
 def evaluate_run(run_dir: Path, log: Callable = print, placement=None, probe_ids: list[int] | None = None) -> dict:
     """Test metrics and membership-inference attacks; `probe_ids` (e.g. ids about to be
     forgotten) are attacked in place of the forgotten ids."""
-    with opened(run_dir, log, placement=placement) as (config, data, ensemble):
-        complete_pending(ensemble, config, run_dir, log)
-        metrics = evaluate.ensemble_metrics(ensemble, data.get())
-        log("membership-inference attacks (members vs non-members, forgotten vs non-members) ...")
-        metrics.update(evaluate.membership_inference(ensemble, data.get(), Ledger(run_dir).forgotten_ids(), config.seed,
-                                                     probe_ids=probe_ids))
-    tracking.log_job("evaluate", config, run_dir, metrics)
+    with tracking.verb_run("evaluate", load_run_config(run_dir), run_dir) as run:
+        with opened(run_dir, log, placement=placement) as (config, data, ensemble):
+            complete_pending(ensemble, config, run_dir, log)
+            metrics = evaluate.ensemble_metrics(ensemble, data.get())
+            log("membership-inference attacks (members vs non-members, forgotten vs non-members) ...")
+            metrics.update(evaluate.membership_inference(ensemble, data.get(), Ledger(run_dir).forgotten_ids(), config.seed,
+                                                         probe_ids=probe_ids))
+        run.log_summary(metrics)
     return metrics
 
 
 def verify(run_dir: Path, all_shards: bool = False, log: Callable = print) -> dict:
     """Retrain touched shards from scratch without their forgotten ids; compare bit for bit."""
-    with opened(run_dir, log) as (config, data, ensemble):
-        complete_pending(ensemble, config, run_dir, log)
-        touched = [s for s in range(config.shards.count) if all_shards or ShardStore(run_dir, s).manifest().version > 0]
-        log(f"verifying shard(s) {touched} against from-scratch retraining ...")
-        test = data.get().test
-        results = ensemble.verify(touched, test.x, log=log)
-        report = evaluate.unlearning_report(ensemble, data.get(), Ledger(run_dir).forgotten_ids(),
-                                            {s: r.pop("oracle_probs") for s, r in results.items()}, config.seed)
-    summary = {"exact": all(r["exact"] for r in results.values()), "shards_checked": touched,
-               "shards": [results[s] for s in touched], "device": str(resolve_device(config.train.device)),
-               "unlearning": report}
-    tracking.log_job("verify", config, run_dir, {"exact": float(summary["exact"]), "shards_checked": len(touched),
-                                                 **{f"unlearning.{k}": v for k, v in report.items()}})
+    with tracking.verb_run("verify", load_run_config(run_dir), run_dir) as run:
+        with opened(run_dir, log) as (config, data, ensemble):
+            complete_pending(ensemble, config, run_dir, log)
+            touched = [s for s in range(config.shards.count) if all_shards or ShardStore(run_dir, s).manifest().version > 0]
+            log(f"verifying shard(s) {touched} against from-scratch retraining ...")
+            test = data.get().test
+            results = ensemble.verify(touched, test.x, log=log)
+            report = evaluate.unlearning_report(ensemble, data.get(), Ledger(run_dir).forgotten_ids(),
+                                                {s: r.pop("oracle_probs") for s, r in results.items()}, config.seed)
+        summary = {"exact": all(r["exact"] for r in results.values()), "shards_checked": touched,
+                   "shards": [results[s] for s in touched], "device": str(resolve_device(config.train.device)),
+                   "unlearning": report}
+        run.log_summary({"exact": float(summary["exact"]), "shards_checked": len(touched),
+                         **{f"unlearning.{k}": v for k, v in report.items()}})
     return summary
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,11 +19,12 @@ from pipeline.checkpoints import Manifest, ShardStore
 from pipeline.finetune import plan_for
 from pipeline.ledger import Ledger
 from pipeline.models import Classifier
-from pipeline.privacy import Recipe, release_epsilon
+from pipeline.privacy import Recipe, release_epsilon, spent_epsilon
 from pipeline.train import ShardState, ShardTrainer, ids_digest, predict_proba, resolve_device
 from pipeline.unlearning import parameter_l2_distance
 
 CRASH_FILE = ".inject-crash.json"  # fault injection for tests: {"shard": s, "after_stage": j}
+SAMPLED_ACCURACY_IDS = 256  # progress accuracy: the first ids of slice 0 (trained on at every stage)
 
 
 class Shard:
@@ -44,6 +46,10 @@ class Shard:
         self.trainer = ShardTrainer(pretrained, plan, self.recipe, self.config.seed, shard, device)
         self.log_progress = log_progress
         self._model: tuple[int, Classifier] | None = None
+        # per-stage progress of the running (or last) fit/forget; `progress` reads it from another thread
+        self._progress: list[dict] = []
+        self._progress_lock = threading.Lock()
+        self._epsilon_through: dict[int, float | None] = {}
 
     def _log(self, message: str) -> None:
         if self.log_progress:
@@ -61,20 +67,55 @@ class Shard:
                 "ids_digest": ids_digest(seen), "samples": int(len(seen)), "seed": self.config.seed,
                 "recipe": self.recipe.to_dict()}
 
-    def _train(self, slices, start: int, state: ShardState | None, version: int) -> list[dict]:
-        """Train stages start.. and write each stage file (not yet live); returns manifest entries."""
+    def _train(self, slices, start: int, state: ShardState | None, version: int, job: str) -> list[dict]:
+        """Train stages start.. and write each stage file (not yet live); returns manifest entries.
+        Each finished stage also adds a progress record for `job` (see `progress`)."""
         entries: list[dict] = []
         crash = self._crash_point()
         total = len(slices)
+        started = time.perf_counter()
+        with self._progress_lock:
+            self._progress = []
 
         def on_stage(j: int, s: ShardState) -> None:
             entries.append(self.store.write_stage(j, version, self._payload(j, s, slices, version)))
-            self._log(f"stage {j + 1}/{total} done ({int(sum(len(x) for x in slices[: j + 1]))} samples)")
+            record = self._stage_record(job, j, s, slices[0], time.perf_counter() - started)
+            with self._progress_lock:
+                self._progress.append(record)
+            self._log(f"stage {j + 1}/{total} done ({int(sum(len(x) for x in slices[: j + 1]))} samples, "
+                      f"loss {_short(record['loss'])}, sampled accuracy {_short(record['accuracy_sampled'])})")
             if crash is not None and crash == j:
                 os._exit(137)  # simulate a crashed actor mid-forget (tests only)
 
         self.trainer.train(self._data(slices), start, state, on_stage)
         return entries
+
+    def _stage_record(self, job: str, stage: int, state: ShardState, first_slice: np.ndarray, seconds: float) -> dict:
+        """What a finished stage reports: its mean training loss, accuracy on a fixed set of the
+        shard's own ids (no generator is touched: replays stay bit-exact) and ε through this stage."""
+        ids = first_slice[:SAMPLED_ACCURACY_IDS]
+        predicted = predict_proba(self.trainer.model(state), self._inputs(self.x[ids])).argmax(1).cpu().numpy()
+        return {"job": job, "stage": stage, "loss": self.trainer.last_loss,
+                "accuracy_sampled": float((predicted == self.y[ids]).mean()) if len(ids) else None,
+                "epsilon": self._epsilon_through_stage(stage), "seconds": seconds}
+
+    def _epsilon_through_stage(self, stage: int) -> float | None:
+        """ε a sample of slice 0 has spent after stages 0..stage of one release (None without DP)."""
+        r = self.recipe
+        if not r.private:
+            return None
+        if stage == len(r.stages) - 1:
+            return r.epsilon_spent  # computed at train time over all stages
+        if stage not in self._epsilon_through:
+            history = tuple((r.noise_multiplier, s.sample_rate, s.steps) for s in r.stages[: stage + 1])
+            self._epsilon_through[stage] = spent_epsilon(history, r.delta, r.accountant)
+        return self._epsilon_through[stage]
+
+    def progress(self, job: str) -> list[dict]:
+        """Progress records of `job` ("fit" or a forget request id) so far; the driver polls this
+        while `fit`/`forget` runs (the actor runs it in a separate concurrency group)."""
+        with self._progress_lock:
+            return [dict(r) for r in self._progress if r["job"] == job]
 
     def _crash_point(self) -> int | None:
         path = self.run_dir / CRASH_FILE
@@ -90,12 +131,12 @@ class Shard:
         """Train every stage from the pretrained model; version 0."""
         start = time.perf_counter()
         slices = self._slices(set())
-        entries = self._train(slices, 0, None, 0)
+        entries = self._train(slices, 0, None, 0, "fit")
         seconds = time.perf_counter() - start
         release = {"version": 0, "request_id": None, "from_stage": 0, "seconds": seconds,
                    "epsilon": self.recipe.epsilon_spent, "epsilon_cumulative": self.recipe.epsilon_spent}
         self.store.commit(None, Manifest(self.shard, 0, entries, [], [release]))
-        return {"shard": self.shard, "seconds": seconds, "epsilon": self.recipe.epsilon_spent}
+        return {"shard": self.shard, "seconds": seconds, "epsilon": self.recipe.epsilon_spent, "progress": self.progress("fit")}
 
     def _state(self, manifest: Manifest, stage: int) -> ShardState:
         payload = self.store.load_stage(manifest, stage)
@@ -108,7 +149,7 @@ class Shard:
         manifest = self.store.manifest()
         if set(ids) <= set(manifest.forgotten):
             return {"shard": self.shard, "version": manifest.version, "from_stage": None, "stages_replayed": 0,
-                    "seconds": 0.0, "already_applied": True}
+                    "seconds": 0.0, "already_applied": True, "progress": []}
         forgotten = sorted(set(manifest.forgotten) | set(ids))
         all_slices = self._slices(set())
         first = min(r for r, s in enumerate(all_slices) if np.isin(ids, s).any())
@@ -116,7 +157,7 @@ class Shard:
         version = manifest.version + 1
         state = self._state(manifest, first - 1) if first > 0 else None
         self._log(f"forget {len(ids)} id(s): replaying stages {first}..{len(slices) - 1} as version {version}")
-        entries = self._train(slices, first, state, version)
+        entries = self._train(slices, first, state, version, request_id)
         seconds = time.perf_counter() - start
         replays = [r["from_stage"] for r in manifest.releases[1:]] + [first]
         release = {"version": version, "request_id": request_id, "from_stage": first, "seconds": seconds,
@@ -124,7 +165,7 @@ class Shard:
         new = Manifest(self.shard, version, manifest.stages[:first] + entries, forgotten, manifest.releases + [release])
         self.store.commit(manifest, new)
         return {"shard": self.shard, "version": version, "from_stage": first, "stages_replayed": len(slices) - first,
-                "seconds": seconds, "already_applied": False}
+                "seconds": seconds, "already_applied": False, "progress": self.progress(request_id)}
 
     def model(self) -> Classifier:
         manifest = self.store.manifest()
@@ -174,3 +215,7 @@ class Shard:
         return {"shard": self.shard, "version": m.version, "forgotten": len(m.forgotten),
                 "samples": m.stages[-1]["samples"], "epsilon": m.releases[-1]["epsilon"],
                 "epsilon_cumulative": m.releases[-1]["epsilon_cumulative"], "releases": m.releases}
+
+
+def _short(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"

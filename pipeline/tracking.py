@@ -1,14 +1,34 @@
-"""MLflow helpers: store resolution, one run per job, params, metrics and artifacts."""
+"""MLflow helpers: store resolution; one parent run per run directory with a child run per verb.
+
+A run directory's parent run is created by `train` (its id kept in RUN_DIR/mlflow.json) and
+reused by every later verb; each verb (train, forget, evaluate, verify) is a child run that
+starts when the verb starts and ends when it ends (FAILED if it raises). Shard progress is
+logged live to the child, one step per slice stage. Only the driver process talks to MLflow.
+"""
 from __future__ import annotations
 
 import json
 import math
 import os
 import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import Config
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # else MLflow 3 opens a new experiment on its GenAI overview
+PARENT_FILE = "mlflow.json"
+STAGE_METRICS = ("loss", "accuracy_sampled", "epsilon")  # per shard, per stage: shard_{s}.<name>, step = stage
+DIGEST_CHARS = 32  # MLflow's SQL stores keep a data set digest in 36 characters; the full one is an input tag
+RUN_FILES = ("config.yaml", "recipes.json", "train_summary.json")
+LEDGER_FILES = ("assignments.parquet", "requests.parquet")
 
 
 def tracking_uri(config: Config) -> str:
@@ -42,41 +62,190 @@ def _safe_param(value: Any) -> str:
     return "null" if value is None else str(value)[:500]
 
 
-def set_experiment(config: Config) -> None:
-    """Point MLflow at the store; a new experiment on a sqlite store keeps its artifacts next to
-    the database file (not in the cwd, which is a temporary copy inside `ray job submit`)."""
+def set_experiment(config: Config) -> str:
+    """Point MLflow at the store and return the experiment's id. A new experiment is tagged as
+    model development, and on a sqlite store keeps its artifacts next to the database file (not
+    in the cwd, which is a temporary copy inside `ray job submit`); an existing one without the
+    kind tag gets it."""
     import mlflow
+    from mlflow.exceptions import MlflowException
 
     uri = tracking_uri(config)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(config.tracking.experiment) is None and uri.startswith("sqlite:///"):
-        artifacts = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
-        mlflow.create_experiment(config.tracking.experiment, artifact_location=artifacts.as_uri())
-    mlflow.set_experiment(config.tracking.experiment)
+    name = config.tracking.experiment
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        artifacts = None
+        if uri.startswith("sqlite:///"):
+            artifacts = (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # another process created it first
+            pass
+        experiment = mlflow.get_experiment_by_name(name)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        mlflow.MlflowClient(uri).set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    mlflow.set_experiment(name)
+    return experiment.experiment_id
+
+
+def _params(config: Config) -> list:
+    from mlflow.entities import Param
+
+    return [Param(k, _safe_param(v)) for k, v in config.flat().items()]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Untracked:
+    """What a verb logs to when tracking is off: every call does nothing."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int = 0) -> None:
+        """Log metrics at `step` now (non-finite and None values are skipped)."""
+
+    def log_stage(self, shard: int, record: dict) -> None:
+        """One shard's finished stage (a progress record of `Shard`): shard_{s}.<metric> at step = stage."""
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        """The verb's result: flattened numeric metrics and the JSON as an artifact."""
+
+    def log_dataset(self, config: Config, ids: np.ndarray, labels: np.ndarray, context: str = "training") -> None:
+        """The private ids (and labels) the model version trained on, as an MLflow data set input."""
+
+
+class VerbRun(Untracked):
+    """A verb's child run while the verb works (see `verb_run`)."""
+
+    def __init__(self, client, run_id: str, kind: str):
+        self.client, self.run_id, self.kind = client, run_id, kind
+        self._stage_warned = False
+
+    def log_metrics(self, metrics: dict[str, float | None], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        stamp = _now_ms()
+        batch = [Metric(k, float(v), stamp, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(v)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_stage(self, shard: int, record: dict) -> None:
+        try:
+            self.log_metrics({f"shard_{shard}.{name}": record.get(name) for name in STAGE_METRICS}, step=int(record["stage"]))
+        except Exception as exc:  # noqa: BLE001 - a tracking hiccup must not abort training or a forget
+            if not self._stage_warned:
+                warnings.warn(f"MLflow: could not log live stage metrics ({exc}); the verb goes on", stacklevel=2)
+                self._stage_warned = True
+
+    def log_summary(self, summary: dict[str, Any]) -> None:
+        self.log_metrics(numeric_metrics(summary))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{self.kind}_summary.json"
+            path.write_text(json.dumps(summary, indent=2, default=str))
+            self.client.log_artifact(self.run_id, str(path))
+
+    def log_dataset(self, config: Config, ids: np.ndarray, labels: np.ndarray, context: str = "training") -> None:
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        from pipeline.train import ids_digest
+
+        digest = ids_digest(ids)
+        with warnings.catch_warnings():  # a plain name resolves to more than one kind of source
+            warnings.simplefilter("ignore")
+            dataset = mlflow.data.from_numpy({"sample_id": np.asarray(ids, np.int64)}, targets=np.asarray(labels),
+                                             source=config.data.root or config.data.name,
+                                             name=f"{config.data.name}-private", digest=digest[:DIGEST_CHARS])
+        tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("dpsisa.ids_digest", digest)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+
+
+def _log_run_files(client, run_id: str, run_dir: Path) -> None:
+    """The run directory's config, recipes, train summary and ledger as they are now."""
+    for name in RUN_FILES:
+        if (run_dir / name).is_file():
+            client.log_artifact(run_id, str(run_dir / name))
+    for table in LEDGER_FILES:
+        if (run_dir / "ledger" / table).is_file():
+            client.log_artifact(run_id, str(run_dir / "ledger" / table), artifact_path="ledger")
+
+
+def parent_run(client, experiment_id: str, config: Config, run_dir: Path, new: bool = False) -> str:
+    """The run directory's parent run: the one in RUN_DIR/mlflow.json if it lives in this store and
+    experiment, else (or with `new`) a fresh one whose id is written there (atomically)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.checkpoints import atomic_write_json
+
+    path, uri = run_dir / PARENT_FILE, tracking_uri(config)
+    if not new and path.is_file():
+        state = json.loads(path.read_text())
+        if state.get("tracking_uri") == uri and state.get("experiment_id") == experiment_id:
+            try:
+                run = client.get_run(state["run_id"])
+                if run.info.lifecycle_stage == "active":
+                    return run.info.run_id
+            except MlflowException:
+                pass  # deleted from the store: start a new parent
+    run_id = client.create_run(experiment_id, run_name=run_dir.name,
+                               tags={"dpsisa.kind": "run", "dpsisa.run_dir": str(run_dir)}).info.run_id
+    client.log_batch(run_id, params=_params(config))
+    atomic_write_json(path, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri})
+    return run_id
+
+
+@contextmanager
+def verb_run(kind: str, config: Config, run_dir: Path, tags: dict[str, str] | None = None) -> Iterator[Untracked]:
+    """A child run of the run directory's parent for one verb, open while the verb runs: FINISHED
+    when the block ends, FAILED (KILLED on Ctrl-C) when it raises, which is re-raised. `train`
+    starts a new parent run. Yields an `Untracked` (no-op) object when tracking is off."""
+    if not config.tracking.enabled:
+        yield Untracked()
+        return
+    from mlflow import MlflowClient
+
+    experiment_id = set_experiment(config)
+    client = MlflowClient(tracking_uri(config))
+    parent = parent_run(client, experiment_id, config, run_dir, new=kind == "train")
+    client.update_run(parent, status="RUNNING")
+    run_id = client.create_run(experiment_id, run_name=f"{kind}-{run_dir.name}", tags={
+        "dpsisa.kind": kind, "dpsisa.run_dir": str(run_dir), "mlflow.parentRunId": parent, **(tags or {})}).info.run_id
+    client.log_batch(run_id, params=_params(config))
+    status = "FAILED"
+    try:
+        yield VerbRun(client, run_id, kind)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        try:
+            _log_run_files(client, run_id, run_dir)
+        finally:
+            client.set_terminated(run_id, status)
+            client.set_terminated(parent, "FAILED" if kind == "train" and status != "FINISHED" else "FINISHED")
 
 
 def log_job(kind: str, config: Config, run_dir: Path, summary: dict[str, Any], parent_run_id: str | None = None) -> str | None:
-    """One MLflow run for a train/forget/evaluate/verify job; returns its run id."""
+    """One MLflow run for a whole job logged after the fact (e.g. `score`); returns its run id."""
     if not config.tracking.enabled:
         return None
-    import mlflow
+    from mlflow import MlflowClient
 
-    set_experiment(config)
+    experiment_id = set_experiment(config)
+    client = MlflowClient(tracking_uri(config))
     tags = {"dpsisa.kind": kind, "dpsisa.run_dir": str(run_dir)}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
-    with mlflow.start_run(run_name=f"{kind}-{run_dir.name}", tags=tags) as run:
-        mlflow.log_params({k: _safe_param(v) for k, v in config.flat().items()})
-        mlflow.log_metrics(numeric_metrics(summary))
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / f"{kind}_summary.json"
-            path.write_text(json.dumps(summary, indent=2, default=str))
-            mlflow.log_artifact(str(path))
-        for name in ("config.yaml", "recipes.json", "train_summary.json"):
-            if (run_dir / name).is_file():
-                mlflow.log_artifact(str(run_dir / name))
-        ledger = run_dir / "ledger"
-        for table in ("assignments.parquet", "requests.parquet"):
-            if (ledger / table).is_file():
-                mlflow.log_artifact(str(ledger / table), artifact_path="ledger")
-        return run.info.run_id
+    run_id = client.create_run(experiment_id, run_name=f"{kind}-{run_dir.name}", tags=tags).info.run_id
+    client.log_batch(run_id, params=_params(config))
+    run = VerbRun(client, run_id, kind)
+    run.log_summary(summary)
+    _log_run_files(client, run_id, run_dir)
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

@@ -91,6 +91,7 @@ class ShardTrainer:
         self.pretrained = copy.deepcopy(pretrained).to(self.device)
         self.plan, self.recipe, self.seed, self.shard = plan, recipe, seed, shard
         self.masks = {n: m.to(self.device) for n, m in plan.masks.items()}
+        self.last_loss: float | None = None  # mean per-sample training loss of the latest stage (progress only)
 
     # -- inputs -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -132,11 +133,13 @@ class ShardTrainer:
             optimizer = DPOptimizer(sgd, noise_multiplier=recipe.noise_multiplier, max_grad_norm=recipe.max_grad_norm,
                                     expected_batch_size=recipe.batch_size, loss_reduction="mean", generator=noise)
         masks = [self.masks.get(n) for n in names]
+        loss_sum, loss_count = torch.zeros((), device=self.device), 0
         for _ in range(stage.steps):
             chosen = (torch.rand(len(x), generator=sampler) < stage.sample_rate).nonzero().squeeze(1).to(self.device)
             if hook is not None:
                 hook.before_step(stage_index, chosen, x[chosen], y[chosen], module, names, params)
             loss = F.cross_entropy(module(x[chosen]), y[chosen], reduction="sum")
+            loss_sum, loss_count = loss_sum + loss.detach(), loss_count + len(chosen)
             if recipe.private:
                 loss.backward()
                 for p, mask in zip(params, masks):
@@ -155,6 +158,7 @@ class ShardTrainer:
                 hook.after_step(stage_index, names, params)
         if recipe.private:
             module = module.to_standard_module()
+        self.last_loss = float(loss_sum) / loss_count if loss_count else None
         return ShardState(
             {n: p.detach().cpu().clone() for n, p in zip(names, params)},
             {n: sgd.state[p]["momentum_buffer"].detach().cpu().clone()

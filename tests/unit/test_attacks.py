@@ -167,3 +167,10 @@ def test_epsilon_lower_bound_rarely_exceeds_true_epsilon_of_randomized_response(
     ])
     assert np.mean(bounds > 1.0) <= 0.05
     assert np.median(bounds) > 0.3  # and it is not vacuous
+
+
+def test_run_attacks_with_one_member_skips_the_cross_validated_attack_instead_of_failing():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=5)
+    out = run_attacks(probs[:1], np.array([0]), probs[1:], np.array([0, 1, 2, 1]), seed=0)
+    assert set(out) == {"posterior", "loss"} and 0 <= out["loss"].auc <= 1
