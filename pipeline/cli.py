@@ -1,4 +1,5 @@
-"""`dpsisa train|forget|evaluate|verify|status|stop|score|baselines|unlearnable|sweep|demo`: progress on stderr, summaries on stdout.
+"""`dpsisa train|forget|evaluate|verify|status|stop|score|baselines|unlearnable|audit|sweep|demo`:
+progress on stderr, summaries on stdout.
 
 Errors print one line — the cause and the fix — to stderr and exit non-zero.
 """
@@ -187,6 +188,15 @@ def cmd_unlearnable(args: argparse.Namespace) -> None:
     _print(unlearnable.run_unlearnable(config, fractions, log=_log(args.quiet)), args.json, format_unlearnable)
 
 
+def cmd_audit(args: argparse.Namespace) -> None:
+    from pipeline import audit, runs
+
+    config = config_mod.load(args.config, args.overrides)
+    run_dir = runs.resolve_run_dir(args.run_dir or f"audits/{Path(runs.resolve_run_dir(None, config)).name}")
+    result = audit.run_audit(config, args.canaries, log=_log(args.quiet), run_dir=run_dir, compare_clean=not args.skip_clean)
+    _print(result, args.json, audit.format_audit)
+
+
 def cmd_sweep(args: argparse.Namespace) -> None:
     from pipeline import sweep
 
@@ -252,6 +262,11 @@ def parser() -> argparse.ArgumentParser:
     baselines.add_argument("--forget-fractions", default=None, help="deletion-rate curve, e.g. 0.001,0.01,0.05,0.1")
     baselines.add_argument("--out-dir", default=None, help="output folder (relative: under $DPSISA_HOME or cwd)")
     output_flags(baselines)
+    audit = add("audit", cmd_audit, "one-run canary audit: a 95% lower bound on ε from one training run", run_dir_required=False)
+    audit.add_argument("config", help="YAML config, e.g. jobs/configs/audit_digits.yaml")
+    audit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. privacy.epsilon=2")
+    audit.add_argument("--canaries", type=int, default=200, help="canaries M, each included with probability 1/2 (default 200)")
+    audit.add_argument("--skip-clean", action="store_true", help="skip the second training without canaries (accuracy cost)")
     unlearnable = sub.add_parser("unlearnable", help="unlearnable examples: clean-test accuracy as the protected fraction grows")
     unlearnable.set_defaults(func=cmd_unlearnable)
     unlearnable.add_argument("config", help="YAML config, e.g. jobs/configs/baselines_fmnist.yaml")

@@ -1,5 +1,6 @@
 """Which exceptions are the user's to fix (one-line message, exit 3) and which are recoverable
 failures (a crashed actor: work stays pending in the ledger, exit 4)."""
+from pipeline.audit import AuditError
 from pipeline.baselines.base import BaselineError
 from pipeline.checkpoints import CheckpointIntegrityError
 from pipeline.cluster import ClusterError
@@ -15,5 +16,5 @@ from pipeline.scoring import ScoreError
 
 USER_ERRORS = (ConfigError, DataError, PartitionError, ForgetRequestError, RunError, ClusterError,
                PrivacyError, FinetuneError, ScoreError, BaselineError,
-               CheckpointIntegrityError)
+               CheckpointIntegrityError, AuditError)
 RECOVERABLE = (ShardFailure,)

@@ -2,7 +2,9 @@
 
 `load(config.data)` returns the private training set (ids are positions in the dataset's
 canonical training split), the public pretraining set and the test set. Images are float32
-(N, C, H, W), normalised; labels int64.
+(N, C, H, W), normalised; labels int64. With `data.canaries = M` the test split's last M images
+become audit canaries instead (`canaries.py`): the included ones are appended to the private
+split with ids n..n+k−1.
 """
 from __future__ import annotations
 
@@ -10,10 +12,14 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.config import DataConfig
+
+if TYPE_CHECKING:
+    from pipeline.data.canaries import Canaries
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_FILES = {
@@ -48,6 +54,7 @@ class Data:
     private: Split
     public: Split
     test: Split
+    canaries: Canaries | None = None  # the audit's canary pool (data.canaries > 0), included or not
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -176,7 +183,12 @@ def load(config: DataConfig) -> Data:
         n = config.private_limit
         private = Split(private.x[:n], private.y[:n], private.ids[:n])
     test = Split(x_test, y_test, np.arange(len(y_test), dtype=np.int64))
+    canary_pool = None
+    if config.canaries:  # audit canaries: the test split's tail, some appended to the private split
+        from pipeline.data import canaries  # imported here: canaries.py builds on this module's Split
+
+        private, test, canary_pool = canaries.reserve(private, test, config.canaries, config.canary_seed, num_classes)
     if config.test_limit is not None:
         n = config.test_limit
         test = Split(test.x[:n], test.y[:n], test.ids[:n])
-    return Data(config.name, num_classes, private, public, test)
+    return Data(config.name, num_classes, private, public, test, canary_pool)

@@ -1,0 +1,137 @@
+"""`dpsisa audit`: a one-run privacy audit with canaries (Steinke, Nasr & Jagielski 2023).
+
+M mislabelled canaries are reserved from the test split and each is trained on with probability ½
+(`pipeline/data/canaries.py`; the run's `data.canaries` key, so every later verb on the run sees the
+same data). The run trains ONCE through the normal path, then every canary is scored by the loss
+attack on the served output: log of the mean-softmax ensemble's probability of the canary's wrong
+label (high: memorised, guess "in"). The guesses become a 95%-confidence lower bound on ε for the
+run's δ (`pipeline/audit_bound.py`). Unlike `evaluate`'s population attack, canaries are chosen to
+be memorable, so the bound is far from 0 when privacy is absent or broken, and a correct DP run
+must stay below its accountant's ε. (Strictly, the accountant's ε is for adding or removing one
+sample with every other sample's shard and slice fixed; the partition is re-drawn from the ids, so
+the canary coins also reshuffle the others. The bound's validity assumes this costs no privacy.)
+
+`compare_clean` trains the same config a second time without canaries (twice the cost) to show
+what the canaries cost in test accuracy; both runs evaluate on the same test samples (the pool
+removed).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import audit_bound, runs, tracking
+from pipeline.checkpoints import atomic_write_json
+from pipeline.config import Config
+from pipeline.data import canaries as canaries_mod
+from pipeline.data import datasets
+
+ATTACK = "loss"  # log-probability of the canary's wrong label under the mean-softmax ensemble
+CLEAN_RUN = "clean"  # sub-directory of the comparison run without canaries
+
+
+class AuditError(ValueError):
+    """The audit request is impossible (too few canaries, more than the test split can spare)."""
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    epsilon_lower_bound: float  # one-run bound at `confidence`, for `delta`
+    epsilon: float | None  # the accountant's ε (max over shards); None without DP
+    delta: float
+    bound_over_epsilon: float | None
+    canaries: int
+    canaries_included: int
+    guesses: int
+    guesses_in: int
+    guesses_out: int
+    correct_guesses: int
+    confidence: float
+    guess_grid: list[int]
+    attack: str
+    test_accuracy: float
+    test_accuracy_without_canaries: float | None  # None when the clean comparison was skipped
+    test_samples: int
+    run_dir: str
+    clean_run_dir: str | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def canary_scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Loss attack: log p(wrong label); a trained-on (memorised) canary scores high."""
+    return np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-30, None))
+
+
+def default_run_dir(config: Config, canaries: int) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return runs.resolve_run_dir(f"audits/{stamp}-{config.data.name}-M{canaries}")
+
+
+def _load_canary_data(config: Config, canaries: int) -> tuple[Config, datasets.Data]:
+    if isinstance(canaries, bool) or not isinstance(canaries, int) or canaries < 2:
+        raise AuditError(f"--canaries must be an integer, at least 2 (got {canaries!r}); a few hundred give a useful bound.")
+    audit_config = config.with_overrides({"data.canaries": canaries})
+    try:
+        data = datasets.load(audit_config.data)
+    except canaries_mod.CanaryCountError as exc:
+        raise AuditError(str(exc).replace(f"data.canaries={canaries}", f"--canaries {canaries}")) from exc
+    return audit_config, data
+
+
+def run_audit(config: Config, canaries: int, log: Callable[[str], None] = print, run_dir: Path | None = None,
+              compare_clean: bool = True) -> dict:
+    """Train `config` once with `canaries` canaries, attack them, and bound ε from below (see module docstring)."""
+    started = time.perf_counter()
+    audit_config, data = _load_canary_data(config, canaries)
+    pool = data.canaries
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config, canaries)
+    log(f"audit: {pool.count} canaries (wrong labels; {int(pool.included.sum())} trained on, chosen by fair coins) in {run_dir}")
+    summary = runs.train(audit_config, run_dir, log=log)
+    probs = runs.predict(run_dir, {"canaries": pool.x}, log=log)["canaries"]
+    scores = canary_scores(probs, pool.label)
+    delta = audit_config.privacy.delta
+    bound = audit_bound.best_bound(scores, pool.included, delta)
+    spent = [e for e in summary.get("epsilon_spent", []) if e is not None]
+    epsilon = max(spent) if spent and audit_config.privacy.epsilon is not None else None
+    clean_dir, clean_accuracy = None, None
+    if compare_clean:
+        clean_dir = run_dir / CLEAN_RUN
+        log(f"audit: training the same config without canaries for comparison in {clean_dir}")
+        clean_config = audit_config.with_overrides({"data.canaries": 0, "data.test_limit": int(len(data.test.y))})
+        clean_accuracy = runs.train(clean_config, clean_dir, log=log)["accuracy"]
+    result = AuditResult(
+        epsilon_lower_bound=bound.epsilon_lower_bound, epsilon=epsilon, delta=delta,
+        bound_over_epsilon=bound.epsilon_lower_bound / epsilon if epsilon else None,
+        canaries=pool.count, canaries_included=int(pool.included.sum()), guesses=bound.guesses,
+        guesses_in=bound.guesses_in, guesses_out=bound.guesses_out, correct_guesses=bound.correct_guesses,
+        confidence=bound.confidence, guess_grid=list(bound.grid), attack=ATTACK, test_accuracy=summary["accuracy"],
+        test_accuracy_without_canaries=clean_accuracy, test_samples=int(len(data.test.y)), run_dir=str(run_dir),
+        clean_run_dir=None if clean_dir is None else str(clean_dir), seconds=time.perf_counter() - started,
+    ).to_dict()
+    atomic_write_json(run_dir / "audit.json", {**result, "canary_scores": scores.tolist(),
+                                               "canary_included": pool.included.tolist()})
+    tracking.log_job("audit", audit_config, run_dir, result)
+    return result
+
+
+def format_audit(r: dict) -> str:
+    """Human summary of `run_audit`'s result."""
+    claimed = "no DP (no accountant ε)" if r["epsilon"] is None else (
+        f"accountant ε = {r['epsilon']:.3f}, bound/ε = {r['bound_over_epsilon']:.2f}")
+    clean = ("" if r["test_accuracy_without_canaries"] is None
+             else f", {r['test_accuracy_without_canaries']:.4f} without canaries")
+    return "\n".join([
+        f"one-run audit: ε ≥ {r['epsilon_lower_bound']:.3f} with {r['confidence']:.0%} confidence (δ={r['delta']:g}); {claimed}",
+        f"  {r['correct_guesses']}/{r['guesses']} guesses right ({r['guesses_in']} 'in', {r['guesses_out']} 'out', "
+        f"{r['attack']} attack) on {r['canaries']} canaries ({r['canaries_included']} trained on)",
+        f"  test accuracy {r['test_accuracy']:.4f} with canaries{clean} ({r['test_samples']} test samples)",
+        f"  {r['run_dir']} ({r['seconds']:.0f}s)",
+    ])
