@@ -80,8 +80,9 @@ def compare(runs: list[Run], oracles: list[Run], labels: Labels, seed: int, perm
                          "kl_to_oracle_forget": mean_kl_divergence(run.probs["forget"], oracle.probs["forget"]),
                          "l2_to_oracle": float(np.mean(l2)), "seconds": run.seconds, "oracle_seconds": oracle.seconds,
                          "l2_to_oracle_per_shard": l2})
-    row = {key: float(np.mean([p[key] for p in per_seed])) for key in per_seed[0] if key != "l2_to_oracle_per_shard"}
-    row["l2_to_oracle_per_shard"] = per_seed[0]["l2_to_oracle_per_shard"]
+    # scalars and lists (CI bounds, per-shard L2) are averaged element-wise over the K seeds
+    row = {key: (np.mean([p[key] for p in per_seed], axis=0).tolist() if isinstance(per_seed[0][key], list)
+                 else float(np.mean([p[key] for p in per_seed]))) for key in per_seed[0]}
     row["speedup"] = None if row["seconds"] < 1e-4 else row["oracle_seconds"] / row["seconds"]  # None: no work at all
     row.update(score(runs, oracles, labels, permutations, seed))
     return row

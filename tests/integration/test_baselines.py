@@ -88,6 +88,7 @@ def test_the_comparison_prints_the_json_table_writes_plots_and_logs_one_parent_w
     assert set(rows) == set(METHODS)
     for row in rows.values():
         assert ROW_KEYS <= set(row) and row["family"] in ("exact", "certified", "approximate")
+        assert len(row["mia_auc_ci"]) == 2 and row["mia_auc_ci"][0] <= row["mia_auc"] <= row["mia_auc_ci"][1]
     original = result["original"]
     assert original["gap_points"] >= 5 and original["mia_auc"] > 0.5 and original["mia_auc_retain"] > 0.5
     assert original["mia_auc_ci"][0] <= original["mia_auc"] <= original["mia_auc_ci"][1]
