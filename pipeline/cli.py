@@ -1,4 +1,4 @@
-"""`dpsisa train|forget|evaluate|verify|status|stop|score|baselines|unlearnable|audit|sweep|demo`:
+"""`dpsisa train|forget|evaluate|verify|status|predict|stop|score|baselines|unlearnable|audit|sweep|demo`:
 progress on stderr, summaries on stdout.
 
 Errors print one line — the cause and the fix — to stderr and exit non-zero.
@@ -124,6 +124,23 @@ def cmd_status(args: argparse.Namespace) -> None:
     _print(runs.status(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json, _human_status)
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from pipeline import runs
+
+    path = Path(args.input)
+    try:
+        images = np.load(path, allow_pickle=False)  # never unpickle a user's file
+    except (OSError, ValueError) as exc:
+        raise runs.RunError(f"--input {path} is not a readable .npy array ({exc}); save images with numpy.save.") from None
+    result = runs.serve(runs.resolve_run_dir(args.run_dir), images, _log(args.quiet))
+    counts = np.bincount(result["predictions"])
+    _print(result, args.json, lambda r: (f"{len(r['predictions'])} prediction(s) from shard versions {r['model_versions']}; "
+                                         f"per class {counts.tolist()}"
+                                         + (f"; pending requests {r['pending_requests']}" if r["pending_requests"] else "")))
+
+
 def cmd_stop(args: argparse.Namespace) -> None:
     from pipeline import runs
 
@@ -238,6 +255,8 @@ def parser() -> argparse.ArgumentParser:
     verify = add("verify", cmd_verify, "prove unlearning exact: retrain touched shards from scratch, compare bitwise")
     verify.add_argument("--all", action="store_true", help="check every shard, not only those touched by a forget")
     add("status", cmd_status, "shards, versions, requests, ε")
+    predict = add("predict", cmd_predict, "classes and probabilities of the live (unlearned) ensemble")
+    predict.add_argument("--input", required=True, help="X.npy: float32 images normalised like the data loader's, or raw uint8")
     add("stop", cmd_stop, "stop the shard actors that `train --keep-alive` left running")
     score = sub.add_parser("score", help="NeurIPS-2023 unlearning score: K unlearned vs K retrained ensembles")
     score.set_defaults(func=cmd_score)

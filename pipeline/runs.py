@@ -197,6 +197,33 @@ def predict(run_dir: Path, inputs: dict[str, np.ndarray], log: Callable = print)
         return {name: ensemble.predict_mean(x) for name, x in inputs.items()}
 
 
+def prepare_input(name: str, images: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    """What `dpsisa predict` accepts: float32 images already normalised like the data loader's
+    samples, shaped (N, *input_shape); or raw uint8 images (N, H, W[, C]), normalised here."""
+    if images.dtype == np.uint8:
+        images = datasets.normalise(name, images)
+    if images.ndim != len(input_shape) + 1 or tuple(images.shape[1:]) != tuple(input_shape) or len(images) == 0:
+        raise RunError(f"--input holds an array of shape {images.shape} ({images.dtype}); this run expects float32 "
+                       f"(N, {', '.join(map(str, input_shape))}) normalised like its data loader, or raw uint8 images.")
+    if not np.issubdtype(images.dtype, np.floating) or not np.isfinite(images).all():
+        raise RunError(f"--input must hold finite float32 (or raw uint8) images; got {images.dtype}.")
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def serve(run_dir: Path, images: np.ndarray, log: Callable = print) -> dict:
+    """`dpsisa predict`: classes and mean-softmax probabilities of the live ensemble, and the model
+    version of every shard that made them (pending requests are completed first)."""
+    with opened(run_dir, log) as (config, data, ensemble):
+        complete_pending(ensemble, config, run_dir, log)
+        x = prepare_input(config.data.name, images, data.get().input_shape)
+        versions = [ensemble.status()[s]["version"] for s in range(config.shards.count)]
+        probs = ensemble.predict_mean(x)
+        if [ensemble.status()[s]["version"] for s in range(config.shards.count)] != versions:
+            raise RunError("the ensemble changed while predicting (a forget committed meanwhile); run predict again.")
+    return {"run_dir": str(run_dir), "predictions": probs.argmax(axis=1).tolist(), "probabilities": probs.tolist(),
+            "model_versions": versions, "pending_requests": sorted(Ledger(run_dir).pending())}
+
+
 def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple[float, float]:
     """(replayed, total) SGD sample-steps (steps × expected batch) of a forget versus full training:
     SISA's cost model — an id in an early slice forces replaying almost the whole shard."""

@@ -61,7 +61,7 @@ class Data:
         return tuple(self.private.x.shape[1:])
 
 
-def _normalise(name: str, images: np.ndarray) -> np.ndarray:
+def normalise(name: str, images: np.ndarray) -> np.ndarray:
     """uint8 / float images (N, H, W[, C]) in [0, 1] scale → normalised float32 (N, C, H, W)."""
     x = images.astype(np.float32)
     if x.max() > 1.5:
@@ -160,7 +160,7 @@ def _raw(name: str, config: DataConfig):
 def load(config: DataConfig) -> Data:
     """Private / public / test splits for `config`; ids index the canonical training split."""
     (x_train, y_train), (x_test, y_test) = _raw(config.name, config)
-    x_train, x_test = _normalise(config.name, x_train), _normalise(config.name, x_test)
+    x_train, x_test = normalise(config.name, x_train), normalise(config.name, x_test)
     y_train, y_test = y_train.astype(np.int64), y_test.astype(np.int64)
     ids = np.arange(len(y_train), dtype=np.int64)
     num_classes = int(max(y_train.max(), y_test.max()) + 1)
@@ -177,7 +177,7 @@ def load(config: DataConfig) -> Data:
     else:
         public_config = DataConfig(**{**config.__dict__, "name": config.public, "public": "heldout"})
         (x_pub, y_pub), _ = _raw(config.public, public_config)
-        public = Split(_normalise(config.public, x_pub), y_pub.astype(np.int64), np.arange(len(y_pub), dtype=np.int64))
+        public = Split(normalise(config.public, x_pub), y_pub.astype(np.int64), np.arange(len(y_pub), dtype=np.int64))
         private = Split(x_train, y_train, ids)
     if config.private_limit is not None:
         n = config.private_limit
