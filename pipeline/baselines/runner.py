@@ -177,7 +177,7 @@ def run_comparison(config: Config, out_dir: Path, methods: list[str], *, count: 
     rows = _rows(results, methods, seeds, labels, config.seed, permutations)
     oracle = {key: float(np.mean([accuracies(r["run"].probs, labels)[key] for r in results if r["method"] == ORACLE]))
               for key in ("forget_accuracy", "retain_accuracy", "test_accuracy")}
-    curve = _curve(problem, methods, fractions, records, log) if fractions else []
+    curve = _curve(problem, methods, fractions, record_refs, log) if fractions else []
     return {"rows": rows, "original": {**original, **original_info, "samples": int(len(problem.train_order))},
             "oracle": {"name": ORACLE, **oracle},
             "forget": {"count": int(len(problem.forget_ids)), "fraction": fraction, "class": forget_class},
@@ -187,7 +187,7 @@ def run_comparison(config: Config, out_dir: Path, methods: list[str], *, count: 
             "total_seconds": time.perf_counter() - started}
 
 
-def _curve(problem: Problem, methods: list[str], fractions: list[float], records: dict,
+def _curve(problem: Problem, methods: list[str], fractions: list[float], record_refs: dict,
            log: Callable[[str], None]) -> list[dict]:
     """Deletion-rate curve: one seed per (fraction, method), same original, each fraction its own forget set."""
     import ray
@@ -203,7 +203,7 @@ def _curve(problem: Problem, methods: list[str], fractions: list[float], records
         labels[f] = _labels(variant, rows)
         ref = ray.put(variant)
         for name in dict.fromkeys([ORACLE, *curve_methods]):
-            tasks.submit(ref, name, seed, ray.put(records.get(name)), rows, tag=f" @{f:g}")
+            tasks.submit(ref, name, seed, record_refs[name], rows, tag=f" @{f:g}")  # records put once, reused
     results = tasks.gather()
     points = []
     for f in fractions:
