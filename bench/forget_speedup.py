@@ -44,7 +44,7 @@ def main() -> None:
     walls, replayed = [], []
     for trial in range(args.trials):
         target = int(rng.choice(ids))
-        result = runs.forget(run_dir, [target], log=log)
+        result = runs.forget(run_dir, [target], log=log).to_dict()
         walls.append(result["seconds"])
         replayed.append(sum(result["slices_retrained"].values()))
         log(f"trial {trial + 1}/{args.trials}: id {target}: {result['seconds']:.2f}s, stages {result['slices_retrained']}")

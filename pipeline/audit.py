@@ -30,12 +30,13 @@ from pipeline.checkpoints import atomic_write_json
 from pipeline.config import Config
 from pipeline.data import canaries as canaries_mod
 from pipeline.data import datasets
+from pipeline.errors import UserError
 
 ATTACK = "loss"  # log-probability of the canary's wrong label under the mean-softmax ensemble
 CLEAN_RUN = "clean"  # sub-directory of the comparison run without canaries
 
 
-class AuditError(ValueError):
+class AuditError(UserError, ValueError):
     """The audit request is impossible (too few canaries, more than the test split can spare)."""
 
 
@@ -72,7 +73,7 @@ def canary_scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def default_run_dir(config: Config, canaries: int) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return runs.resolve_run_dir(f"audits/{stamp}-{config.data.name}-M{canaries}")
+    return runs.resolve_local_dir(f"audits/{stamp}-{config.data.name}-M{canaries}")
 
 
 def _load_canary_data(config: Config, canaries: int) -> tuple[Config, datasets.Data]:

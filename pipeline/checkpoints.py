@@ -1,15 +1,18 @@
 """Atomic checkpoint storage for one shard: stage files plus a manifest that names the live ones.
 
-Commit protocol: write the new stage files under fresh names (temp file, fsync, rename), then
-atomically replace `manifest.json`. Readers only follow the manifest, so a crash at any point
-leaves either the old or the new version live, never a mix. After a commit, stage files that
-saw forgotten samples are deleted: an old checkpoint must not keep a deleted person's data.
+The shard folder lives on a local disk or an object store (`storage.Storage`). Commit protocol:
+write the new stage files (and the shard's data file less the erased samples) under fresh names,
+then replace `manifest.json` in one write (rename locally, one PUT on object stores). Readers only
+follow the manifest, so a crash at any point leaves either the old or the new version live, never
+a mix. After a commit, stage and data files that saw forgotten samples are deleted: an old
+checkpoint or data copy must not keep a deleted person's data.
 
 Integrity (run directories may live in a shared bucket): every `.pt` file is read with
-`torch.load(weights_only=True)`, which only rebuilds tensors and plain containers, so a tampered
-file cannot run code on the cluster; payloads therefore hold tensors, ints, floats, strings,
-None and dicts/lists/tuples of them, nothing else. Each stage file's sha256 is recorded in the
-manifest entry and checked before the bytes are deserialised. The hash detects corruption and
+`torch.load(weights_only=True)`, which only rebuilds tensors and plain containers (data files:
+`np.load(allow_pickle=False)`), so a tampered file cannot run code on the cluster; payloads
+therefore hold tensors, ints, floats, strings, None and dicts/lists/tuples of them, nothing
+else. Each stage (and data) file's sha256 is recorded in the manifest entry and checked before
+the bytes are deserialised. The hash detects corruption and
 edits to a stage file alone; it does NOT stop someone who can also rewrite `manifest.json`
 (weights_only loading is what keeps such a file from running code, not the hash). Write access
 to the bucket must be limited to the cluster's own identities.
@@ -18,43 +21,20 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old or the new file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+from pipeline.errors import UserError
+from pipeline.storage import Storage, atomic_write, atomic_write_json  # noqa: F401 - re-exported
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-
-
-class CheckpointIntegrityError(RuntimeError):
+class CheckpointIntegrityError(UserError, RuntimeError):
     """A checkpoint differs from its recorded hash, is unreadable, or holds objects that
     weights_only loading refuses: it is not loaded (the user restores or retrains it)."""
 
@@ -63,20 +43,27 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_torch(path: Path, obj: Any) -> str:
-    """Write `obj` atomically; returns the sha256 of the bytes written (for the manifest)."""
+def torch_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    data = buffer.getvalue()
+    return buffer.getvalue()
+
+
+def save_torch(path: Path, obj: Any) -> str:
+    """Write `obj` atomically to a local file; returns the sha256 of the bytes written."""
+    data = torch_bytes(obj)
     atomic_write(path, data)
     return sha256_hex(data)
 
 
 def load_torch(path: Path, sha256: str | None = None, recorded_in: str = "the manifest") -> Any:
-    """Tensors and plain metadata from `path`, never code: weights_only loading, on the CPU.
+    """Tensors and plain metadata from a local `path`, never code (see `load_torch_bytes`)."""
+    return load_torch_bytes(Path(path).read_bytes(), path, sha256, recorded_in)
 
-    With `sha256`, the bytes are hashed and compared before anything is deserialised."""
-    data = Path(path).read_bytes()
+
+def load_torch_bytes(data: bytes, path: Any, sha256: str | None = None, recorded_in: str = "the manifest") -> Any:
+    """Tensors and plain metadata from `data` (read from `path`), never code: weights_only loading,
+    on the CPU. With `sha256`, the bytes are hashed and compared before anything is deserialised."""
     if sha256 is not None and sha256_hex(data) != sha256:
         raise CheckpointIntegrityError(
             f"checkpoint {path} failed its integrity check (its sha256 differs from the one in {recorded_in}): "
@@ -99,69 +86,123 @@ def load_torch(path: Path, sha256: str | None = None, recorded_in: str = "the ma
 
 @dataclass
 class Manifest:
-    """Live state of a shard: model version, one stage file per slice, ids applied, releases."""
+    """Live state of a shard: model version, one stage file per slice, ids applied, releases, and
+    the shard's own copy of its training data (which drops erased samples in the same commit)."""
 
     shard: int
     version: int = 0
     stages: list[dict] = field(default_factory=list)  # {"file", "ids_digest", "samples", "sha256"} per stage
     forgotten: list[int] = field(default_factory=list)  # ids removed from this shard so far
-    releases: list[dict] = field(default_factory=list)  # one per version: request, from_stage, ε, seconds
+    releases: list[dict] = field(default_factory=list)  # one per version: request, from_stage, ε, seconds, node
+    data: dict | None = None  # {"file", "sha256", "samples"}: the shard's training data less `forgotten`
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
 
 
-class ShardStore:
-    """`RUN_DIR/shards/shard_XXX/`: manifest.json plus `stage_R.vV.pt` files."""
+INITIAL_DATA = "data.v0.npz"  # written by `dpsisa train` before the shard's first version exists
 
-    def __init__(self, run_dir: Path | str, shard: int):
-        self.dir = Path(run_dir) / "shards" / f"shard_{shard:03d}"
+
+class ShardStore:
+    """`RUN_DIR/shards/shard_XXX/`: manifest.json, `stage_R.vV.pt` files and `data.vV.npz`."""
+
+    def __init__(self, run_dir: Storage | Path | str, shard: int):
+        base = run_dir if isinstance(run_dir, Storage) else Storage(run_dir)
+        self.storage = base.sub(f"shards/shard_{shard:03d}")
         self.shard = shard
 
     @property
-    def manifest_path(self) -> Path:
-        return self.dir / "manifest.json"
+    def uri(self) -> str:
+        return self.storage.uri
+
+    @property
+    def dir(self) -> Path:
+        """The local folder (local run directories only)."""
+        return self.storage.path
+
+    def _where(self, name: str) -> str:
+        return f"{self.storage.uri}/{name}"
 
     def exists(self) -> bool:
-        return self.manifest_path.is_file()
+        return self.storage.exists("manifest.json")
 
     def manifest(self) -> Manifest:
-        if not self.exists():
-            raise FileNotFoundError(f"shard {self.shard} has no committed checkpoints in {self.dir}; run `dpsisa train` first.")
-        return Manifest(**json.loads(self.manifest_path.read_text()))
-
-    def stage_path(self, stage: int, version: int) -> Path:
-        return self.dir / f"stage_{stage}.v{version}.pt"
+        try:
+            return Manifest(**self.storage.read_json("manifest.json"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"shard {self.shard} has no committed checkpoints in {self.uri}; "
+                                    "run `dpsisa train` first.") from None
 
     def load_stage(self, manifest: Manifest, stage: int) -> dict:
         """The stage's payload, after checking its bytes against the manifest's sha256.
         Manifests written before hashes were recorded have no "sha256": those files load
         without the check (backwards compatible), still with weights_only loading."""
         entry = manifest.stages[stage]
-        return load_torch(self.dir / entry["file"], entry.get("sha256"), f"{self.manifest_path.name} of shard {self.shard}")
+        try:
+            data = self.storage.read_bytes(entry["file"])
+        except FileNotFoundError:
+            raise CheckpointIntegrityError(f"checkpoint {self._where(entry['file'])} named by the manifest of shard "
+                                           f"{self.shard} is missing; restore it from a backup or retrain the run.") from None
+        return load_torch_bytes(data, self._where(entry["file"]), entry.get("sha256"), f"manifest.json of shard {self.shard}")
 
     def damaged(self, manifest: Manifest) -> list[str]:
         """Live stage files that are missing or differ from their recorded sha256 (no deserialising)."""
         bad = []
         for entry in manifest.stages:
-            path = self.dir / entry["file"]
-            if not path.is_file() or ("sha256" in entry and sha256_hex(path.read_bytes()) != entry["sha256"]):
+            try:
+                data = self.storage.read_bytes(entry["file"])
+            except FileNotFoundError:
+                bad.append(entry["file"])
+                continue
+            if "sha256" in entry and sha256_hex(data) != entry["sha256"]:
                 bad.append(entry["file"])
         return bad
 
     def write_stage(self, stage: int, version: int, payload: dict) -> dict:
         """Write one stage file (not yet live) and return its manifest entry, with its sha256."""
-        path = self.stage_path(stage, version)
-        digest = save_torch(path, payload)
-        return {"file": path.name, "ids_digest": payload["ids_digest"], "samples": payload["samples"], "sha256": digest}
+        name = f"stage_{stage}.v{version}.pt"
+        data = torch_bytes(payload)
+        self.storage.write_bytes(name, data)
+        return {"file": name, "ids_digest": payload["ids_digest"], "samples": payload["samples"], "sha256": sha256_hex(data)}
+
+    # -- the shard's copy of its training data ----------------------------------------------
+    def write_data(self, version: int, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict:
+        """Write the shard's samples (not yet live unless version 0) and return the manifest entry."""
+        buffer = io.BytesIO()
+        np.savez(buffer, ids=np.asarray(ids, np.int64), x=np.ascontiguousarray(x), y=np.asarray(y))
+        name = INITIAL_DATA if version == 0 else f"data.v{version}.npz"
+        payload = buffer.getvalue()
+        self.storage.write_bytes(name, payload)
+        return {"file": name, "sha256": sha256_hex(payload), "samples": int(len(ids))}
+
+    def load_data(self, entry: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, x, y) of the shard's data file; `entry` None: the file train wrote (not yet in a manifest).
+        Plain arrays only (no pickles), after the sha256 check when the manifest recorded one."""
+        name = INITIAL_DATA if entry is None else entry["file"]
+        try:
+            data = self.storage.read_bytes(name)
+        except FileNotFoundError:
+            raise CheckpointIntegrityError(f"shard data {self._where(name)} is missing; retrain the run.") from None
+        if entry is not None and sha256_hex(data) != entry["sha256"]:
+            raise CheckpointIntegrityError(
+                f"shard data {self._where(name)} failed its integrity check (its sha256 differs from the one in "
+                f"manifest.json of shard {self.shard}); it was not loaded. Restore it from a backup or retrain the run.")
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                return arrays["ids"], arrays["x"], arrays["y"]
+        except Exception as exc:  # noqa: BLE001 - untrusted bytes
+            raise CheckpointIntegrityError(f"shard data {self._where(name)} could not be read ({exc}); retrain the run.") from None
 
     def commit(self, old: Manifest | None, new: Manifest) -> None:
-        """Make `new` live atomically, then delete stage files only the old version used."""
-        atomic_write_json(self.manifest_path, new.to_dict())
+        """Make `new` live (one write of manifest.json), then delete the stage and data files only
+        the old version used: an old checkpoint or data copy must not keep an erased sample."""
+        self.storage.write_json("manifest.json", new.to_dict())
         if old is not None:
-            live = {s["file"] for s in new.stages}
-            for entry in old.stages:
-                if entry["file"] not in live:
-                    (self.dir / entry["file"]).unlink(missing_ok=True)
-        for stray in self.dir.glob(".*.tmp"):
-            stray.unlink(missing_ok=True)
+            live = {s["file"] for s in new.stages} | ({new.data["file"]} if new.data else set())
+            stale = [e["file"] for e in old.stages] + ([old.data["file"]] if old.data else [])
+            for name in stale:
+                if name not in live:
+                    self.storage.delete(name)
+        if self.storage.local:
+            for stray in Path(self.storage.root).glob(".*.tmp"):
+                stray.unlink(missing_ok=True)

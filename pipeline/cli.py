@@ -100,7 +100,7 @@ def cmd_forget(args: argparse.Namespace) -> None:
     from pipeline import runs
 
     ids = _ids(args)
-    _print(runs.forget(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet)), args.json, _human_forget)
+    _print(runs.forget(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet)).to_dict(), args.json, _human_forget)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -145,7 +145,7 @@ def cmd_stop(args: argparse.Namespace) -> None:
     from pipeline import runs
 
     _print(runs.stop(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json,
-           lambda r: f"stopped {r['actors_stopped']} kept-alive shard actor(s) of {r['run_dir']}")
+           lambda r: f"stopped {r['actors_stopped']} actor(s) (coordinator and shards) of {r['run_dir']}")
 
 
 def _human_score(r: dict) -> str:
@@ -170,7 +170,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     from pipeline import runs, scoring
 
     config = config_mod.load(args.config, args.overrides)
-    out_dir = runs.resolve_run_dir(args.out_dir or f"scores/{Path(runs.resolve_run_dir(None, config)).name}")
+    out_dir = runs.resolve_local_dir(args.out_dir or f"scores/{runs.resolve_local_dir(None, config).name}")
     log = _log(args.quiet)
     log(f"scoring SISA unlearning in {out_dir}")
     _print(scoring.run_score(config, out_dir, args.k, args.forget_count, permutations=args.permutations, log=log),
@@ -184,7 +184,7 @@ def cmd_baselines(args: argparse.Namespace) -> None:
     config = config_mod.load(args.config, args.overrides)
     methods = runner.parse_methods(args.methods)
     fractions = runner.parse_fractions(args.forget_fractions)
-    out_dir = runs.resolve_run_dir(args.out_dir or f"baselines/{Path(runs.resolve_run_dir(None, config)).name}")
+    out_dir = runs.resolve_local_dir(args.out_dir or f"baselines/{runs.resolve_local_dir(None, config).name}")
     log = _log(args.quiet)
     log(f"comparing {len(methods)} unlearning method(s) in {out_dir}")
     result = runner.run_comparison(config, out_dir, methods, count=args.forget, fraction=args.forget_fraction,
@@ -209,7 +209,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
     from pipeline import audit, runs
 
     config = config_mod.load(args.config, args.overrides)
-    run_dir = runs.resolve_run_dir(args.run_dir or f"audits/{Path(runs.resolve_run_dir(None, config)).name}")
+    run_dir = runs.resolve_local_dir(args.run_dir or f"audits/{runs.resolve_local_dir(None, config).name}")
     result = audit.run_audit(config, args.canaries, log=_log(args.quiet), run_dir=run_dir, compare_clean=not args.skip_clean)
     _print(result, args.json, audit.format_audit)
 
@@ -307,22 +307,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.errors import USER_ERRORS
+    from pipeline.errors import RecoverableError, UserError
 
     args = parser().parse_args(argv)
     try:
         args.func(args)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"dpsisa {args.command}: error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_INPUT)
-    except Exception as exc:  # a crashed actor, an I/O failure: one line, not a traceback
-        from pipeline.errors import RECOVERABLE
-
-        if isinstance(exc, RECOVERABLE):
-            print(f"dpsisa {args.command}: failed: {exc}. Pending work is recorded in the ledger; "
-                  "rerun `dpsisa status --run-dir DIR` (or the same command) to complete it.", file=sys.stderr)
-            sys.exit(EXIT_FAILURE)
-        raise
+        sys.exit(exc.exit_code)
+    except RecoverableError as exc:  # a shard actor that died for good: one line, not a traceback
+        print(f"dpsisa {args.command}: failed: {exc}. Pending work is recorded in the ledger; "
+              "rerun `dpsisa status --run-dir DIR` (or the same command) to complete it.", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ import warnings
 import ray
 
 from pipeline.config import RayConfig
+from pipeline.errors import UserError
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The Ray cluster cannot run this configuration; the message says what to change."""
 
 

@@ -15,8 +15,10 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from pipeline.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config key is unknown, malformed or impossible; the message names the key and the fix."""
 
 
@@ -90,6 +92,8 @@ class RayConfig:
     num_cpus: Optional[int] = None  # local cluster size when one is started
     cpus_per_shard: Optional[float] = None  # None: sized from the cluster
     gpus_per_shard: Optional[float] = None  # None: sized from the cluster (0 without GPUs)
+    max_restarts: int = 3  # a crashed shard actor (or its lost node) is restarted this often; its call retried
+    lease_wait_s: float = 60.0  # how long a writer waits for another Ray cluster's hold on the run to end
 
 
 @dataclass(frozen=True)
@@ -295,6 +299,8 @@ def validate(config: Config) -> None:
     _check(config.train.lr > 0, "train.lr", "must be > 0.")
     _check(0 <= config.train.momentum < 1, "train.momentum", "must be in [0, 1).")
     _check(config.train.threads >= 1, "train.threads", "must be ≥ 1.")
+    _check(config.ray.max_restarts >= 0, "ray.max_restarts", f"must be ≥ 0; got {config.ray.max_restarts}.")
+    _check(config.ray.lease_wait_s >= 0, "ray.lease_wait_s", f"must be ≥ 0; got {config.ray.lease_wait_s}.")
     _check(config.pretrain.epochs >= 0, "pretrain.epochs", "must be ≥ 0.")
     _check(config.data.public_size >= 1, "data.public_size", "must be ≥ 1.")
     _check(config.data.canaries >= 0, "data.canaries", f"must be ≥ 0 (0: no canaries); got {config.data.canaries}.")

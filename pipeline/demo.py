@@ -6,7 +6,6 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline import runs
-from pipeline.ledger import Ledger
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "fmnist.yaml"
 
@@ -19,9 +18,9 @@ def demo(config_path: str | None, overrides: list[str], run_dir: str | None, log
     trained = runs.train(config, path, log=log)
     log(f"   test accuracy {trained['accuracy']:.4f} (vote {trained['vote_accuracy']:.4f}), "
         f"full training {trained['full_train_seconds']:.1f}s")
-    ids = Ledger(path).sample_ids(config.forget.demo_count, config.seed)
+    ids = path.ledger().sample_ids(config.forget.demo_count, config.seed)
     log(f"== 2/4 forget {len(ids)} random training ids: {ids}")
-    forgot = runs.forget(path, ids, log=log)
+    forgot = runs.forget(path, ids, log=log).to_dict()
     log(f"   retrained shard(s) {forgot['shards_retrained']}, stages replayed {forgot['slices_retrained']}, "
         f"{forgot['seconds']:.1f}s vs full training {forgot['full_train_seconds']:.1f}s (×{forgot['speedup']:.1f}); "
         f"{forgot['work_fraction']:.0%} of the training work replayed (ids in early slices force long replays)")

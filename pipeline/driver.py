@@ -1,8 +1,9 @@
 """The driver: starts one ShardActor per shard on Ray, routes forget requests, aggregates.
 
-Ray lives here and in `cluster.py` only. Actors are sized from what the cluster (or a Tune
-trial's placement group) holds, placed with one bundle per shard, and — with keep_alive —
-detached and named in a fixed namespace so a later job reaches them warm.
+Ray lives here, in `coordinator.py` and in `cluster.py` (and the sweep). Actors are sized by a
+`ShardLayout` from what the cluster (or a Tune trial's placement group) holds, placed with one
+bundle per shard (SPREAD), and load everything from the run directory so Ray can restart them.
+Outside Tune trials the ensemble is owned by the run's coordinator (`coordinator.py`).
 """
 from __future__ import annotations
 
@@ -21,9 +22,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pipeline import cluster
 from pipeline.checkpoints import CheckpointIntegrityError
 from pipeline.config import Config
-from pipeline.data.datasets import Data
-from pipeline.ledger import Ledger
-from pipeline.models import Classifier
+from pipeline.errors import RecoverableError
+from pipeline.results import ForgetResult
+from pipeline.rundir import RunDir, open_run
 from pipeline.shard import Shard
 
 PLACEMENT_TIMEOUT_S = 60
@@ -32,7 +33,7 @@ PROGRESS_POLL_S = 1.0
 OnStage = Callable[[int, dict], None]  # (shard, progress record of one finished stage)
 
 
-class ShardFailure(RuntimeError):
+class ShardFailure(RecoverableError, RuntimeError):
     """A shard actor died or failed while working; pending work stays recorded."""
 
 
@@ -85,99 +86,119 @@ def shard_resources(config: Config, total: dict[str, float]) -> Resources:
     return Resources(cpus, gpus)
 
 
-def actor_name(run_dir: Path, shard: int) -> str:
+def actor_name(run: RunDir | Path | str, part: int | str) -> str:
+    """Name of a run's named Ray object: the coordinator ("coordinator"), the placement group (-1)."""
     from pipeline.config import digest
 
-    suffix = "placement" if shard < 0 else f"shard{shard:03d}"
-    return f"dpsisa-{digest(str(run_dir.resolve()))}-{suffix}"
+    uri = open_run(run).uri
+    suffix = "placement" if part == -1 else part if isinstance(part, str) else f"shard{part:03d}"
+    return f"dpsisa-{digest(uri)}-{suffix}"
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Per-shard resources and their placement: one bundle per shard, SPREAD over nodes.
+
+    The only place shard actors are sized: a run's own placement group (`for_cluster`), or a
+    share of a Tune trial's placement group (`for_bundles`)."""
+
+    shards: int
+    resources: Resources
+
+    @classmethod
+    def for_cluster(cls, config: Config, total: dict[str, float]) -> ShardLayout:
+        return cls(config.shards.count, shard_resources(config, total))
+
+    @classmethod
+    def for_bundles(cls, config: Config, bundles: list[dict[str, float]]) -> ShardLayout:
+        """Inside a Tune trial: the shards share the trial's bundles after the trainable's own."""
+        totals: dict[str, float] = {}
+        for spec in bundles[1:] or bundles:
+            for key, value in spec.items():
+                totals[key] = totals.get(key, 0.0) + value
+        return cls(config.shards.count, shard_resources(config, totals))
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        return {"CPU": self.resources.cpus, **({"GPU": self.resources.gpus} if self.resources.gpus else {})}
+
+    def reserve(self, name: str = "", detached: bool = False) -> PlacementGroup:
+        """A placement group with one bundle per shard (SPREAD: shards land on as many nodes as
+        fit); a detached one is reused by name (a restarted coordinator finds its own)."""
+        if name:
+            try:
+                return ray.util.get_placement_group(name)
+            except ValueError:
+                pass
+        group = placement_group([self.bundle] * self.shards, strategy="SPREAD",
+                                lifetime="detached" if detached else None, name=name)
+        try:
+            ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
+        except GetTimeoutError:
+            remove_placement_group(group)
+            raise cluster.ClusterError(
+                f"could not reserve {self.shards} × (CPU {self.resources.cpus}, GPU {self.resources.gpus}) within "
+                f"{PLACEMENT_TIMEOUT_S}s; the cluster is busy or too small: free resources or lower shards.count."
+            ) from None
+        return group
+
+
+def spawn_shards(run: RunDir, config: Config, recipes: list[dict], layout: ShardLayout, placement: PlacementGroup,
+                 own_bundles: bool) -> list:
+    """One Shard actor per shard. Constructor arguments are plain values (the run's URI, config,
+    recipe), never object refs: each actor loads its model and its own shard's data from storage,
+    so Ray can restart it (on another node, after a node loss) and retry the call it was running."""
+    remote = ray.remote(concurrency_groups={PROGRESS_GROUP: 1})(Shard)  # default group: 1 (fit, forget, …)
+    restarts = config.ray.max_restarts
+    return [remote.options(
+        num_cpus=layout.resources.cpus, num_gpus=layout.resources.gpus, max_concurrency=1,
+        max_restarts=restarts, max_task_retries=restarts,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=s if own_bundles else -1),
+    ).remote(run.uri, s, config.to_dict(), recipes[s], config.train.threads) for s in range(config.shards.count)]
 
 
 class Ensemble:
     """S ShardActors over one run directory."""
 
-    def __init__(self, run_dir: Path, config: Config, actors: list, placement: PlacementGroup | None, detached: bool):
-        self.run_dir, self.config, self.actors = Path(run_dir), config, actors
-        self.placement, self.detached = placement, detached
-        self.ledger = Ledger(run_dir)
+    def __init__(self, run: RunDir, config: Config, actors: list, placement: PlacementGroup | None, owned: bool = True):
+        self.run, self.config, self.actors = run, config, actors
+        self.placement, self.owned = placement, owned
+        self.ledger = run.ledger()
 
-    # -- construction -------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> str:
+        return self.run.uri
+
+    # -- construction: reuse (coordinator.attach), reserve (ShardLayout.reserve), spawn -------
     @classmethod
-    def start(cls, run_dir: Path, config: Config, load: Callable[[], tuple[Data, Classifier]], recipes: list[dict],
-              keep_alive: bool = False, placement: PlacementGroup | None = None, log: Callable = print) -> Ensemble:
-        """Create (or, with keep_alive, reuse) one actor per shard; `load` gives the data and the
-        pretrained model and is only called when actors must be created."""
-        names = [actor_name(run_dir, s) for s in range(config.shards.count)]
-        if keep_alive:
-            found = [cluster.named_actor(n, config.ray.namespace) for n in names]
-            if all(found):
-                log(f"reusing {len(found)} warm shard actors (namespace {config.ray.namespace})")
-                return cls(run_dir, config, found, None, True)
-            if any(found):  # some died (a crash): release the survivors and their names, then rebuild
-                log(f"{found.count(None)} kept-alive shard actor(s) are gone; restarting all {len(found)}")
-                cls.stop_detached(run_dir, config)
-        own_placement = placement is None
-        if own_placement:
-            res = shard_resources(config, ray.cluster_resources())
-            bundle = {"CPU": res.cpus, **({"GPU": res.gpus} if res.gpus else {})}
-            placement = placement_group([bundle] * config.shards.count, strategy="SPREAD",
-                                        lifetime="detached" if keep_alive else None,
-                                        name=actor_name(run_dir, -1) if keep_alive else "")
-            try:
-                ray.get(placement.ready(), timeout=PLACEMENT_TIMEOUT_S)
-            except GetTimeoutError:
-                remove_placement_group(placement)
-                raise cluster.ClusterError(
-                    f"could not reserve {config.shards.count} × (CPU {res.cpus}, GPU {res.gpus}) within "
-                    f"{PLACEMENT_TIMEOUT_S}s; the cluster is busy or too small: free resources or lower shards.count."
-                ) from None
-        else:  # inside a Tune trial: share the trial's placement group, sized from its bundles
-            totals: dict[str, float] = {}
-            for spec in placement.bundle_specs[1:] or placement.bundle_specs:
-                for key, value in spec.items():
-                    totals[key] = totals.get(key, 0.0) + value
-            res = shard_resources(config, totals)
-        data, pretrained = load()
-        x_ref, y_ref, model_ref = ray.put(data.private.x), ray.put(data.private.y), ray.put(pretrained)
-        remote = ray.remote(concurrency_groups={PROGRESS_GROUP: 1})(Shard)  # default group: 1 (fit, forget, …)
-        actors = []
-        for s in range(config.shards.count):
-            options = {
-                "num_cpus": res.cpus, "num_gpus": res.gpus, "max_concurrency": 1,
-                "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                    placement, placement_group_bundle_index=s if own_placement else -1),
-            }
-            if keep_alive:
-                options.update(name=names[s], namespace=config.ray.namespace, lifetime="detached")
-            actors.append(remote.options(**options).remote(
-                str(run_dir), s, config.to_dict(), recipes[s], model_ref, x_ref, y_ref, config.train.threads))
-        log(f"started {len(actors)} shard actors (CPU {res.cpus}, GPU {res.gpus} each)")
-        return cls(run_dir, config, actors, placement if own_placement else None, keep_alive)
+    def start(cls, run: RunDir, config: Config, recipes: list[dict], placement: PlacementGroup | None = None,
+              placement_name: str = "", log: Callable = print) -> Ensemble:
+        """Reserve one bundle per shard (or share a Tune trial's `placement`) and spawn the actors;
+        `placement_name` makes the group detached and named (the coordinator's, reused on restart)."""
+        own = placement is None
+        if own:
+            layout = ShardLayout.for_cluster(config, ray.cluster_resources())
+            placement = layout.reserve(placement_name, detached=bool(placement_name))
+        else:
+            layout = ShardLayout.for_bundles(config, placement.bundle_specs)
+        actors = spawn_shards(run, config, recipes, layout, placement, own)
+        log(f"started {len(actors)} shard actors (CPU {layout.resources.cpus}, GPU {layout.resources.gpus} each)")
+        return cls(run, config, actors, placement if own else None)
+
+    @classmethod
+    def attached(cls, run: RunDir, config: Config, actors: list) -> Ensemble:
+        """The live actors of the run's coordinator (owned by it: shutdown leaves them running)."""
+        return cls(run, config, actors, None, owned=False)
 
     def shutdown(self) -> None:
-        """Stop actors that are not meant to outlive this process."""
-        if self.detached:
+        """Stop the actors (and placement group) this ensemble owns."""
+        if not self.owned:
             return
         for actor in self.actors:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
         if self.placement is not None:
             remove_placement_group(self.placement)
-
-    @staticmethod
-    def stop_detached(run_dir: Path, config: Config, timeout_s: float = 30.0) -> int:
-        """Kill a run's kept-alive actors and release their placement group; returns how many.
-        Waits until the names are free again, so actors of the same names can be created."""
-        names = [actor_name(run_dir, s) for s in range(config.shards.count)]
-        alive = [a for a in (cluster.named_actor(n, config.ray.namespace) for n in names) if a is not None]
-        for actor in alive:
-            ray.kill(actor)
-        try:
-            remove_placement_group(ray.util.get_placement_group(actor_name(run_dir, -1)))
-        except ValueError:
-            pass  # no kept-alive placement group for this run
-        deadline = time.monotonic() + timeout_s
-        while any(cluster.named_actor(n, config.ray.namespace) for n in names) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return len(alive)
+            self.placement = None
 
     # -- fan-out ------------------------------------------------------------------------------
     def _gather(self, refs: dict, what: str, log: Callable | None = None, progress: _Progress | None = None) -> dict:
@@ -232,38 +253,40 @@ class Ensemble:
         return self._gather({a.status.remote(): s for s, a in enumerate(self.actors)}, "status")
 
     # -- forgetting ---------------------------------------------------------------------------
-    def _apply(self, request_id: str, ids: list[int], log: Callable, on_stage: OnStage | None = None) -> dict:
+    def apply(self, requests: list[tuple[str, list[int]]], log: Callable, on_stage: OnStage | None = None) -> dict[int, dict]:
+        """Apply pending requests together: each owning shard replays once for all of their ids
+        (one new version per shard per batch), then every request is marked done in one write.
+        Idempotent per shard: a shard that already applied them (a crash after its commit) skips."""
+        ids = [i for _, owned in requests for i in owned]
+        job = requests[0][0] if len(requests) == 1 else f"{requests[0][0]}+{len(requests) - 1}"
         owners = self.ledger.owners(ids)
-        results = self._gather({self.actors[s].forget.remote(request_id, owned): s for s, owned in owners.items()},
-                               "forget", log, self._progress(request_id, on_stage))
+        results = self._gather({self.actors[s].forget.remote(job, owned): s for s, owned in owners.items()},
+                               "forget", log, self._progress(job, on_stage))
         with self.ledger.locked():
-            self.ledger.mark_done(request_id, {s: r["version"] for s, r in results.items()})
+            self.ledger.mark_done([rid for rid, _ in requests], {s: r["version"] for s, r in results.items()})
         return results
 
-    def complete_request(self, request_id: str, ids: list[int], log: Callable = print,
-                         on_stage: OnStage | None = None) -> dict:
-        """Finish one request a crash left `pending` (idempotent per shard); its summary."""
-        log(f"completing pending forget request {request_id} ({len(ids)} ids)")
+    def complete_pending(self, log: Callable = print, on_stage: OnStage | None = None) -> dict[str, ForgetResult]:
+        """Finish every request a crash left `pending` (one batch); request id → its result."""
+        pending = list(self.ledger.pending().items())
+        if not pending:
+            return {}
+        log(f"completing {len(pending)} pending forget request(s)")
         start = time.perf_counter()
-        results = self._apply(request_id, ids, log, on_stage)
-        return {"request_id": request_id, "ids": len(ids), "completed_pending": True,
-                **_forget_summary(results), "seconds": time.perf_counter() - start}
+        results = self.apply(pending, log, on_stage)
+        return {rid: ForgetResult.of(rid, ids, results, time.perf_counter() - start, [r for r, _ in pending], True)
+                for rid, ids in pending}
 
-    def complete_pending(self, log: Callable = print) -> dict[str, dict]:
-        """Finish every request a crash left `pending`; request id → summary."""
-        return {rid: self.complete_request(rid, ids, log) for rid, ids in self.ledger.pending().items()}
-
-    def forget(self, ids: list[int], log: Callable = print, on_stage: OnStage | None = None) -> dict:
-        """Validate, record as pending, retrain owners in parallel, mark done. Callers complete
-        earlier pending requests first (runs.forget does, and logs each to MLflow); until then
-        their ids fail validation as already pending."""
+    def forget(self, ids: list[int], log: Callable = print, on_stage: OnStage | None = None) -> ForgetResult:
+        """Without a coordinator (a Tune trial's private run): validate, record as pending, retrain
+        the owners in parallel, mark done — under the ledger's file lock."""
         start = time.perf_counter()
         with self.ledger.locked():
             self.ledger.validate(ids)
             request_id = self.ledger.append_request(ids)
         log(f"forget request {request_id}: {len(ids)} id(s) owned by shard(s) {sorted(self.ledger.owners(ids))}")
-        results = self._apply(request_id, ids, log, on_stage)
-        return {"request_id": request_id, "ids": len(ids), **_forget_summary(results), "seconds": time.perf_counter() - start}
+        results = self.apply([(request_id, ids)], log, on_stage)
+        return ForgetResult.of(request_id, ids, results, time.perf_counter() - start, [request_id])
 
 
 class _Progress:
@@ -308,17 +331,6 @@ class _Progress:
             if record.get("job", self.job) == self.job and (shard, record["stage"]) not in self.reported:
                 self.reported.add((shard, record["stage"]))
                 self.on_stage(shard, record)
-
-
-def _forget_summary(results: dict[int, dict]) -> dict:
-    """What a forget request did, per shard (JSON keys are strings)."""
-    return {
-        "shards_retrained": sorted(s for s, r in results.items() if not r["already_applied"]),
-        "slices_retrained": {str(s): r["stages_replayed"] for s, r in sorted(results.items())},
-        "from_stage": {str(s): r["from_stage"] for s, r in sorted(results.items())},
-        "versions": {str(s): r["version"] for s, r in sorted(results.items())},
-        "shard_seconds": {str(s): r["seconds"] for s, r in sorted(results.items())},
-    }
 
 
 def aggregate(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

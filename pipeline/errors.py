@@ -1,20 +1,24 @@
-"""Which exceptions are the user's to fix (one-line message, exit 3) and which are recoverable
-failures (a crashed actor: work stays pending in the ledger, exit 4)."""
-from pipeline.audit import AuditError
-from pipeline.baselines.base import BaselineError
-from pipeline.checkpoints import CheckpointIntegrityError
-from pipeline.cluster import ClusterError
-from pipeline.config import ConfigError
-from pipeline.data.datasets import DataError
-from pipeline.data.partition import PartitionError
-from pipeline.driver import ShardFailure
-from pipeline.finetune import FinetuneError
-from pipeline.ledger import ForgetRequestError
-from pipeline.privacy import PrivacyError
-from pipeline.runs import RunError
-from pipeline.scoring import ScoreError
+"""One error hierarchy. Every error the CLI reports as one line derives from `DpsisaError` and
+carries its exit code: `UserError` (the user's to fix; nothing was changed; exit 3) or
+`RecoverableError` (work failed but stays recorded, e.g. a request stays pending in the ledger
+after a shard actor died for good; exit 4). Anything else is a bug and keeps its traceback.
 
-USER_ERRORS = (ConfigError, DataError, PartitionError, ForgetRequestError, RunError, ClusterError,
-               PrivacyError, FinetuneError, ScoreError, BaselineError,
-               CheckpointIntegrityError, AuditError)
-RECOVERABLE = (ShardFailure,)
+This module imports nothing from the package, so every module can derive its errors from it.
+"""
+from __future__ import annotations
+
+
+class DpsisaError(Exception):
+    exit_code = 1
+
+
+class UserError(DpsisaError):
+    """The user's to fix: a one-line message with the cause and the fix; nothing was changed."""
+
+    exit_code = 3
+
+
+class RecoverableError(DpsisaError):
+    """Work failed and stays recorded: rerunning the command (or `dpsisa status`) completes it."""
+
+    exit_code = 4

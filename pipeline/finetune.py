@@ -12,10 +12,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipeline.errors import UserError
 from pipeline.models import Classifier
 
 
-class FinetuneError(ValueError):
+class FinetuneError(UserError, ValueError):
     """The strategy does not fit the model (e.g. conv finetuning on a model without convs)."""
 
 

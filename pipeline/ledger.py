@@ -3,12 +3,13 @@
 `RUN_DIR/ledger/assignments.parquet`: one row per private sample — sample_id (int64), shard,
 slice, label. `RUN_DIR/ledger/requests.parquet`: one row per id per request — request_id,
 sample_id, shard, slice, status (pending | done), requested_at, completed_at, model_version
-(the owning shard's version that no longer saw the id). Writes are atomic and serialised by a
-file lock, so a crash never loses a request or leaves a torn file.
+(the owning shard's version that no longer saw the id). Each table is one object written whole
+(atomically: rename locally, one PUT on object stores), so a crash never leaves a torn file.
+Writers are serialised by the run's coordinator (one per run, see `coordinator.py`) and, on a
+local disk, also by a file lock across processes.
 """
 from __future__ import annotations
 
-import fcntl
 import io
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.checkpoints import atomic_write
+from pipeline.errors import UserError
+from pipeline.storage import Storage
 
 REQUEST_SCHEMA = pa.schema([
     ("request_id", pa.string()),
@@ -34,14 +36,8 @@ REQUEST_SCHEMA = pa.schema([
 ])
 
 
-class ForgetRequestError(ValueError):
+class ForgetRequestError(UserError, ValueError):
     """The ids of a forget request are invalid; nothing was changed."""
-
-
-def _write_parquet(path: Path, table: pa.Table) -> None:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    atomic_write(path, buffer.getvalue())
 
 
 def parse_ids(text: str, source: str | None = None) -> list[int]:
@@ -82,23 +78,37 @@ def parse_ids(text: str, source: str | None = None) -> list[int]:
     return ids
 
 
+ASSIGNMENTS, REQUESTS = "assignments.parquet", "requests.parquet"
+
+
+def new_request_id() -> str:
+    """Sortable by time, unique: 20261126T071502-1a2b3c4d."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
 class Ledger:
-    def __init__(self, run_dir: Path | str):
-        self.dir = Path(run_dir) / "ledger"
-        self.assignments_path = self.dir / "assignments.parquet"
-        self.requests_path = self.dir / "requests.parquet"
+    def __init__(self, run_dir: Storage | Path | str):
+        self.storage = (run_dir if isinstance(run_dir, Storage) else Storage(run_dir)).sub("ledger")
         self._assignments: pa.Table | None = None
+
+    @property
+    def dir(self) -> str:
+        return self.storage.uri
+
+    def _write(self, name: str, table: pa.Table) -> None:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        self.storage.write_bytes(name, buffer.getvalue())
+
+    def _read(self, name: str, schema: pa.Schema | None = None) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.storage.read_bytes(name)), schema=schema)
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Serialise writers (a driver and a crashed-and-restarted one, or two CLI calls)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / ".lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        """Serialise writers across processes on a local disk (a file lock); on object storage the
+        run's coordinator is the only writer and its lease keeps other clusters out."""
+        with self.storage.file_lock(".lock"):
+            yield
 
     # -- assignments --------------------------------------------------------------------------
     def write_assignments(self, columns: dict[str, np.ndarray]) -> None:
@@ -108,14 +118,16 @@ class Ledger:
             "slice": pa.array(columns["slice"], pa.int32()),
             "label": pa.array(columns["label"], pa.int32()),
         })
-        _write_parquet(self.assignments_path, table)
+        self._write(ASSIGNMENTS, table)
         self._assignments = table
 
     def assignments(self) -> pa.Table:
         if self._assignments is None:
-            if not self.assignments_path.is_file():
-                raise FileNotFoundError(f"no ledger at {self.assignments_path}; is this a run directory made by `dpsisa train`?")
-            self._assignments = pq.read_table(self.assignments_path)
+            try:
+                self._assignments = self._read(ASSIGNMENTS)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"no ledger at {self.dir}/{ASSIGNMENTS}; is this a run directory made by "
+                                        "`dpsisa train`?") from None
         return self._assignments
 
     def sample_ids(self, count: int, seed: int) -> list[int]:
@@ -133,9 +145,10 @@ class Ledger:
 
     # -- requests -----------------------------------------------------------------------------
     def requests(self) -> pa.Table:
-        if not self.requests_path.is_file():
+        try:
+            return self._read(REQUESTS, REQUEST_SCHEMA)
+        except FileNotFoundError:
             return REQUEST_SCHEMA.empty_table()
-        return pq.read_table(self.requests_path, schema=REQUEST_SCHEMA)
 
     def forgotten_ids(self, status: str | None = "done") -> set[int]:
         table = self.requests()
@@ -185,13 +198,14 @@ class Ledger:
         if problems:
             raise ForgetRequestError("forget request rejected, nothing changed: " + "; ".join(problems) + ".")
 
-    def append_request(self, ids: list[int]) -> str:
-        """Record a request as `pending` (durably) before any work starts; returns its id."""
+    def append_request(self, ids: list[int], request_id: str | None = None) -> str:
+        """Record a request as `pending` (durably) before any work starts; returns its id
+        (`request_id`, when the client chose one so that a retried submission is recognised)."""
         table = self.assignments()
         known = table["sample_id"].to_numpy()
         order = np.argsort(known)
         rows = order[np.searchsorted(known, np.asarray(ids, np.int64), sorter=order)]
-        request_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        request_id = request_id or new_request_id()
         now = datetime.now(timezone.utc)
         new = pa.table({
             "request_id": [request_id] * len(ids),
@@ -203,23 +217,28 @@ class Ledger:
             "completed_at": pa.nulls(len(ids), pa.timestamp("us", tz="UTC")),
             "model_version": pa.nulls(len(ids), pa.int32()),
         }, schema=REQUEST_SCHEMA)
-        _write_parquet(self.requests_path, pa.concat_tables([self.requests(), new]))
+        self._write(REQUESTS, pa.concat_tables([self.requests(), new]))
         return request_id
 
-    def mark_done(self, request_id: str, versions: dict[int, int]) -> None:
-        """Mark a request `done`, stamping each id with its shard's new model version."""
+    def request_ids(self) -> set[str]:
+        return set(self.requests()["request_id"].to_pylist())
+
+    def mark_done(self, request_id: str | list[str], versions: dict[int, int]) -> None:
+        """Mark a request (or a batch of them, in one write) `done`, stamping each id with its
+        shard's new model version."""
+        wanted = {request_id} if isinstance(request_id, str) else set(request_id)
         table = self.requests()
         rids, shards = table["request_id"].to_pylist(), table["shard"].to_pylist()
         status, done_at, version = table["status"].to_pylist(), table["completed_at"].to_pylist(), table["model_version"].to_pylist()
         now = datetime.now(timezone.utc)
         for i, rid in enumerate(rids):
-            if rid == request_id:
+            if rid in wanted and status[i] != "done":
                 status[i], done_at[i], version[i] = "done", now, versions[shards[i]]
         table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
         table = table.set_column(table.schema.get_field_index("completed_at"), "completed_at",
                                  pa.array(done_at, pa.timestamp("us", tz="UTC")))
         table = table.set_column(table.schema.get_field_index("model_version"), "model_version", pa.array(version, pa.int32()))
-        _write_parquet(self.requests_path, table)
+        self._write(REQUESTS, table)
 
     def owners(self, ids: list[int]) -> dict[int, list[int]]:
         """shard → the ids it owns, for routing a request."""

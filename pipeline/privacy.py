@@ -16,6 +16,7 @@ from functools import lru_cache
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from pipeline.config import Config
+from pipeline.errors import UserError
 
 ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
 # Calibration probes tiny σ values, where Opacus's RDP analysis notes that its largest order was
@@ -24,7 +25,7 @@ warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 SIGMA_BOUNDS = (0.05, 500.0)
 
 
-class PrivacyError(ValueError):
+class PrivacyError(UserError, ValueError):
     """The privacy target cannot be met with this schedule."""
 
 
@@ -75,9 +76,16 @@ def schedule(slice_sizes: list[int], batch_size: int, epochs: float) -> tuple[St
 
 
 def spent_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
-    """ε of composing (noise_multiplier, sample_rate, steps) mechanisms, via Opacus."""
+    """ε of composing (noise_multiplier, sample_rate, steps) mechanisms, via Opacus.
+
+    Entries with the same (σ, q) are merged by adding their steps first: composing a mechanism
+    n times and then m times is composing it n + m times, so the bound is the same, and a shard's
+    history after many replays (each repeats its stages' (σ, q)) costs no more than R entries."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, rate, count in history:
+        steps[(sigma, rate)] = steps.get((sigma, rate), 0) + int(count)
     acc = ACCOUNTANTS[accountant]()
-    acc.history = list(history)
+    acc.history = [(sigma, rate, count) for (sigma, rate), count in steps.items()]
     return float(acc.get_epsilon(delta=delta))
 
 

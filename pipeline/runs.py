@@ -1,12 +1,13 @@
 """What each user-facing verb does, over a run directory. The CLI, the `jobs/` wrappers, the
 benchmarks and the sweep all call these functions.
 
-RUN_DIR layout: config.yaml (resolved), recipes.json (per-shard DP recipe), pretrained.pt,
-train_summary.json, ledger/ (Parquet), shards/shard_XXX/ (manifest + stage checkpoints).
+A run directory is a local path or a URI (`s3://bucket/prefix`, ...): see `rundir.RunDir` for
+its layout. After training, every verb reaches the shards through the run's coordinator
+(`coordinator.py`, the run's single writer), except inside a Tune trial (`placement` given),
+whose private run is driven directly.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -15,23 +16,20 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from pipeline import cluster, evaluate, models, tracking
-from pipeline import config as config_mod
-from pipeline.checkpoints import ShardStore, atomic_write, atomic_write_json, load_torch, save_torch
+from pipeline import cluster, coordinator, evaluate, tracking
 from pipeline.config import Config
 from pipeline.data import datasets
 from pipeline.data.partition import partition
 from pipeline.driver import Ensemble
-from pipeline.ledger import Ledger
 from pipeline.pretrain import pretrained_model
 from pipeline.privacy import make_recipe
+from pipeline.results import ForgetResult, ShardStatus
+from pipeline.rundir import RunDir, RunError, open_run
+from pipeline.storage import is_uri
 from pipeline.train import resolve_device
 
-
-class RunError(RuntimeError):
-    """The run directory is missing, incomplete or already used."""
+__all__ = ["RunError", "RunDir"]
 
 
 def home() -> Path:
@@ -42,19 +40,28 @@ def home() -> Path:
     return Path.home() / "dpsisa" if cluster.in_ray_job() else Path.cwd()
 
 
-def resolve_run_dir(run_dir: str | Path | None, config: Config | None = None) -> Path:
-    if run_dir is None:
+def resolve_local_dir(location: str | Path | None, config: Config | None = None) -> Path:
+    """A local output folder (relative: under $DPSISA_HOME or the cwd); None: a fresh name."""
+    if location is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / f"{stamp}-{config.data.name}-S{config.shards.count}R{config.shards.slices}"
-    path = Path(run_dir).expanduser()
+        location = Path("runs") / f"{stamp}-{config.data.name}-S{config.shards.count}R{config.shards.slices}"
+    if is_uri(location) and not str(location).startswith("file://"):
+        raise RunError(f"{location}: this command writes local folders only; pass a local path.")
+    path = Path(str(location).removeprefix("file://")).expanduser()
     return (path if path.is_absolute() else home() / path).resolve()
 
 
-def load_run_config(run_dir: Path) -> Config:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise RunError(f"{run_dir} is not a dpsisa run directory (no config.yaml); pass the --run-dir printed by `dpsisa train`.")
-    return config_mod.load(path)
+def resolve_run_dir(location: str | Path | RunDir | None, config: Config | None = None) -> RunDir:
+    """A run directory: a URI as given, a local path (relative: under $DPSISA_HOME or the cwd)."""
+    if isinstance(location, RunDir):
+        return location
+    if location is not None and is_uri(location):
+        return RunDir(str(location))
+    return RunDir(resolve_local_dir(location, config))
+
+
+def load_run_config(run_dir) -> Config:
+    return open_run(run_dir).config()
 
 
 def _check_private_rows(data: datasets.Data) -> None:
@@ -62,69 +69,74 @@ def _check_private_rows(data: datasets.Data) -> None:
         raise RunError("private sample ids must equal their row positions; this data split is not supported.")
 
 
-def _pretrained_from_run(run_dir: Path, config: Config, data: datasets.Data) -> models.Classifier:
-    model = models.build(config.model.name, data.input_shape, data.num_classes, config.model.width, config.seed)
-    model.load_state_dict(load_torch(run_dir / "pretrained.pt"))
-    return model.eval()
-
-
 class RunData:
     """The run's data set, loaded on first use (warm actors do not need it for a forget)."""
 
-    def __init__(self, run_dir: Path, config: Config):
-        self.run_dir, self.config, self._data = run_dir, config, None
+    def __init__(self, config: Config):
+        self.config, self._data = config, None
 
     def get(self) -> datasets.Data:
         if self._data is None:
             self._data = datasets.load(self.config.data)
         return self._data
 
-    def with_model(self) -> tuple[datasets.Data, models.Classifier]:
-        return self.get(), _pretrained_from_run(self.run_dir, self.config, self.get())
 
-
-def trained_ids(run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def trained_ids(run_dir) -> tuple[np.ndarray, np.ndarray]:
     """(ids, labels) the live model version trained on: the ledger's assignments less done forgets."""
-    table = Ledger(run_dir).assignments()
+    ledger = open_run(run_dir).ledger()
+    table = ledger.assignments()
     ids, labels = table["sample_id"].to_numpy(), table["label"].to_numpy()
-    keep = ~np.isin(ids, np.fromiter(Ledger(run_dir).forgotten_ids(), np.int64))
+    keep = ~np.isin(ids, np.fromiter(ledger.forgotten_ids(), np.int64))
     return ids[keep], labels[keep]
 
 
-def complete_pending(ensemble: Ensemble, config: Config, run_dir: Path, log: Callable) -> None:
-    """Finish requests a crash left pending; each becomes a forget child run in MLflow."""
-    for request_id, ids in ensemble.ledger.pending().items():
-        with tracking.verb_run("forget", config, run_dir, tags={"dpsisa.completed_pending": "true"}) as run:
-            summary = ensemble.complete_request(request_id, ids, log, on_stage=run.log_stage)
-            run.log_dataset(config, *trained_ids(run_dir))
-            run.log_summary(summary)
+def _log_completed(config: Config, run: RunDir, completed: dict[str, ForgetResult]) -> None:
+    """Each request finished on behalf of a crashed writer becomes a forget child run in MLflow."""
+    for result in completed.values():
+        with tracking.verb_run("forget", config, run, tags={"dpsisa.completed_pending": "true"}) as mlrun:
+            mlrun.log_dataset(config, *trained_ids(run))
+            mlrun.log_summary(result.to_dict())
 
 
 @contextmanager
-def opened(run_dir: Path, log: Callable = print, placement=None) -> Iterator[tuple[Config, RunData, Ensemble]]:
-    """Config, lazily loaded data and a live ensemble for an existing run (warm actors if kept alive)."""
-    config = load_run_config(run_dir)
+def opened(run_dir, log: Callable = print, placement=None,
+           complete_pending: bool = True) -> Iterator[tuple[Config, RunData, Ensemble, coordinator.Session | None]]:
+    """Config, lazily loaded data and the run's live ensemble: the coordinator's (warm when kept
+    alive), or inside a Tune trial (`placement`) one driven directly. Pending requests a crash
+    left are completed first (and logged to MLflow)."""
+    run = open_run(run_dir)
+    config = run.config()
     cluster.connect(config.ray, log)
-    data = RunData(run_dir, config)
-    recipes = json.loads((run_dir / "recipes.json").read_text())
-    keep_alive = json.loads((run_dir / "train_summary.json").read_text()).get("keep_alive", False)
-    ensemble = Ensemble.start(run_dir, config, data.with_model, recipes, keep_alive=keep_alive, placement=placement, log=log)
-    try:
-        yield config, data, ensemble
-    finally:
-        ensemble.shutdown()
+    data = RunData(config)
+    if placement is not None:
+        ensemble = Ensemble.start(run, config, [r.to_dict() for r in run.recipes()], placement=placement, log=log)
+        try:
+            if complete_pending:
+                _log_completed(config, run, ensemble.complete_pending(log))
+            yield config, data, ensemble, None
+        finally:
+            ensemble.shutdown()
+        return
+    with coordinator.Session(run, config, log) as session:
+        if complete_pending:
+            _log_completed(config, run, session.complete_pending())
+        yield config, data, Ensemble.attached(run, config, session.actors), session
 
 
-def train(config: Config, run_dir: Path, keep_alive: bool = False, log: Callable = print, placement=None,
+def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = print, placement=None,
           exclude_ids: list[int] | None = None) -> dict:
     """Partition, pretrain (cached), calibrate DP, train all shards in parallel, evaluate, track.
 
-    `exclude_ids` leaves private ids out of the partition altogether: the retrain-from-scratch
-    oracle that unlearning scores compare against (the ledger then does not know those ids)."""
-    if (run_dir / "config.yaml").exists():
-        raise RunError(f"run directory {run_dir} already holds a run; choose a new --run-dir.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with tracking.verb_run("train", config, run_dir) as run:
+    The run directory gets everything the shard actors need to (re)start anywhere: the config,
+    recipes, the pretrained model and each shard's own data file. `exclude_ids` leaves private ids
+    out of the partition altogether: the retrain-from-scratch oracle that unlearning scores compare
+    against (the ledger then does not know those ids). With `keep_alive`, the run's coordinator
+    and its shard actors stay up after training (warm forgets; `dpsisa stop` releases them)."""
+    run = resolve_run_dir(run_dir)
+    if run.is_run():
+        raise RunError(f"run directory {run.uri} already holds a run; choose a new --run-dir.")
+    run.ensure()
+    with tracking.verb_run("train", config, run) as mlrun:
         started = time.perf_counter()
         local = cluster.connect(config.ray, log)
         if keep_alive and local:
@@ -142,58 +154,65 @@ def train(config: Config, run_dir: Path, keep_alive: bool = False, log: Callable
             log(f"excluding {len(excluded)} private id(s) from training (retrain-from-scratch oracle)")
         columns = partition(ids, data.private.y[ids], config.shards.count, config.shards.slices,
                             config.partition.strategy, config.seed, data.private.x[ids])
-        ledger = Ledger(run_dir)
+        ledger = run.ledger()
         ledger.write_assignments({**columns, "label": data.private.y[columns["sample_id"]]})
         model, pretrain_info = pretrained_model(config, data, log)
-        save_torch(run_dir / "pretrained.pt", model.state_dict())
-        recipes = [make_recipe(config, s, [len(ids) for ids in ledger.shard_slices(s)]).to_dict()
-                   for s in range(config.shards.count)]
+        run.write_pretrained(model, data.input_shape, data.num_classes)
+        for s in range(config.shards.count):  # each shard actor loads only its own samples
+            own = np.sort(columns["sample_id"][columns["shard"] == s])
+            run.shard(s).write_data(0, own, data.private.x[own], data.private.y[own])
+        recipes = [make_recipe(config, s, [len(ids) for ids in ledger.shard_slices(s)]) for s in range(config.shards.count)]
         if config.privacy.epsilon is not None:
             log(f"DP: ε={config.privacy.epsilon}, δ={config.privacy.delta}, σ per shard "
-                f"{sorted({round(r['noise_multiplier'], 3) for r in recipes})} over {config.shards.slices} slice stages")
-        atomic_write_json(run_dir / "recipes.json", recipes)
-        atomic_write(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
-        ensemble = Ensemble.start(run_dir, config, lambda: (data, model), recipes, keep_alive=keep_alive,
-                                  placement=placement, log=log)
+                f"{sorted({round(r.noise_multiplier, 3) for r in recipes})} over {config.shards.slices} slice stages")
+        run.write_recipes(recipes)
+        run.write_config(config)
+        ensemble = Ensemble.start(run, config, [r.to_dict() for r in recipes], placement=placement, log=log)
         try:
             fit_start = time.perf_counter()
             log(f"training {config.shards.count} shards × {config.shards.slices} slices "
-                f"({config.finetune.strategy}, {'ε=' + str(config.privacy.epsilon) if recipes[0]['noise_multiplier'] else 'no DP'})")
-            per_shard = ensemble.fit(log, on_stage=run.log_stage)
+                f"({config.finetune.strategy}, {'ε=' + str(config.privacy.epsilon) if recipes[0].noise_multiplier else 'no DP'})")
+            per_shard = ensemble.fit(log, on_stage=mlrun.log_stage)
             full_train_seconds = time.perf_counter() - fit_start
-            atomic_write_json(run_dir / "train_summary.json", {
+            run.write_summary({
                 "full_train_seconds": full_train_seconds, "shard_seconds": [per_shard[s]["seconds"] for s in sorted(per_shard)],
                 "keep_alive": keep_alive, "pretrain": pretrain_info, "excluded_ids": excluded})
             metrics = evaluate.ensemble_metrics(ensemble, data)
         finally:
             ensemble.shutdown()
-        summary = {"run_dir": str(run_dir), "full_train_seconds": full_train_seconds,
+        if keep_alive and placement is None:
+            coordinator.warm_up(run, config, log=log)
+            log("the run's coordinator and its shard actors stay up (warm forgets); `dpsisa stop` releases them")
+        summary = {"run_dir": run.uri, "full_train_seconds": full_train_seconds,
                    "total_seconds": time.perf_counter() - started, **metrics}
-        run.log_dataset(config, *trained_ids(run_dir))
-        run.log_summary(summary)
+        mlrun.log_dataset(config, *trained_ids(run))
+        mlrun.log_summary(summary)
     return summary
 
 
-def forget(run_dir: Path, ids: list[int], log: Callable = print, placement=None) -> dict:
-    config = load_run_config(run_dir)
-    Ledger(run_dir).validate(ids)  # fail fast, before any actor starts (re-checked under the lock)
-    with tracking.verb_run("forget", config, run_dir) as run:
-        with opened(run_dir, log, placement=placement) as (config, data, ensemble):
-            complete_pending(ensemble, config, run_dir, log)
-            result = ensemble.forget(ids, log, on_stage=run.log_stage)
-        result["full_train_seconds"] = json.loads((run_dir / "train_summary.json").read_text())["full_train_seconds"]
-        result["speedup"] = result["full_train_seconds"] / max(result["seconds"], 1e-9)
-        replayed, total = replay_work(json.loads((run_dir / "recipes.json").read_text()), result["from_stage"])
-        result.update(samples_processed=replayed, full_train_samples=total, work_fraction=replayed / total)
-        run.log_dataset(config, *trained_ids(run_dir))
-        run.log_summary(result)
+def forget(run_dir, ids: list[int], log: Callable = print, placement=None) -> ForgetResult:
+    """Submit a forget request to the run's coordinator and wait until it is applied."""
+    run = resolve_run_dir(run_dir)
+    config = run.config()
+    run.ledger().validate(ids)  # fail fast, before any actor starts (the coordinator re-checks under its lock)
+    with tracking.verb_run("forget", config, run) as mlrun:
+        with opened(run, log, placement=placement) as (config, data, ensemble, session):
+            if session is None:
+                result = ensemble.forget(ids, log, on_stage=mlrun.log_stage)
+            else:
+                result = session.forget(ids, on_stage=mlrun.log_stage)
+        result.full_train_seconds = run.summary()["full_train_seconds"]
+        result.speedup = result.full_train_seconds / max(result.seconds, 1e-9)
+        replayed, total = replay_work([r.to_dict() for r in run.recipes()], result.from_stage)
+        result.samples_processed, result.full_train_samples, result.work_fraction = replayed, total, replayed / total
+        mlrun.log_dataset(config, *trained_ids(run))
+        mlrun.log_summary(result.to_dict())
     return result
 
 
-def predict(run_dir: Path, inputs: dict[str, np.ndarray], log: Callable = print) -> dict[str, np.ndarray]:
+def predict(run_dir, inputs: dict[str, np.ndarray], log: Callable = print) -> dict[str, np.ndarray]:
     """(N, C) ensemble probabilities of the live (unlearned) ensemble for each named input array."""
-    with opened(run_dir, log) as (config, _, ensemble):
-        complete_pending(ensemble, config, run_dir, log)
+    with opened(run_dir, log) as (_, _, ensemble, _):
         return {name: ensemble.predict_mean(x) for name, x in inputs.items()}
 
 
@@ -210,18 +229,18 @@ def prepare_input(name: str, images: np.ndarray, input_shape: tuple[int, ...]) -
     return np.ascontiguousarray(images, dtype=np.float32)
 
 
-def serve(run_dir: Path, images: np.ndarray, log: Callable = print) -> dict:
+def serve(run_dir, images: np.ndarray, log: Callable = print) -> dict:
     """`dpsisa predict`: classes and mean-softmax probabilities of the live ensemble, and the model
     version of every shard that made them (pending requests are completed first)."""
-    with opened(run_dir, log) as (config, data, ensemble):
-        complete_pending(ensemble, config, run_dir, log)
-        x = prepare_input(config.data.name, images, data.get().input_shape)
+    run = resolve_run_dir(run_dir)
+    with opened(run, log) as (config, _, ensemble, _):
+        x = prepare_input(config.data.name, images, tuple(run.model_info()["input_shape"]))
         versions = [ensemble.status()[s]["version"] for s in range(config.shards.count)]
         probs = ensemble.predict_mean(x)
         if [ensemble.status()[s]["version"] for s in range(config.shards.count)] != versions:
             raise RunError("the ensemble changed while predicting (a forget committed meanwhile); run predict again.")
-    return {"run_dir": str(run_dir), "predictions": probs.argmax(axis=1).tolist(), "probabilities": probs.tolist(),
-            "model_versions": versions, "pending_requests": sorted(Ledger(run_dir).pending())}
+    return {"run_dir": run.uri, "predictions": probs.argmax(axis=1).tolist(), "probabilities": probs.tolist(),
+            "model_versions": versions, "pending_requests": sorted(run.ledger().pending())}
 
 
 def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple[float, float]:
@@ -235,46 +254,51 @@ def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple
     return replayed, total
 
 
-def evaluate_run(run_dir: Path, log: Callable = print, placement=None, probe_ids: list[int] | None = None) -> dict:
+def evaluate_run(run_dir, log: Callable = print, placement=None, probe_ids: list[int] | None = None) -> dict:
     """Test metrics and membership-inference attacks; `probe_ids` (e.g. ids about to be
     forgotten) are attacked in place of the forgotten ids."""
-    with tracking.verb_run("evaluate", load_run_config(run_dir), run_dir) as run:
-        with opened(run_dir, log, placement=placement) as (config, data, ensemble):
-            complete_pending(ensemble, config, run_dir, log)
+    run = resolve_run_dir(run_dir)
+    with tracking.verb_run("evaluate", run.config(), run) as mlrun:
+        with opened(run, log, placement=placement) as (config, data, ensemble, _):
             metrics = evaluate.ensemble_metrics(ensemble, data.get())
             log("membership-inference attacks (members vs non-members, forgotten vs non-members) ...")
-            metrics.update(evaluate.membership_inference(ensemble, data.get(), Ledger(run_dir).forgotten_ids(), config.seed,
+            metrics.update(evaluate.membership_inference(ensemble, data.get(), run.ledger().forgotten_ids(), config.seed,
                                                          probe_ids=probe_ids))
-        run.log_summary(metrics)
+        mlrun.log_summary(metrics)
     return metrics
 
 
-def verify(run_dir: Path, all_shards: bool = False, log: Callable = print) -> dict:
+def verify(run_dir, all_shards: bool = False, log: Callable = print) -> dict:
     """Retrain touched shards from scratch without their forgotten ids; compare bit for bit."""
-    with tracking.verb_run("verify", load_run_config(run_dir), run_dir) as run:
-        with opened(run_dir, log) as (config, data, ensemble):
-            complete_pending(ensemble, config, run_dir, log)
-            touched = [s for s in range(config.shards.count) if all_shards or ShardStore(run_dir, s).manifest().version > 0]
+    run = resolve_run_dir(run_dir)
+    with tracking.verb_run("verify", run.config(), run) as mlrun:
+        with opened(run, log) as (config, data, ensemble, _):
+            touched = [s for s in range(config.shards.count) if all_shards or run.shard(s).manifest().version > 0]
             log(f"verifying shard(s) {touched} against from-scratch retraining ...")
             test = data.get().test
             results = ensemble.verify(touched, test.x, log=log)
-            report = evaluate.unlearning_report(ensemble, data.get(), Ledger(run_dir).forgotten_ids(),
+            report = evaluate.unlearning_report(ensemble, data.get(), run.ledger().forgotten_ids(),
                                                 {s: r.pop("oracle_probs") for s, r in results.items()}, config.seed)
         summary = {"exact": all(r["exact"] for r in results.values()), "shards_checked": touched,
                    "shards": [results[s] for s in touched], "device": str(resolve_device(config.train.device)),
                    "unlearning": report}
-        run.log_summary({"exact": float(summary["exact"]), "shards_checked": len(touched),
+        mlrun.log_summary({"exact": float(summary["exact"]), "shards_checked": len(touched),
                          **{f"unlearning.{k}": v for k, v in report.items()}})
     return summary
 
 
-def status(run_dir: Path, log: Callable = print) -> dict:
-    """Read from disk; starts actors only to complete a pending request."""
-    config = load_run_config(run_dir)
-    ledger = Ledger(run_dir)
-    if ledger.pending():
-        with opened(run_dir, log) as (_, _, ensemble):
-            complete_pending(ensemble, config, run_dir, log)
+def status(run_dir, log: Callable = print) -> dict:
+    """Read from storage; reaches the coordinator only to complete a pending request. Each shard's
+    node and device are those of its running actor when the run is warm, else those recorded by
+    the commit of its live version."""
+    run = resolve_run_dir(run_dir)
+    config = run.config()
+    ledger = run.ledger()
+    live: dict[int, dict] = {}
+    cluster.connect(config.ray, log)
+    if ledger.pending() or coordinator.find(run, config) is not None:
+        with opened(run, log) as (_, _, ensemble, _):
+            live = ensemble.status()
     requests = ledger.requests()
     by_request: dict[str, dict] = {}
     for rid, st in zip(requests["request_id"].to_pylist(), requests["status"].to_pylist()):
@@ -282,21 +306,25 @@ def status(run_dir: Path, log: Callable = print) -> dict:
         entry["ids"] += 1
     shards = []
     for s in range(config.shards.count):
-        m = ShardStore(run_dir, s).manifest()
-        shards.append({"shard": s, "version": m.version, "forgotten": len(m.forgotten), "samples": m.stages[-1]["samples"],
-                       "epsilon": m.releases[-1]["epsilon"], "epsilon_cumulative": m.releases[-1]["epsilon_cumulative"],
-                       "releases": len(m.releases)})
-    return {"run_dir": str(run_dir), "shards": shards,
+        m = run.shard(s).manifest()
+        where = live.get(s) or m.releases[-1]
+        shards.append(ShardStatus(
+            shard=s, version=m.version, forgotten=len(m.forgotten), samples=m.stages[-1]["samples"],
+            epsilon=m.releases[-1]["epsilon"], epsilon_cumulative=m.releases[-1]["epsilon_cumulative"],
+            releases=len(m.releases), node=where.get("node"), host=where.get("host"), device=where.get("device"),
+            live=s in live))
+    return {"run_dir": run.uri, "shards": [s.to_dict() for s in shards],
             "pending": [r for r in by_request.values() if r["status"] == "pending"],
             "done": [r for r in by_request.values() if r["status"] == "done"],
-            "epsilon_target": config.privacy.epsilon, "delta": config.privacy.delta}
+            "epsilon_target": config.privacy.epsilon, "delta": config.privacy.delta,
+            "coordinator": "warm" if live else "stopped"}
 
 
-def stop(run_dir: Path, log: Callable = print) -> dict:
-    """Release the detached actors (and placement group) that `train --keep-alive` left running."""
-    config = load_run_config(run_dir)
+def stop(run_dir, log: Callable = print) -> dict:
+    """Release the run's coordinator and its shard actors (kept alive by `train --keep-alive`)."""
+    run = resolve_run_dir(run_dir)
+    config = run.config()
     cluster.connect(config.ray, log)
-    stopped = Ensemble.stop_detached(run_dir, config)
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    atomic_write_json(run_dir / "train_summary.json", {**summary, "keep_alive": False})
-    return {"run_dir": str(run_dir), "actors_stopped": stopped}
+    stopped = coordinator.stop(run, config)
+    run.write_summary({**run.summary(), "keep_alive": False})
+    return {"run_dir": run.uri, "actors_stopped": stopped}

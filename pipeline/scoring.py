@@ -26,12 +26,13 @@ from pipeline import runs, tracking
 from pipeline.checkpoints import atomic_write_json
 from pipeline.config import Config
 from pipeline.data import datasets
+from pipeline.errors import UserError
 from pipeline.unlearning import accuracy, logit_scaled_confidence, permutation_null, unlearning_score
 
 RETAIN_SAMPLE = 2000  # retain-set accuracy on at most this many random retained ids
 
 
-class ScoreError(ValueError):
+class ScoreError(UserError, ValueError):
     """The scoring request is impossible (K < 1, forget set larger than the data); message names the fix."""
 
 
@@ -93,7 +94,7 @@ def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20,
         run_dir = out_dir / f"unlearned-{i}"
         runs.train(config.with_overrides({"seed": seed}), run_dir, log=log)
         predict_into("original", run_dir)
-        forget_seconds.append(runs.forget(run_dir, forget, log=log)["seconds"])
+        forget_seconds.append(runs.forget(run_dir, forget, log=log).seconds)
         predict_into("unlearned", run_dir)
     for i in range(k):
         seed = config.seed + k + i

@@ -1,21 +1,24 @@
 """One SISA shard: its constituent model, its slice checkpoints, and forgetting by replay.
 
 `Shard` is plain Python (no Ray): the driver runs it as a Ray actor, tests may run it directly.
-It reads the ledger for its slices and commits checkpoints through `ShardStore`.
+Everything it needs comes from the run directory (local or object storage), never from object
+refs, so Ray can restart it on another node after a crash: the pretrained model, its recipe, and
+its own shard's data file (only its samples, less the ones it has forgotten). It reads the ledger
+for its slices and commits checkpoints — and the data file without erased samples — through
+`ShardStore`.
 """
 from __future__ import annotations
 
-import json
 import os
+import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.checkpoints import Manifest, ShardStore
+from pipeline.checkpoints import INITIAL_DATA, Manifest, ShardStore, sha256_hex
 from pipeline.finetune import plan_for
 from pipeline.ledger import Ledger
 from pipeline.models import Classifier
@@ -28,28 +31,46 @@ SAMPLED_ACCURACY_IDS = 256  # progress accuracy: the first ids of slice 0 (train
 
 
 class Shard:
-    def __init__(self, run_dir: str, shard: int, config_dict: dict, recipe_dict: dict, pretrained: Classifier,
-                 x: np.ndarray, y: np.ndarray, threads: int = 1, log_progress: bool = True):
+    def __init__(self, run_dir: str, shard: int, config_dict: dict, recipe_dict: dict, threads: int = 1,
+                 log_progress: bool = True, pretrained: Classifier | None = None):
         from pipeline.config import from_dict
+        from pipeline.rundir import RunDir
 
         torch.set_num_threads(threads)
-        self.run_dir, self.shard = Path(run_dir), shard
+        self.run = RunDir(run_dir)
+        self.shard = shard
         self.config = from_dict(config_dict)
         self.recipe = Recipe.from_dict(recipe_dict)
-        self.x, self.y = x, y  # the whole private split; row i holds sample id i
-        self.ledger, self.store = Ledger(run_dir), ShardStore(run_dir, shard)
+        self.ledger, self.store = Ledger(self.run), ShardStore(self.run, shard)
+        self._set_data(*self.store.load_data(self.store.manifest().data if self.store.exists() else None))
+        pretrained = pretrained if pretrained is not None else self.run.pretrained_model(self.config)
         plan = plan_for(pretrained, self.config.finetune.strategy, self.config.finetune.conv_fraction)
-        device = resolve_device(self.config.train.device)
-        if device.type == "cuda":  # bitwise replay on GPUs needs deterministic kernels (checked on an H100)
+        self.device = resolve_device(self.config.train.device)
+        if self.device.type == "cuda":  # bitwise replay on GPUs needs deterministic kernels (checked on an H100)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        self.trainer = ShardTrainer(pretrained, plan, self.recipe, self.config.seed, shard, device)
+        self.trainer = ShardTrainer(pretrained, plan, self.recipe, self.config.seed, shard, self.device)
         self.log_progress = log_progress
         self._model: tuple[int, Classifier] | None = None
         # per-stage progress of the running (or last) fit/forget; `progress` reads it from another thread
         self._progress: list[dict] = []
         self._progress_lock = threading.Lock()
         self._epsilon_through: dict[int, float | None] = {}
+
+    def _set_data(self, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        """This shard's samples only, sorted by id (rows are looked up by id)."""
+        order = np.argsort(ids, kind="stable")
+        self.ids, self.x, self.y = ids[order], x[order], y[order]
+
+    def _rows(self, ids: np.ndarray) -> np.ndarray:
+        rows = np.searchsorted(self.ids, ids)
+        if len(ids) and (rows.max() >= len(self.ids) or not np.array_equal(self.ids[rows], ids)):
+            raise RuntimeError(f"shard {self.shard}'s data file lacks ids the ledger assigns to it; retrain the run.")
+        return rows
+
+    def where(self) -> dict:
+        """The node and device this actor runs on (recorded with every release, shown by status)."""
+        return {"node": _node_id(), "host": socket.gethostname(), "device": str(self.device)}
 
     def _log(self, message: str) -> None:
         if self.log_progress:
@@ -59,7 +80,7 @@ class Shard:
         return self.ledger.shard_slices(self.shard, exclude)
 
     def _data(self, slices: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(self.x[ids], self.y[ids]) for ids in slices]
+        return [(self.x[rows], self.y[rows]) for rows in map(self._rows, slices)]
 
     def _payload(self, stage: int, state: ShardState, slices: list[np.ndarray], version: int) -> dict:
         seen = np.concatenate(slices[: stage + 1])
@@ -93,10 +114,10 @@ class Shard:
     def _stage_record(self, job: str, stage: int, state: ShardState, first_slice: np.ndarray, seconds: float) -> dict:
         """What a finished stage reports: its mean training loss, accuracy on a fixed set of the
         shard's own ids (no generator is touched: replays stay bit-exact) and ε through this stage."""
-        ids = first_slice[:SAMPLED_ACCURACY_IDS]
-        predicted = predict_proba(self.trainer.model(state), self._inputs(self.x[ids])).argmax(1).cpu().numpy()
+        rows = self._rows(first_slice[:SAMPLED_ACCURACY_IDS])
+        predicted = predict_proba(self.trainer.model(state), self._inputs(self.x[rows])).argmax(1).cpu().numpy()
         return {"job": job, "stage": stage, "loss": self.trainer.last_loss,
-                "accuracy_sampled": float((predicted == self.y[ids]).mean()) if len(ids) else None,
+                "accuracy_sampled": float((predicted == self.y[rows]).mean()) if len(rows) else None,
                 "epsilon": self._epsilon_through_stage(stage), "seconds": seconds}
 
     def _epsilon_through_stage(self, stage: int) -> float | None:
@@ -118,13 +139,12 @@ class Shard:
             return [dict(r) for r in self._progress if r["job"] == job]
 
     def _crash_point(self) -> int | None:
-        path = self.run_dir / CRASH_FILE
-        if not path.is_file():
+        if not self.run.exists(CRASH_FILE):
             return None
-        spec = json.loads(path.read_text())
+        spec = self.run.read_json(CRASH_FILE)
         if spec.get("shard") != self.shard:
             return None
-        path.unlink()
+        self.run.delete(CRASH_FILE)
         return int(spec["after_stage"])
 
     def fit(self) -> dict:
@@ -134,8 +154,9 @@ class Shard:
         entries = self._train(slices, 0, None, 0, "fit")
         seconds = time.perf_counter() - start
         release = {"version": 0, "request_id": None, "from_stage": 0, "seconds": seconds,
-                   "epsilon": self.recipe.epsilon_spent, "epsilon_cumulative": self.recipe.epsilon_spent}
-        self.store.commit(None, Manifest(self.shard, 0, entries, [], [release]))
+                   "epsilon": self.recipe.epsilon_spent, "epsilon_cumulative": self.recipe.epsilon_spent, **self.where()}
+        data = {"file": INITIAL_DATA, "sha256": sha256_hex(self.store.storage.read_bytes(INITIAL_DATA)), "samples": len(self.ids)}
+        self.store.commit(None, Manifest(self.shard, 0, entries, [], [release], data))
         return {"shard": self.shard, "seconds": seconds, "epsilon": self.recipe.epsilon_spent, "progress": self.progress("fit")}
 
     def _state(self, manifest: Manifest, stage: int) -> ShardState:
@@ -152,7 +173,8 @@ class Shard:
                     "seconds": 0.0, "already_applied": True, "progress": []}
         forgotten = sorted(set(manifest.forgotten) | set(ids))
         all_slices = self._slices(set())
-        first = min(r for r, s in enumerate(all_slices) if np.isin(ids, s).any())
+        fresh = np.setdiff1d(np.asarray(ids, np.int64), np.asarray(manifest.forgotten, np.int64))  # a retried batch
+        first = min(r for r, s in enumerate(all_slices) if np.isin(fresh, s).any())
         slices = self._slices(set(forgotten))
         version = manifest.version + 1
         state = self._state(manifest, first - 1) if first > 0 else None
@@ -161,11 +183,16 @@ class Shard:
         seconds = time.perf_counter() - start
         replays = [r["from_stage"] for r in manifest.releases[1:]] + [first]
         release = {"version": version, "request_id": request_id, "from_stage": first, "seconds": seconds,
-                   "epsilon": self.recipe.epsilon_spent, "epsilon_cumulative": release_epsilon(self.recipe, replays)}
-        new = Manifest(self.shard, version, manifest.stages[:first] + entries, forgotten, manifest.releases + [release])
+                   "epsilon": self.recipe.epsilon_spent, "epsilon_cumulative": release_epsilon(self.recipe, replays),
+                   **self.where()}
+        keep = ~np.isin(self.ids, np.asarray(forgotten, np.int64))  # our data copy drops the erased samples too
+        data = self.store.write_data(version, self.ids[keep], self.x[keep], self.y[keep])
+        new = Manifest(self.shard, version, manifest.stages[:first] + entries, forgotten, manifest.releases + [release], data)
         self.store.commit(manifest, new)
+        self._set_data(self.ids[keep], self.x[keep], self.y[keep])
         return {"shard": self.shard, "version": version, "from_stage": first, "stages_replayed": len(slices) - first,
-                "seconds": seconds, "already_applied": False, "progress": self.progress(request_id)}
+                "seconds": time.perf_counter() - start, "replay_seconds": seconds, "already_applied": False,
+                "progress": self.progress(request_id)}
 
     def model(self) -> Classifier:
         manifest = self.store.manifest()
@@ -214,7 +241,17 @@ class Shard:
         m = self.store.manifest()
         return {"shard": self.shard, "version": m.version, "forgotten": len(m.forgotten),
                 "samples": m.stages[-1]["samples"], "epsilon": m.releases[-1]["epsilon"],
-                "epsilon_cumulative": m.releases[-1]["epsilon_cumulative"], "releases": m.releases}
+                "epsilon_cumulative": m.releases[-1]["epsilon_cumulative"], "releases": m.releases, **self.where()}
+
+
+def _node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - no Ray context: a plain process
+        return None
 
 
 def _short(value: float | None) -> str:

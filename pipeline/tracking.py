@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.storage import Storage
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # else MLflow 3 opens a new experiment on its GenAI overview
@@ -165,26 +166,34 @@ class VerbRun(Untracked):
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
 
 
-def _log_run_files(client, run_id: str, run_dir: Path) -> None:
-    """The run directory's config, recipes, train summary and ledger as they are now."""
-    for name in RUN_FILES:
-        if (run_dir / name).is_file():
-            client.log_artifact(run_id, str(run_dir / name))
-    for table in LEDGER_FILES:
-        if (run_dir / "ledger" / table).is_file():
-            client.log_artifact(run_id, str(run_dir / "ledger" / table), artifact_path="ledger")
+def _storage(run_dir) -> Storage:
+    return run_dir if isinstance(run_dir, Storage) else Storage(run_dir)
 
 
-def parent_run(client, experiment_id: str, config: Config, run_dir: Path, new: bool = False) -> str:
+def _log_run_files(client, run_id: str, run_dir) -> None:
+    """The run directory's config, recipes, train summary and ledger as they are now (copied
+    through a temporary folder: the run may live on object storage)."""
+    run = _storage(run_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        for rel, artifact_path in [(name, None) for name in RUN_FILES] + [(f"ledger/{t}", "ledger") for t in LEDGER_FILES]:
+            try:
+                data = run.read_bytes(rel)
+            except FileNotFoundError:
+                continue
+            local = Path(tmp) / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(data)
+            client.log_artifact(run_id, str(local), artifact_path=artifact_path)
+
+
+def parent_run(client, experiment_id: str, config: Config, run_dir, new: bool = False) -> str:
     """The run directory's parent run: the one in RUN_DIR/mlflow.json if it lives in this store and
     experiment, else (or with `new`) a fresh one whose id is written there (atomically)."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.checkpoints import atomic_write_json
-
-    path, uri = run_dir / PARENT_FILE, tracking_uri(config)
-    if not new and path.is_file():
-        state = json.loads(path.read_text())
+    run, uri = _storage(run_dir), tracking_uri(config)
+    if not new and run.exists(PARENT_FILE):
+        state = run.read_json(PARENT_FILE)
         if state.get("tracking_uri") == uri and state.get("experiment_id") == experiment_id:
             try:
                 run = client.get_run(state["run_id"])
@@ -192,15 +201,15 @@ def parent_run(client, experiment_id: str, config: Config, run_dir: Path, new: b
                     return run.info.run_id
             except MlflowException:
                 pass  # deleted from the store: start a new parent
-    run_id = client.create_run(experiment_id, run_name=run_dir.name,
-                               tags={"dpsisa.kind": "run", "dpsisa.run_dir": str(run_dir)}).info.run_id
+    run_id = client.create_run(experiment_id, run_name=run.name,
+                               tags={"dpsisa.kind": "run", "dpsisa.run_dir": run.uri}).info.run_id
     client.log_batch(run_id, params=_params(config))
-    atomic_write_json(path, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri})
+    run.write_json(PARENT_FILE, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri})
     return run_id
 
 
 @contextmanager
-def verb_run(kind: str, config: Config, run_dir: Path, tags: dict[str, str] | None = None) -> Iterator[Untracked]:
+def verb_run(kind: str, config: Config, run_dir, tags: dict[str, str] | None = None) -> Iterator[Untracked]:
     """A child run of the run directory's parent for one verb, open while the verb runs: FINISHED
     when the block ends, FAILED (KILLED on Ctrl-C) when it raises, which is re-raised. `train`
     starts a new parent run. Yields an `Untracked` (no-op) object when tracking is off."""
@@ -213,8 +222,9 @@ def verb_run(kind: str, config: Config, run_dir: Path, tags: dict[str, str] | No
     client = MlflowClient(tracking_uri(config))
     parent = parent_run(client, experiment_id, config, run_dir, new=kind == "train")
     client.update_run(parent, status="RUNNING")
-    run_id = client.create_run(experiment_id, run_name=f"{kind}-{run_dir.name}", tags={
-        "dpsisa.kind": kind, "dpsisa.run_dir": str(run_dir), "mlflow.parentRunId": parent, **(tags or {})}).info.run_id
+    run = _storage(run_dir)
+    run_id = client.create_run(experiment_id, run_name=f"{kind}-{run.name}", tags={
+        "dpsisa.kind": kind, "dpsisa.run_dir": run.uri, "mlflow.parentRunId": parent, **(tags or {})}).info.run_id
     client.log_batch(run_id, params=_params(config))
     status = "FAILED"
     try:
@@ -231,7 +241,7 @@ def verb_run(kind: str, config: Config, run_dir: Path, tags: dict[str, str] | No
             client.set_terminated(parent, "FAILED" if kind == "train" and status != "FINISHED" else "FINISHED")
 
 
-def log_job(kind: str, config: Config, run_dir: Path, summary: dict[str, Any], parent_run_id: str | None = None) -> str | None:
+def log_job(kind: str, config: Config, run_dir, summary: dict[str, Any], parent_run_id: str | None = None) -> str | None:
     """One MLflow run for a whole job logged after the fact (e.g. `score`); returns its run id."""
     if not config.tracking.enabled:
         return None
@@ -239,7 +249,8 @@ def log_job(kind: str, config: Config, run_dir: Path, summary: dict[str, Any], p
 
     experiment_id = set_experiment(config)
     client = MlflowClient(tracking_uri(config))
-    tags = {"dpsisa.kind": kind, "dpsisa.run_dir": str(run_dir)}
+    run_dir = _storage(run_dir)
+    tags = {"dpsisa.kind": kind, "dpsisa.run_dir": run_dir.uri}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     run_id = client.create_run(experiment_id, run_name=f"{kind}-{run_dir.name}", tags=tags).info.run_id

@@ -40,3 +40,16 @@ def ray_2cpu():
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def s3_store():
+    """A real S3-compatible store (moto_server on 127.0.0.1) with bucket ``dpsisa-test``, for the whole session.
+
+    The AWS variables (AWS_ENDPOINT_URL etc.) are set in os.environ directly, not via monkeypatch, so Ray
+    workers started later inherit them; pyarrow's FileSystem.from_uri("s3://...") picks up AWS_ENDPOINT_URL.
+    """
+    from s3_server import moto_s3
+
+    with moto_s3() as store:
+        yield store

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.errors import UserError
 from pipeline.finetune import FinetunePlan
 from pipeline.models import Classifier
 from pipeline.privacy import Recipe
@@ -28,7 +29,7 @@ from pipeline.train import ShardTrainer, StepHook
 FAMILIES = ("exact", "certified", "approximate", "protection")
 
 
-class BaselineError(ValueError):
+class BaselineError(UserError, ValueError):
     """A comparison request is impossible (unknown method, empty forget set, ...); the message names the fix."""
 
 

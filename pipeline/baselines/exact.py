@@ -12,6 +12,7 @@ import numpy as np
 
 from pipeline.baselines.base import Method, Outcome, Problem, register
 from pipeline.baselines.problem import original_config
+from pipeline.checkpoints import ShardStore
 from pipeline.data.partition import partition
 from pipeline.finetune import plan_for
 from pipeline.ledger import Ledger
@@ -65,8 +66,10 @@ class Sisa(Method):
         train_seconds = 0.0
         for s in range(b.sisa_shards):
             recipe = make_recipe(config, s, [len(x) for x in ledger.shard_slices(s)])
-            shard = Shard(str(run_dir), s, config.to_dict(), recipe.to_dict(), problem.pretrained, problem.x, problem.y,
-                          threads=1, log_progress=False)
+            own = np.sort(columns["sample_id"][columns["shard"] == s])  # a shard reads only its own samples
+            ShardStore(run_dir, s).write_data(0, own, problem.x[own], problem.y[own])
+            shard = Shard(str(run_dir), s, config.to_dict(), recipe.to_dict(), threads=1, log_progress=False,
+                          pretrained=problem.pretrained)
             train_seconds += shard.fit()["seconds"]
             originals.append(shard.model())
             shards.append(shard)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.config import DataConfig
+from pipeline.errors import UserError
 
 if TYPE_CHECKING:
     from pipeline.data.canaries import Canaries
@@ -36,7 +37,7 @@ NORMALISATION = {
 }
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The data set cannot be found or read; the message lists the ways to get it."""
 
 

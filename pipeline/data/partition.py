@@ -9,8 +9,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pipeline.errors import UserError
 
-class PartitionError(ValueError):
+
+class PartitionError(UserError, ValueError):
     """The data cannot be split as asked (e.g. more slices than samples in a shard)."""
 
 

@@ -160,14 +160,14 @@ def command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     """`python jobs/sweep.py SWEEP.yaml [key=value ...] [--resume]`; errors: one line, exit 3."""
-    from pipeline.errors import USER_ERRORS
+    from pipeline.errors import UserError
 
     parser = argparse.ArgumentParser(prog="dpsisa sweep", description="Ray Tune sweep of whole dpsisa experiments.")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
         status = command(args)
-    except USER_ERRORS as exc:
+    except UserError as exc:
         print(f"dpsisa sweep: error: {exc}", file=sys.stderr)
         sys.exit(3)
     if status:

@@ -84,7 +84,7 @@ def run_trial(point: dict[str, Any], spec: SweepSpec) -> None:
                "full_train_seconds": float(trained["full_train_seconds"])}
     if doomed:
         forgot = runs.forget(run_dir, doomed, log, placement=placement)
-        metrics.update(forget_metrics(forgot))
+        metrics.update(forget_metrics(forgot.to_dict()))
         metrics.update(evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement), AFTER))
     tune.report(metrics)
 

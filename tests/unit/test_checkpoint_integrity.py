@@ -85,9 +85,9 @@ def test_code_in_a_stage_file_never_runs_even_with_a_rewritten_manifest(tmp_path
     marker = tmp_path / "MARKER"
     evil = _evil_bytes(marker)
     (store.dir / manifest.stages[1]["file"]).write_bytes(evil)
-    forged = json.loads(store.manifest_path.read_text())  # the attacker can write the manifest too
+    forged = json.loads((store.dir / "manifest.json").read_text())  # the attacker can write the manifest too
     forged["stages"][1]["sha256"] = sha256_hex(evil)
-    store.manifest_path.write_text(json.dumps(forged))
+    (store.dir / "manifest.json").write_text(json.dumps(forged))
     with pytest.raises(CheckpointIntegrityError, match="weights_only loading refuses") as info:
         store.load_stage(store.manifest(), 1)
     assert "stage_1.v0.pt" in str(info.value) and "possible tampering" in str(info.value)
@@ -97,10 +97,10 @@ def test_code_in_a_stage_file_never_runs_even_with_a_rewritten_manifest(tmp_path
 
 def test_manifest_without_hashes_still_loads_with_weights_only(tmp_path):
     store, manifest, payloads = _committed(tmp_path)
-    old = json.loads(store.manifest_path.read_text())
+    old = json.loads((store.dir / "manifest.json").read_text())
     for entry in old["stages"]:
         del entry["sha256"]  # written before hashes were recorded
-    store.manifest_path.write_text(json.dumps(old))
+    (store.dir / "manifest.json").write_text(json.dumps(old))
     legacy = store.manifest()
     assert torch.equal(store.load_stage(legacy, 0)["params"]["fc.weight"], payloads[0]["params"]["fc.weight"])
     marker = tmp_path / "MARKER"
@@ -120,19 +120,25 @@ def test_truncated_file_without_hash_is_a_clear_error(tmp_path):
 
 def test_pretrained_model_load_refuses_code(tmp_path, digits_config):
     from pipeline import models
-    from pipeline.runs import _pretrained_from_run
+    from pipeline.rundir import RunDir
 
     config = digits_config()
     data = SimpleNamespace(input_shape=(1, 8, 8), num_classes=10)
     model = models.build(config.model.name, data.input_shape, data.num_classes, config.model.width, config.seed)
-    save_torch(tmp_path / "pretrained.pt", model.state_dict())
-    loaded = _pretrained_from_run(tmp_path, config, data)
+    run = RunDir(tmp_path)
+    run.write_pretrained(model, data.input_shape, data.num_classes)
+    loaded = run.pretrained_model(config)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
 
     marker = tmp_path / "MARKER"
-    (tmp_path / "pretrained.pt").write_bytes(_evil_bytes(marker))
+    evil = _evil_bytes(marker)
+    (tmp_path / "pretrained.pt").write_bytes(evil)
+    with pytest.raises(CheckpointIntegrityError, match="pretrained.pt failed its integrity check"):
+        run.pretrained_model(config)
+    info = json.loads((tmp_path / "model.json").read_text())  # an attacker who can also rewrite model.json
+    (tmp_path / "model.json").write_text(json.dumps({**info, "sha256": sha256_hex(evil)}))
     with pytest.raises(CheckpointIntegrityError, match="pretrained.pt holds non-tensor objects"):
-        _pretrained_from_run(tmp_path, config, data)
+        run.pretrained_model(config)
     with pytest.raises(CheckpointIntegrityError):
         load_torch(tmp_path / "pretrained.pt")  # the pretrain cache (pipeline.pretrain) uses the same loader
     assert not marker.exists()

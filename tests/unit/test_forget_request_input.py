@@ -1,4 +1,6 @@
 """Forget-request input (issue 8): an empty id item is an error, and an id already requested names its request."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import yaml
@@ -111,7 +113,7 @@ def test_cli_refuses_an_empty_item_with_exit_3_and_one_line(capsys, run_dir, led
     ids_file.write_text("2\n\n4\n")
     line = _cli_error(capsys, ["forget", "--run-dir", str(run_dir), "--ids-file", str(ids_file)])
     assert "a blank line at line 2" in line
-    assert not ledger.requests_path.exists()  # nothing was requested
+    assert not (Path(ledger.dir) / "requests.parquet").exists()  # nothing was requested
 
 
 def test_cli_refuses_an_already_requested_id_with_exit_3_naming_the_request(capsys, run_dir, ledger):

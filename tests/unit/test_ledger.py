@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -26,7 +28,7 @@ def test_parse_ids_accepts_commas_spaces_and_newlines():
 def test_invalid_requests_are_rejected_with_the_reason(ledger, ids, problem):
     with pytest.raises(ForgetRequestError, match=problem):
         ledger.validate(ids)
-    assert not ledger.requests_path.exists()
+    assert not (Path(ledger.dir) / "requests.parquet").exists()
 
 
 def test_request_lifecycle_pending_then_done_with_versions(ledger):
@@ -35,7 +37,7 @@ def test_request_lifecycle_pending_then_done_with_versions(ledger):
     with pytest.raises(ForgetRequestError, match="already forgotten or pending"):
         ledger.validate([5])
     ledger.mark_done(rid, {0: 2, 1: 7})
-    rows = pq.read_table(ledger.requests_path).to_pylist()
+    rows = pq.read_table(Path(ledger.dir) / "requests.parquet").to_pylist()
     assert [(r["sample_id"], r["shard"], r["status"], r["model_version"]) for r in rows] == [(4, 0, "done", 2), (5, 1, "done", 7)]
     assert all(r["completed_at"] >= r["requested_at"] for r in rows)
     assert ledger.forgotten_ids() == {4, 5} and ledger.pending() == {}

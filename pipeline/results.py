@@ -1,0 +1,61 @@
+"""What verbs return, typed. Converted to dicts only at the edges (CLI `--json`, MLflow)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ForgetResult:
+    """One forget request, done: which shards replayed from which stage, the new versions."""
+
+    request_id: str
+    ids: int
+    shards_retrained: list[int]
+    slices_retrained: dict[str, int]  # JSON keys are strings: shard → stages replayed
+    from_stage: dict[str, int | None]  # shard → first replayed stage (None: it had already applied them)
+    versions: dict[str, int]  # shard → model version that no longer saw the ids
+    shard_seconds: dict[str, float]
+    seconds: float  # end to end, as the caller waited
+    batch: list[str] = field(default_factory=list)  # request ids applied together with this one (coalesced)
+    completed_pending: bool = False  # finished after a crash left it pending
+    full_train_seconds: float | None = None
+    speedup: float | None = None
+    samples_processed: float | None = None  # replayed SGD sample-steps of the whole batch
+    full_train_samples: float | None = None
+    work_fraction: float | None = None
+
+    @classmethod
+    def of(cls, request_id: str, ids: list[int], shard_results: dict[int, dict], seconds: float,
+           batch: list[str], completed_pending: bool = False, owners: set[int] | None = None) -> ForgetResult:
+        """From the owning shards' forget results (`owners`: this request's shards within a batch)."""
+        mine = {s: r for s, r in sorted(shard_results.items()) if owners is None or s in owners}
+        return cls(request_id=request_id, ids=len(ids),
+                   shards_retrained=sorted(s for s, r in mine.items() if not r["already_applied"]),
+                   slices_retrained={str(s): r["stages_replayed"] for s, r in mine.items()},
+                   from_stage={str(s): r["from_stage"] for s, r in mine.items()},
+                   versions={str(s): r["version"] for s, r in mine.items()},
+                   shard_seconds={str(s): r["seconds"] for s, r in mine.items()},
+                   seconds=seconds, batch=list(batch), completed_pending=completed_pending)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ShardStatus:
+    """One shard as `dpsisa status` reports it: its live version and where it runs."""
+
+    shard: int
+    version: int
+    forgotten: int
+    samples: int
+    epsilon: float | None
+    epsilon_cumulative: float | None
+    releases: int
+    node: str | None  # Ray node id of the actor that committed the live version
+    host: str | None
+    device: str | None
+    live: bool = False  # node/device are those of a running (warm) actor, not of the last commit
+
+    def to_dict(self) -> dict:
+        return asdict(self)

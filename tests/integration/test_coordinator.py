@@ -1,0 +1,102 @@
+"""One writer per run: concurrent forget submissions through the run's coordinator (real Ray,
+real Parquet ledger, digits), with and without the coordinator killed mid-request."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pipeline import coordinator, runs
+from pipeline.ledger import ForgetRequestError
+from pipeline.rundir import RunDir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(ray_2cpu, tmp_path_factory):
+    """A trained digits run (2 shards × 3 slices); MLflow off: the test threads share one process."""
+    from pipeline import config as C
+
+    config = C.load("jobs/configs/digits.yaml", ["tracking.enabled=false"])
+    run = RunDir(tmp_path_factory.mktemp("coord") / "run")
+    runs.train(config, run, log=lambda m: None)
+    return run
+
+
+def _ids_of_shard(run: RunDir, shard: int, count: int, skip: set[int]) -> list[int]:
+    table = run.ledger().assignments().to_pandas()
+    mine = table[(table["shard"] == shard) & ~table["sample_id"].isin(skip)].sort_values(["slice", "sample_id"])
+    return [int(i) for i in mine["sample_id"].iloc[:: max(1, len(mine) // count)].iloc[:count]]
+
+
+def _forget_concurrently(run: RunDir, batches: list[list[int]], during=None) -> list:
+    results: list = [None] * len(batches)
+
+    def one(k: int) -> None:
+        try:
+            results[k] = runs.forget(run, batches[k], log=lambda m: None)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertions below
+            results[k] = exc
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(len(batches))]
+    for t in threads:
+        t.start()
+    if during is not None:
+        during()
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
+def _assert_each_applied_once(run: RunDir, batches: list[list[int]], results: list, shard: int) -> None:
+    assert not [r for r in results if isinstance(r, Exception)], results
+    requests = run.ledger().requests().to_pandas()
+    wanted = {i for ids in batches for i in ids}
+    rows = requests[requests["sample_id"].isin(wanted)]
+    assert len(rows) == len(wanted) and set(rows["status"]) == {"done"}  # one row per id, each done once
+    assert rows["request_id"].nunique() == len(batches)
+    manifest = run.shard(shard).manifest()
+    assert wanted <= set(manifest.forgotten)  # every id is out of the live model
+    assert manifest.version == len(manifest.releases) - 1  # one new version per applied batch, no gaps
+    versions = sorted({int(v) for v in requests[requests["shard"] == shard]["model_version"]})
+    assert versions == list(range(versions[0], versions[-1] + 1)) and versions[-1] == manifest.version
+    ids, _, _ = run.shard(shard).load_data(manifest.data)
+    assert not wanted & set(ids.tolist())  # the shard's own data copy dropped them too
+
+
+def test_concurrent_forget_submissions_on_one_shard_are_each_applied_exactly_once(run):
+    batches = [[i] for i in _ids_of_shard(run, 0, 4, set())]
+    results = _forget_concurrently(run, batches)
+    _assert_each_applied_once(run, batches, results, shard=0)
+    assert {r.request_id for r in results} == set(run.ledger().requests().to_pandas()["request_id"])
+    assert runs.verify(run, log=lambda m: None)["exact"] is True
+
+
+def test_an_id_already_done_is_refused_with_the_request_that_holds_it(run):
+    held = run.ledger().requests().to_pandas().iloc[0]
+    with pytest.raises(ForgetRequestError, match=f"{held['sample_id']} \\(request {held['request_id']} done\\)"):
+        runs.forget(run, [int(held["sample_id"])], log=lambda m: None)
+
+
+def test_a_killed_coordinator_is_restarted_and_finishes_the_requests_without_another_command(run, ray_2cpu):
+    taken = set(run.ledger().forgotten_ids(status=None))
+    batches = [[i] for i in _ids_of_shard(run, 1, 3, taken)]
+    config = run.config()
+    killed = []
+
+    def kill_while_working() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            handle = coordinator.find(run, config)
+            if handle is not None and run.ledger().pending():
+                ray_2cpu.kill(handle, no_restart=False)  # Ray restarts it (max_restarts=-1)
+                killed.append(sorted(run.ledger().pending()))
+                return
+            time.sleep(0.05)
+
+    results = _forget_concurrently(run, batches, during=kill_while_working)
+    assert killed and killed[0], "the coordinator was never seen working"
+    _assert_each_applied_once(run, batches, results, shard=1)
+    assert runs.verify(run, log=lambda m: None)["exact"] is True

@@ -1,0 +1,109 @@
+"""A run directory on object storage: a real S3-compatible server (moto) on 127.0.0.1, real Ray,
+digits. train → forget → verify (EXACT) → evaluate → status through the CLI on an s3:// URI, a
+crash mid-forget that leaves the old version live, and the lease that keeps other clusters out."""
+from __future__ import annotations
+
+import json
+import uuid
+
+import pyarrow.fs as pafs
+import pytest
+
+from pipeline import cli, runs
+from pipeline.coordinator import LEASE, Lease
+from pipeline.driver import ShardFailure
+from pipeline.rundir import RunDir, RunError
+from pipeline.shard import CRASH_FILE
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def s3_run(s3_store, ray_2cpu, tmp_path_factory):
+    """A digits run trained straight into the bucket; shard actors may not be restarted here, so
+    that a crash is final (restarts are tested on local runs and on the multi-node cluster)."""
+    import os
+
+    from pipeline import config as C
+
+    home = tmp_path_factory.mktemp("s3home")
+    os.environ["DPSISA_HOME"] = str(home)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+    uri = f"{s3_store.bucket_uri}/runs/{uuid.uuid4().hex[:8]}"
+    config = C.load("jobs/configs/digits.yaml", ["ray.max_restarts=0"])
+    summary = runs.train(config, uri, log=lambda m: None)
+    return RunDir(uri), summary, home
+
+
+def _objects(run: RunDir) -> set[str]:
+    infos = run.fs.get_file_info(pafs.FileSelector(run.root, recursive=True))
+    return {i.path[len(run.root) + 1:] for i in infos if i.type == pafs.FileType.File}
+
+
+def _cli_json(capsys, *argv: str) -> dict:
+    cli.main([*argv, "--json", "--quiet"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_an_s3_run_trains_forgets_verifies_evaluates_and_reports_status_through_the_cli(s3_run, monkeypatch, capsys):
+    run, summary, home = s3_run
+    monkeypatch.setenv("DPSISA_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    assert summary["accuracy"] > 0.5 and summary["run_dir"] == run.uri
+    objects = _objects(run)
+    assert {"config.yaml", "recipes.json", "model.json", "pretrained.pt", "train_summary.json", "mlflow.json",
+            "ledger/assignments.parquet", "shards/shard_000/manifest.json", "shards/shard_001/data.v0.npz"} <= objects
+    assert not (home / "s3:").exists() and not list(home.glob("**/manifest.json"))  # nothing landed on local disk
+
+    table = run.ledger().assignments().to_pandas()
+    target = int(table[(table["shard"] == 1) & (table["slice"] == 2)]["sample_id"].iloc[0])
+    forgot = _cli_json(capsys, "forget", "--run-dir", run.uri, "--ids", str(target))
+    assert forgot["shards_retrained"] == [1] and forgot["from_stage"] == {"1": 2} and forgot["versions"] == {"1": 1}
+    objects = _objects(run)
+    assert "shards/shard_001/stage_2.v1.pt" in objects and "shards/shard_001/stage_2.v0.pt" not in objects
+    assert "shards/shard_001/data.v1.npz" in objects and "shards/shard_001/data.v0.npz" not in objects
+    ids, _, _ = run.shard(1).load_data(run.shard(1).manifest().data)
+    assert target not in set(ids.tolist())  # the erased sample left our copy of the data too
+
+    assert _cli_json(capsys, "verify", "--run-dir", run.uri)["exact"] is True
+    assert _cli_json(capsys, "evaluate", "--run-dir", run.uri)["accuracy"] > 0.5
+    status = _cli_json(capsys, "status", "--run-dir", run.uri)
+    assert [s["version"] for s in status["shards"]] == [0, 1] and len(status["done"]) == 1
+    assert all(s["node"] and s["device"] == "cpu" for s in status["shards"])
+    assert LEASE not in _objects(run)  # the coordinator closed and gave the run back
+
+
+def test_a_crash_mid_forget_on_s3_leaves_the_old_version_live_and_the_next_command_completes_it(s3_run, monkeypatch):
+    run, _, home = s3_run
+    monkeypatch.setenv("DPSISA_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    table = run.ledger().assignments().to_pandas()
+    target = int(table[(table["shard"] == 0) & (table["slice"] == 0)]["sample_id"].iloc[5])
+    before = run.shard(0).manifest()
+    run.write_json(CRASH_FILE, {"shard": 0, "after_stage": 1})  # the actor dies after writing stage 1, before the commit
+    with pytest.raises(ShardFailure, match="shard 0"):
+        runs.forget(run, [target], log=lambda m: None)
+    assert run.shard(0).manifest() == before  # the old version is live
+    assert run.ledger().pending() != {}
+    assert runs.verify(run, log=lambda m: None)["exact"] is True  # (verify completes the pending request first)
+    after = run.shard(0).manifest()
+    assert after.version == before.version + 1 and target in after.forgotten and run.ledger().pending() == {}
+    live = {e["file"] for e in after.stages} | {after.data["file"], "manifest.json"}
+    assert {o.split("/")[-1] for o in _objects(run) if o.startswith("shards/shard_000/")} == live  # no orphans kept
+
+
+def test_a_second_cluster_is_refused_while_another_holds_the_s3_run(s3_run, monkeypatch):
+    run, _, _ = s3_run
+    ours, theirs = Lease(run, "cluster-a"), Lease(run, "cluster-b")
+    assert ours.try_acquire() is None
+    try:
+        assert theirs.try_acquire()["cluster"] == "cluster-a"
+        with pytest.raises(RunError, match="being written by another Ray cluster"):
+            theirs.acquire(wait_s=0)
+        held = run.read_json(LEASE)
+        run.write_json(LEASE, {**held, "expires_at": "2000-01-01T00:00:00+00:00"})  # its cluster stopped renewing
+        assert theirs.try_acquire() is None and run.read_json(LEASE)["cluster"] == "cluster-b"
+    finally:
+        theirs.release()
+        ours.release()
+    assert LEASE not in _objects(run)
