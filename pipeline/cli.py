@@ -34,6 +34,17 @@ def _ids(args: argparse.Namespace) -> list[int]:
     return parse_ids(args.ids, source="--ids")
 
 
+def _subjects(args: argparse.Namespace) -> list[str]:
+    from pipeline.data.subjects import SubjectError, parse_subjects
+
+    if args.subjects_file:
+        path = Path(args.subjects_file)
+        if not path.is_file():
+            raise SubjectError(f"--subjects-file {path} not found.")
+        return parse_subjects(path.read_text(), source=f"--subjects-file {path}")
+    return parse_subjects(args.subject, source="--subject")
+
+
 def _print(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
     print(json.dumps(result, default=str) if as_json else human(result))
 
@@ -61,6 +72,16 @@ def _human_forget(r: dict) -> str:
     return (f"request {r['request_id']}: forgot {r['ids']} id(s); retrained shard(s) {r['shards_retrained']} "
             f"(stages replayed {r['slices_retrained']}) in {r['seconds']:.1f}s vs full training "
             f"{r['full_train_seconds']:.1f}s (speed-up ×{r['speedup']:.1f}; {r['work_fraction']:.0%} of the training work replayed)")
+
+
+def _human_subject(r: dict) -> str:
+    lines = [f"subject {r['subject']}: {len(r['samples'])} sample(s), {'all erased' if r['erased'] else 'not (all) erased'}"]
+    for x in r["samples"]:
+        saw = x["versions_that_saw_it"]
+        lines.append(f"  id {x['sample_id']}: shard {x['shard']} slice {x['slice']}, {x['status']}"
+                     + (f" (request {x['request_id']})" if x["request_id"] else "")
+                     + f"; versions that saw it: {saw[0]}..{saw[-1]}; live version {x['live_version']}")
+    return "\n".join(lines)
 
 
 def _human_verify(v: dict) -> str:
@@ -99,8 +120,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_forget(args: argparse.Namespace) -> None:
     from pipeline import runs
 
-    ids = _ids(args)
-    _print(runs.forget(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet)).to_dict(), args.json, _human_forget)
+    by_subject = args.subject is not None or args.subjects_file is not None
+    ids, subjects = (None, _subjects(args)) if by_subject else (_ids(args), None)
+    result = runs.forget(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects)
+    _print(result.to_dict(), args.json, _human_forget)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -121,6 +144,12 @@ def cmd_verify(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     from pipeline import runs
 
+    if args.subject is not None:
+        from pipeline.data.subjects import parse_subjects
+
+        (subject,) = parse_subjects(args.subject, source="--subject")[:1]
+        _print(runs.subject_status(runs.resolve_run_dir(args.run_dir), subject), args.json, _human_subject)
+        return
     _print(runs.status(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json, _human_status)
 
 
@@ -251,10 +280,13 @@ def parser() -> argparse.ArgumentParser:
     ids = forget.add_mutually_exclusive_group(required=True)
     ids.add_argument("--ids", help="comma-separated sample ids")
     ids.add_argument("--ids-file", help="file of ids, comma- or newline-separated")
+    ids.add_argument("--subject", help="data subject id(s), comma-separated: erase everything they own")
+    ids.add_argument("--subjects-file", help="file of subject ids, comma- or newline-separated")
     add("evaluate", cmd_evaluate, "test accuracy and privacy of the live ensemble")
     verify = add("verify", cmd_verify, "prove unlearning exact: retrain touched shards from scratch, compare bitwise")
     verify.add_argument("--all", action="store_true", help="check every shard, not only those touched by a forget")
-    add("status", cmd_status, "shards, versions, requests, ε")
+    status = add("status", cmd_status, "shards, versions, requests, ε")
+    status.add_argument("--subject", help="where this data subject's samples are and which model versions saw them")
     predict = add("predict", cmd_predict, "classes and probabilities of the live (unlearned) ensemble")
     predict.add_argument("--input", required=True, help="X.npy: float32 images normalised like the data loader's, or raw uint8")
     add("stop", cmd_stop, "stop the shard actors that `train --keep-alive` left running")

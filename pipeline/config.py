@@ -33,6 +33,7 @@ class DataConfig:
     download: bool = False  # allow torchvision to download (needs internet)
     canaries: int = 0  # audit canaries: pool of M mislabelled test images, each trained on w.p. ½ (pipeline/data/canaries.py)
     canary_seed: int = 0  # their wrong labels and inclusion coins
+    subjects: Optional[str] = None  # sample_id → subject_id table (.parquet/.csv); None: synthetic (pipeline/data/subjects.py)
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class Config:
 CHOICES = {
     "data.name": ("fashion_mnist", "digits", "mnist", "cifar10", "cifar100"),
     "model.name": ("gn_cnn", "resnet18_gn", "mlp"),
-    "partition.strategy": ("uniform", "class_balanced", "kmeans"),
+    "partition.strategy": ("uniform", "class_balanced", "kmeans", "by_subject"),
     "finetune.strategy": ("full", "fc", "fc_gn", "fc_gn_conv"),
     "privacy.accountant": ("prv", "rdp"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -19,7 +19,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pipeline import cluster
+from pipeline import cluster, receipts
 from pipeline.checkpoints import CheckpointIntegrityError
 from pipeline.config import Config
 from pipeline.errors import RecoverableError
@@ -264,6 +264,7 @@ class Ensemble:
                                "forget", log, self._progress(job, on_stage))
         with self.ledger.locked():
             self.ledger.mark_done([rid for rid, _ in requests], {s: r["version"] for s, r in results.items()})
+        receipts.write(self.run, self.ledger, [rid for rid, _ in requests], results)
         return results
 
     def complete_pending(self, log: Callable = print, on_stage: OnStage | None = None) -> dict[str, ForgetResult]:

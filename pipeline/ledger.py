@@ -1,9 +1,10 @@
 """The auditable ledger (Parquet): where each private sample lives, and every forget request.
 
 `RUN_DIR/ledger/assignments.parquet`: one row per private sample — sample_id (int64), shard,
-slice, label. `RUN_DIR/ledger/requests.parquet`: one row per id per request — request_id,
-sample_id, shard, slice, status (pending | done), requested_at, completed_at, model_version
-(the owning shard's version that no longer saw the id). Each table is one object written whole
+slice, label, subject_id (the data subject who owns it). `RUN_DIR/ledger/requests.parquet`: one
+row per id per request — request_id, sample_id, shard, slice, status (pending | done),
+requested_at, completed_at, model_version (the owning shard's version that no longer saw the id),
+subject_id. Runs written before subjects existed have no subject_id columns (read as null). Each table is one object written whole
 (atomically: rename locally, one PUT on object stores), so a crash never leaves a torn file.
 Writers are serialised by the run's coordinator (one per run, see `coordinator.py`) and, on a
 local disk, also by a file lock across processes.
@@ -33,6 +34,7 @@ REQUEST_SCHEMA = pa.schema([
     ("requested_at", pa.timestamp("us", tz="UTC")),
     ("completed_at", pa.timestamp("us", tz="UTC")),
     ("model_version", pa.int32()),
+    ("subject_id", pa.string()),
 ])
 
 
@@ -117,6 +119,7 @@ class Ledger:
             "shard": pa.array(columns["shard"], pa.int32()),
             "slice": pa.array(columns["slice"], pa.int32()),
             "label": pa.array(columns["label"], pa.int32()),
+            **({"subject_id": pa.array(columns["subject_id"], pa.string())} if "subject_id" in columns else {}),
         })
         self._write(ASSIGNMENTS, table)
         self._assignments = table
@@ -146,9 +149,13 @@ class Ledger:
     # -- requests -----------------------------------------------------------------------------
     def requests(self) -> pa.Table:
         try:
-            return self._read(REQUESTS, REQUEST_SCHEMA)
+            table = self._read(REQUESTS)
         except FileNotFoundError:
             return REQUEST_SCHEMA.empty_table()
+        for name in REQUEST_SCHEMA.names:  # a ledger from before a column existed: nulls
+            if name not in table.column_names:
+                table = table.append_column(name, pa.nulls(table.num_rows, REQUEST_SCHEMA.field(name).type))
+        return table.select(REQUEST_SCHEMA.names).cast(REQUEST_SCHEMA)
 
     def forgotten_ids(self, status: str | None = "done") -> set[int]:
         table = self.requests()
@@ -216,6 +223,8 @@ class Ledger:
             "requested_at": pa.array([now] * len(ids), pa.timestamp("us", tz="UTC")),
             "completed_at": pa.nulls(len(ids), pa.timestamp("us", tz="UTC")),
             "model_version": pa.nulls(len(ids), pa.int32()),
+            "subject_id": (table["subject_id"].take(rows) if "subject_id" in table.column_names
+                           else pa.nulls(len(ids), pa.string())),
         }, schema=REQUEST_SCHEMA)
         self._write(REQUESTS, pa.concat_tables([self.requests(), new]))
         return request_id
@@ -239,6 +248,15 @@ class Ledger:
                                  pa.array(done_at, pa.timestamp("us", tz="UTC")))
         table = table.set_column(table.schema.get_field_index("model_version"), "model_version", pa.array(version, pa.int32()))
         self._write(REQUESTS, table)
+
+    def subjects_to_ids(self, subjects: list[str]) -> dict[str, list[int]]:
+        """subject → its sample ids in this run; unknown subjects are refused (nothing changed)."""
+        from pipeline.data.subjects import resolve_subjects
+
+        table = self.assignments()
+        if "subject_id" not in table.column_names:
+            raise ForgetRequestError("this run has no data subjects (it was trained before they existed); forget by --ids.")
+        return resolve_subjects(table["sample_id"].to_numpy(), table["subject_id"].to_numpy(zero_copy_only=False), subjects)
 
     def owners(self, ids: list[int]) -> dict[int, list[int]]:
         """shard → the ids it owns, for routing a request."""

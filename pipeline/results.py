@@ -17,6 +17,8 @@ class ForgetResult:
     shard_seconds: dict[str, float]
     seconds: float  # end to end, as the caller waited
     batch: list[str] = field(default_factory=list)  # request ids applied together with this one (coalesced)
+    subjects: list[str] = field(default_factory=list)  # data subjects erased (forget --subject)
+    receipt: dict | None = None  # the erasure receipt (RUN_DIR/receipts/REQUEST_ID.json)
     completed_pending: bool = False  # finished after a crash left it pending
     full_train_seconds: float | None = None
     speedup: float | None = None

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import cluster, coordinator, evaluate, tracking
+from pipeline import cluster, coordinator, evaluate, receipts, tracking
 from pipeline.config import Config
-from pipeline.data import datasets
+from pipeline.data import datasets, subjects
 from pipeline.data.partition import partition
 from pipeline.driver import Ensemble
 from pipeline.pretrain import pretrained_model
@@ -152,10 +152,12 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
                 raise RunError(f"exclude_ids {unknown[:5]} are not private sample ids (0..{len(ids) - 1}).")
             ids = np.setdiff1d(ids, np.asarray(excluded, dtype=ids.dtype))
             log(f"excluding {len(excluded)} private id(s) from training (retrain-from-scratch oracle)")
+        owners = subjects.for_private_ids(config.data.subjects, data.private.ids)  # who each sample belongs to
         columns = partition(ids, data.private.y[ids], config.shards.count, config.shards.slices,
-                            config.partition.strategy, config.seed, data.private.x[ids])
+                            config.partition.strategy, config.seed, data.private.x[ids], subjects=owners[ids])
         ledger = run.ledger()
-        ledger.write_assignments({**columns, "label": data.private.y[columns["sample_id"]]})
+        ledger.write_assignments({**columns, "label": data.private.y[columns["sample_id"]],
+                                  "subject_id": owners[columns["sample_id"]]})
         model, pretrain_info = pretrained_model(config, data, log)
         run.write_pretrained(model, data.input_shape, data.num_classes)
         for s in range(config.shards.count):  # each shard actor loads only its own samples
@@ -190,10 +192,16 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
     return summary
 
 
-def forget(run_dir, ids: list[int], log: Callable = print, placement=None) -> ForgetResult:
-    """Submit a forget request to the run's coordinator and wait until it is applied."""
+def forget(run_dir, ids: list[int] | None, log: Callable = print, placement=None,
+           subjects: list[str] | None = None) -> ForgetResult:
+    """Submit a forget request to the run's coordinator and wait until it is applied. With
+    `subjects`, the request is every sample those data subjects own."""
     run = resolve_run_dir(run_dir)
     config = run.config()
+    if subjects:
+        owned = run.ledger().subjects_to_ids(subjects)
+        ids = sorted(i for sample_ids in owned.values() for i in sample_ids)
+        log(f"subject(s) {', '.join(subjects)}: {len(ids)} sample(s)")
     run.ledger().validate(ids)  # fail fast, before any actor starts (the coordinator re-checks under its lock)
     with tracking.verb_run("forget", config, run) as mlrun:
         with opened(run, log, placement=placement) as (config, data, ensemble, session):
@@ -205,6 +213,10 @@ def forget(run_dir, ids: list[int], log: Callable = print, placement=None) -> Fo
         result.speedup = result.full_train_seconds / max(result.seconds, 1e-9)
         replayed, total = replay_work([r.to_dict() for r in run.recipes()], result.from_stage)
         result.samples_processed, result.full_train_samples, result.work_fraction = replayed, total, replayed / total
+        result.subjects = list(subjects or [])
+        result.receipt = receipts.read(run, result.request_id)
+        if result.receipt is not None:
+            mlrun.log_json(f"{receipts.FOLDER}/{result.request_id}.json", result.receipt)
         mlrun.log_dataset(config, *trained_ids(run))
         mlrun.log_summary(result.to_dict())
     return result
@@ -279,7 +291,8 @@ def verify(run_dir, all_shards: bool = False, log: Callable = print) -> dict:
             results = ensemble.verify(touched, test.x, log=log)
             report = evaluate.unlearning_report(ensemble, data.get(), run.ledger().forgotten_ids(),
                                                 {s: r.pop("oracle_probs") for s, r in results.items()}, config.seed)
-        summary = {"exact": all(r["exact"] for r in results.values()), "shards_checked": touched,
+        stamped = receipts.record_verify(run, results)
+        summary = {"exact": all(r["exact"] for r in results.values()), "shards_checked": touched, "receipts_verified": stamped,
                    "shards": [results[s] for s in touched], "device": str(resolve_device(config.train.device)),
                    "unlearning": report}
         mlrun.log_summary({"exact": float(summary["exact"]), "shards_checked": len(touched),
@@ -318,6 +331,34 @@ def status(run_dir, log: Callable = print) -> dict:
             "done": [r for r in by_request.values() if r["status"] == "done"],
             "epsilon_target": config.privacy.epsilon, "delta": config.privacy.delta,
             "coordinator": "warm" if live else "stopped"}
+
+
+def subject_status(run_dir, subject: str) -> dict:
+    """Where one data subject's samples are and which model versions saw them (read from storage)."""
+    run = resolve_run_dir(run_dir)
+    ledger = run.ledger()
+    ids = ledger.subjects_to_ids([subject])[subject]
+    table = ledger.assignments().to_pandas().set_index("sample_id").loc[ids]
+    requests = ledger.requests().to_pandas()
+    requests = requests[requests["sample_id"].isin(ids)].set_index("sample_id")
+    live = {s: run.shard(s).manifest().version for s in sorted(set(table["shard"].tolist()))}
+    samples = []
+    for sid in ids:
+        shard = int(table.loc[sid, "shard"])
+        row = requests.loc[sid] if sid in requests.index else None
+        if row is None:
+            state, request, first_without = "trained on by the live version", None, None
+        elif row["status"] == "pending":
+            state, request, first_without = "erasure pending", row["request_id"], None
+        else:
+            state, request, first_without = "erased", row["request_id"], int(row["model_version"])
+        saw = list(range(first_without if first_without is not None else live[shard] + 1))
+        samples.append({"sample_id": int(sid), "shard": shard, "slice": int(table.loc[sid, "slice"]), "status": state,
+                        "request_id": request, "versions_that_saw_it": saw, "first_version_without_it": first_without,
+                        "live_version": live[shard]})
+    return {"run_dir": run.uri, "subject": subject, "samples": samples,
+            "erased": all(x["status"] == "erased" for x in samples),
+            "receipts": sorted({x["request_id"] for x in samples if x["status"] == "erased"})}
 
 
 def stop(run_dir, log: Callable = print) -> dict:

@@ -117,6 +117,9 @@ class Untracked:
     def log_dataset(self, config: Config, ids: np.ndarray, labels: np.ndarray, context: str = "training") -> None:
         """The private ids (and labels) the model version trained on, as an MLflow data set input."""
 
+    def log_json(self, name: str, obj: Any) -> None:
+        """A JSON artifact at `name` (e.g. receipts/REQUEST_ID.json)."""
+
 
 class VerbRun(Untracked):
     """A verb's child run while the verb works (see `verb_run`)."""
@@ -148,6 +151,13 @@ class VerbRun(Untracked):
             path = Path(tmp) / f"{self.kind}_summary.json"
             path.write_text(json.dumps(summary, indent=2, default=str))
             self.client.log_artifact(self.run_id, str(path))
+
+    def log_json(self, name: str, obj: Any) -> None:
+        folder, _, filename = name.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / filename
+            path.write_text(json.dumps(obj, indent=2, default=str))
+            self.client.log_artifact(self.run_id, str(path), artifact_path=folder or None)
 
     def log_dataset(self, config: Config, ids: np.ndarray, labels: np.ndarray, context: str = "training") -> None:
         import mlflow.data

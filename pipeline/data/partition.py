@@ -59,10 +59,19 @@ def partition(
     strategy: str = "uniform",
     seed: int = 0,
     features: np.ndarray | None = None,
+    subjects: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Columns `sample_id`, `shard`, `slice` (one row per id, sorted by shard, slice, order)."""
+    """Columns `sample_id`, `shard`, `slice` (one row per id, sorted by shard, slice, order).
+    `by_subject` keeps each data subject's samples in one shard and one slice (`subjects`
+    aligned with `ids`), so erasing a person replays one shard from one slice."""
+    if strategy == "by_subject":
+        from pipeline.data.subjects import partition_by_subject
+
+        if subjects is None:
+            raise PartitionError("partition.strategy=by_subject needs a subject per sample (data.subjects).")
+        return partition_by_subject(np.asarray(ids, np.int64), np.asarray(subjects), shards, slices, seed)
     if strategy not in STRATEGIES:
-        raise PartitionError(f"partition.strategy '{strategy}' unknown; choose one of {', '.join(STRATEGIES)}.")
+        raise PartitionError(f"partition.strategy '{strategy}' unknown; choose one of {', '.join([*STRATEGIES, 'by_subject'])}.")
     if len(np.unique(ids)) != len(ids):
         raise PartitionError("sample ids must be unique.")
     rng = np.random.default_rng([seed, 7919])

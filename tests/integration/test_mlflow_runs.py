@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from pipeline import runs, tracking
 from pipeline.driver import PROGRESS_GROUP, Ensemble
 from pipeline.ledger import Ledger
+from pipeline.rundir import RunDir
 from pipeline.train import ids_digest
 
 KINDS = ["evaluate", "forget", "train", "verify"]
@@ -107,7 +108,7 @@ def test_the_ids_each_model_version_trained_on_are_a_data_set_input(session):
 @pytest.mark.slow
 def test_verify_stays_exact_with_live_progress(session):
     assert session["verified"]["exact"] is True and session["verified"]["shards_checked"] == [1]
-    assert session["forgot"]["shards_retrained"] == [1]
+    assert session["forgot"].shards_retrained == [1]
 
 
 def test_a_failing_verb_is_a_failed_child_and_an_old_run_dir_gets_a_parent(digits_config, tmp_path):
@@ -172,5 +173,5 @@ def test_the_driver_sees_each_finished_stage_while_the_shard_still_works(ray_2cp
         if record["stage"] == 0:  # tell the working shard that its first stage reached the driver
             actor.release.options(concurrency_group=PROGRESS_GROUP).remote()
 
-    results = Ensemble(tmp_path, digits_config(), [actor], None, detached=True).fit(lambda m: None, on_stage)
+    results = Ensemble(RunDir(tmp_path), digits_config(), [actor], None, owned=False).fit(lambda m: None, on_stage)
     assert results[0]["seen_while_working"] is True and seen == [(0, 0), (0, 1)]

@@ -1,5 +1,6 @@
 """A real `ray job submit` round trip: a local Ray head started by the test, train and forget
-jobs (digits) submitted through JobSubmissionClient, then the ledger checked."""
+jobs (digits) submitted through JobSubmissionClient, concurrent forget jobs on one run, MLflow as
+a tracking server the jobs share (the cluster setup), then the ledger checked."""
 from __future__ import annotations
 
 import os
@@ -42,6 +43,34 @@ def ray_head(tmp_path_factory):
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1, as the README's cluster setup runs it on the head."""
+    import urllib.request
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "wb"))
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None:
+                raise AssertionError((root / "server.log").read_text()[-2000:]) from None
+            time.sleep(0.5)
+    try:
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def _wait(client, job_id: str, timeout: float = 400) -> str:
     from ray.job_submission import JobStatus
 
@@ -55,31 +84,41 @@ def _wait(client, job_id: str, timeout: float = 400) -> str:
     raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n{client.get_job_logs(job_id)[-3000:]}")
 
 
-def test_train_and_forget_jobs_round_trip_through_ray_job_submit(ray_head, tmp_path):
+def test_concurrent_forget_jobs_on_one_run_each_apply_once_and_log_to_the_mlflow_server(ray_head, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     address, auth_headers = ray_head
     client = JobSubmissionClient(address, headers=auth_headers)  # token auth stays on
     run_dir = tmp_path / "job-run"
     runtime_env = {"working_dir": str(ROOT), "env_vars": {
-        "DPSISA_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "DPSISA_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server,
         "DPSISA_CACHE": os.environ.get("DPSISA_CACHE", str(tmp_path / "cache"))}}
     train = client.submit_job(
         entrypoint=f"{sys.executable} jobs/train.py jobs/configs/digits.yaml train.epochs=1 --run-dir {run_dir}",
         runtime_env=runtime_env)
     assert _wait(client, train) == JobStatus.SUCCEEDED, client.get_job_logs(train)[-3000:]
     assignments = pq.read_table(run_dir / "ledger" / "assignments.parquet")
-    target = int(assignments["sample_id"][10].as_py())
-    forget = client.submit_job(entrypoint=f"{sys.executable} jobs/forget.py --run-dir {run_dir} --ids {target} --json",
-                               runtime_env=runtime_env)
-    assert _wait(client, forget) == JobStatus.SUCCEEDED, client.get_job_logs(forget)[-3000:]
-    assert '"shards_retrained"' in client.get_job_logs(forget)
+    targets = [int(assignments["sample_id"][k].as_py()) for k in (10, 20, 30)]
+    forgets = [client.submit_job(entrypoint=f"{sys.executable} jobs/forget.py --run-dir {run_dir} --ids {t} --json",
+                                 runtime_env=runtime_env) for t in targets]  # three drivers at once, one coordinator
+    for job in forgets:
+        assert _wait(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+        assert '"shards_retrained"' in client.get_job_logs(job)
     requests = pq.read_table(run_dir / "ledger" / "requests.parquet").to_pylist()
-    assert [(r["sample_id"], r["status"]) for r in requests] == [(target, "done")]
-    bad = client.submit_job(entrypoint=f"{sys.executable} jobs/forget.py --run-dir {run_dir} --ids {target}",
+    assert sorted((r["sample_id"], r["status"]) for r in requests) == sorted((t, "done") for t in targets)
+    assert len({r["request_id"] for r in requests}) == 3
+    bad = client.submit_job(entrypoint=f"{sys.executable} jobs/forget.py --run-dir {run_dir} --ids {targets[0]}",
                             runtime_env=runtime_env)
     assert _wait(client, bad) == JobStatus.FAILED  # already forgotten: a clear error, non-zero exit
     assert "already forgotten" in client.get_job_logs(bad)
+
+    tracking = MlflowClient(mlflow_server)  # every job's driver logged to the one server
+    found = tracking.search_runs([tracking.get_experiment_by_name("dpsisa").experiment_id])
+    kinds = sorted(r.data.tags["dpsisa.kind"] for r in found)
+    assert kinds.count("train") == 1 and kinds.count("forget") == 3 and kinds.count("run") == 1
+    parent = next(r for r in found if r.data.tags["dpsisa.kind"] == "run").info.run_id
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent for r in found if r.data.tags["dpsisa.kind"] != "run")
 
 
 def test_a_sweep_runs_as_a_ray_job_with_its_trials_on_the_cluster(ray_head, tmp_path):

@@ -1,0 +1,84 @@
+"""Erasure receipts: one JSON object per completed forget request, `RUN_DIR/receipts/REQUEST_ID.json`.
+
+What an auditor asks after an erasure: which samples of which subject(s), which shards replayed
+from which stage, the new model versions (the first that exclude the samples), the versions that
+saw them and were retired (their checkpoint and data files are deleted by the commit), when it was
+requested and done, and — once `dpsisa verify` has run — whether retraining from scratch matched.
+Written by whoever applies the batch (the run's coordinator, or a Tune trial's driver), right
+after the ledger marks it done; `dpsisa forget` also logs its receipt to MLflow.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from pipeline.storage import Storage
+
+FOLDER = "receipts"
+
+
+def build(ledger_rows: list[dict], shard_results: dict[int, dict], batch: list[str]) -> dict:
+    """The receipt of one request from its ledger rows (one per id, already `done`) and the
+    results of the shards that applied its batch."""
+    first = ledger_rows[0]
+    shards: dict[str, dict] = {}
+    for row in sorted(ledger_rows, key=lambda r: (r["shard"], r["sample_id"])):
+        s = int(row["shard"])
+        result = shard_results.get(s, {})
+        version = int(row["model_version"]) if row["model_version"] is not None else result.get("version")
+        entry = shards.setdefault(str(s), {
+            "sample_ids": [], "slices": [], "from_stage": result.get("from_stage"),
+            "stages_replayed": result.get("stages_replayed"), "new_version": version,
+            "retired_versions": list(range(version)) if version is not None else None})
+        entry["sample_ids"].append(int(row["sample_id"]))
+        if int(row["slice"]) not in entry["slices"]:
+            entry["slices"].append(int(row["slice"]))
+    return {
+        "request_id": first["request_id"],
+        "subjects": sorted({r["subject_id"] for r in ledger_rows if r.get("subject_id") is not None}),
+        "sample_ids": sorted(int(r["sample_id"]) for r in ledger_rows),
+        "shards": shards,
+        "batch": list(batch),
+        "requested_at": _iso(first["requested_at"]),
+        "completed_at": _iso(max(r["completed_at"] for r in ledger_rows)),
+        "verify": None,
+    }
+
+
+def write(run: Storage, ledger, requests: list[str], shard_results: dict[int, dict]) -> list[dict]:
+    """Write the receipts of a batch of requests just marked done; returns them."""
+    table = ledger.requests().to_pylist()
+    out = []
+    for request_id in requests:
+        rows = [r for r in table if r["request_id"] == request_id]
+        if rows:
+            receipt = build(rows, shard_results, requests)
+            run.write_json(f"{FOLDER}/{request_id}.json", receipt)
+            out.append(receipt)
+    return out
+
+
+def read(run: Storage, request_id: str) -> dict | None:
+    try:
+        return run.read_json(f"{FOLDER}/{request_id}.json")
+    except FileNotFoundError:
+        return None
+
+
+def record_verify(run: Storage, results: dict[int, dict]) -> int:
+    """Stamp `verify` on every receipt whose shards were all just checked; returns how many."""
+    stamped = 0
+    checked = {str(s) for s in results}
+    now = datetime.now(timezone.utc).isoformat()
+    for name in run.list(FOLDER):
+        receipt = run.read_json(f"{FOLDER}/{name}")
+        if not receipt["shards"] or not set(receipt["shards"]) <= checked:
+            continue
+        receipt["verify"] = {"exact": all(results[int(s)]["exact"] for s in receipt["shards"]), "verified_at": now,
+                             "versions": {s: results[int(s)]["version"] for s in receipt["shards"]}}
+        run.write_json(f"{FOLDER}/{name}", receipt)
+        stamped += 1
+    return stamped
+
+
+def _iso(value) -> str | None:
+    return None if value is None else value.isoformat() if hasattr(value, "isoformat") else str(value)
