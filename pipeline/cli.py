@@ -122,8 +122,21 @@ def cmd_forget(args: argparse.Namespace) -> None:
 
     by_subject = args.subject is not None or args.subjects_file is not None
     ids, subjects = (None, _subjects(args)) if by_subject else (_ids(args), None)
+    if args.no_wait:
+        submitted = runs.submit(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects)
+        _print(submitted, args.json, lambda r: f"request {r['request_id']}: {r['ids']} id(s) recorded as pending; "
+               f"follow it with `dpsisa request --run-dir {r['run_dir']} --id {r['request_id']} --wait`")
+        return
     result = runs.forget(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects)
     _print(result.to_dict(), args.json, _human_forget)
+
+
+def cmd_request(args: argparse.Namespace) -> None:
+    from pipeline import runs
+
+    result = runs.request_status(runs.resolve_run_dir(args.run_dir), args.id, wait=args.wait, log=_log(args.quiet))
+    _print(result, args.json, lambda r: f"request {r['request_id']}: {r['status']} ({r['ids']} id(s))"
+           + (f"; new versions {({s: e['new_version'] for s, e in r['receipt']['shards'].items()})}" if r["receipt"] else ""))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -282,6 +295,11 @@ def parser() -> argparse.ArgumentParser:
     ids.add_argument("--ids-file", help="file of ids, comma- or newline-separated")
     ids.add_argument("--subject", help="data subject id(s), comma-separated: erase everything they own")
     ids.add_argument("--subjects-file", help="file of subject ids, comma- or newline-separated")
+    forget.add_argument("--no-wait", action="store_true",
+                        help="return once the request is recorded (pending); `dpsisa request --id ID --wait` follows it")
+    request = add("request", cmd_request, "status (and receipt) of one forget request; --wait until it is done")
+    request.add_argument("--id", required=True, help="the request id printed by forget")
+    request.add_argument("--wait", action="store_true", help="wait until the request is done")
     add("evaluate", cmd_evaluate, "test accuracy and privacy of the live ensemble")
     verify = add("verify", cmd_verify, "prove unlearning exact: retrain touched shards from scratch, compare bitwise")
     verify.add_argument("--all", action="store_true", help="check every shard, not only those touched by a forget")

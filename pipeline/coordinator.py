@@ -166,6 +166,7 @@ class Coordinator:
         self._records: dict[str, list[dict]] = {}  # request id → stage records of its batch
         self._wake, self._busy, self._clients, self._closing = True, False, 0, False  # wake: resume what is pending
         self._stale = False
+        self._last_contact = time.monotonic()
         threading.Thread(target=self._work, daemon=True, name="dpsisa-coordinator").start()
 
     def _open(self) -> None:
@@ -204,12 +205,14 @@ class Coordinator:
 
     def ready(self) -> int:
         """Wait until the lease is held and every shard actor has loaded its model and data."""
+        self._last_contact = time.monotonic()
         self._ready()
         ray.get([actor.where.remote() for actor in self.ensemble.actors])
         return len(self.ensemble.actors)
 
     def attach(self) -> list:
         """Register a client; returns the live shard actor handles (warm: reads go straight to them)."""
+        self._last_contact = time.monotonic()
         self._ready()
         with self._lock:
             if self._closing:
@@ -223,6 +226,7 @@ class Coordinator:
     def submit(self, request_id: str, ids: list[int]) -> dict:
         """Record a request durably (validated, in order); a retried submission of the same
         request id is recognised and not recorded twice."""
+        self._last_contact = time.monotonic()
         self._ready()
         with self._submit_lock:
             if self._closing:
@@ -245,6 +249,7 @@ class Coordinator:
     def wait(self, request_id: str, timeout_s: float = WAIT_POLL_S, since: int = 0) -> dict:
         """Block up to `timeout_s` for `request_id`; returns its status, its batch's stage records
         from `since` on, and the result when done."""
+        self._last_contact = time.monotonic()
         deadline = time.monotonic() + timeout_s
         with self._lock:
             while True:
@@ -293,9 +298,14 @@ class Coordinator:
         if self._open_error is not None:
             return
         while True:
+            idle = False
             with self._lock:
-                while not self._wake:
-                    self._lock.wait()
+                while not self._wake and not self._closing:
+                    self._lock.wait(timeout=min(5.0, self.config.ray.idle_close_s / 2))
+                    if not self._wake and self._idle_for_good():
+                        self._closing = idle = True
+                if self._closing:
+                    break
                 self._wake, self._busy = False, True
             try:
                 pending = list(self.ledger.pending().items())
@@ -309,6 +319,18 @@ class Coordinator:
                 with self._lock:
                     self._busy = False
                     self._lock.notify_all()
+
+        if idle:  # (closed by `release` or `stop` otherwise: the client kills it)
+            self._warn(f"idle for {self.config.ray.idle_close_s:g}s without clients: closing (the run's next command "
+                       "starts a new one)")
+            self._close()
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def _idle_for_good(self) -> bool:
+        """Without keep-alive: no client attached, no work, nobody has called for ray.idle_close_s (a
+        client that submitted with --no-wait and left; or a restarted instance whose work is done)."""
+        return (not self.keep_alive and not self._clients and not self._busy and not self._closing
+                and time.monotonic() - self._last_contact > self.config.ray.idle_close_s)
 
     def _apply(self, pending: list[tuple[str, list[int]]]) -> None:
         rids = [rid for rid, _ in pending]
@@ -422,7 +444,10 @@ class Session:
             try:
                 self.actors = ray.get(self.handle.attach.remote())
                 return self
-            except (RayActorError, RayTaskError) as exc:
+            except RayActorError:
+                time.sleep(0.5)  # it closed itself between `find` and `attach`: start a new one
+                continue
+            except RayTaskError as exc:
                 error = _unwrap(exc)
                 if not isinstance(error, _Closing):
                     ray.kill(self.handle, no_restart=True)  # it could not open the run: the next command starts afresh
@@ -445,6 +470,12 @@ class Session:
             return ray.get(getattr(self.handle, method).remote(*args))
         except (RayActorError, RayTaskError) as exc:
             raise _unwrap(exc) from None
+
+    def submit(self, ids: list[int]) -> str:
+        """Record a request durably and return its id at once (applied by the coordinator)."""
+        request_id = new_request_id()
+        self.call("submit", request_id, ids)
+        return request_id
 
     def forget(self, ids: list[int], on_stage: OnStage | None = None) -> ForgetResult:
         """Submit and wait; stage records reach `on_stage` as shards finish them."""

@@ -1,46 +1,76 @@
-"""`dpsisa demo`: the whole story in one command — train, evaluate, forget, verify, track."""
+"""`dpsisa demo`: the whole story in one command — train, erase a person, absorb a burst of
+erasure requests, evaluate, verify, track."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
 
 from pipeline import config as config_mod
 from pipeline import runs
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "fmnist.yaml"
+DEMO_DEFAULTS = ["partition.strategy=by_subject"]  # a person's samples in one shard and one slice
+BURST = 5  # erasure requests submitted at once in step 3
+
+
+def _subjects(run: runs.RunDir, count: int, seed: int, exclude: set[str]) -> list[str]:
+    table = run.ledger().assignments()
+    names = sorted(set(table["subject_id"].to_pylist()) - exclude)
+    return sorted(np.random.default_rng(seed).choice(names, size=count, replace=False).tolist())
 
 
 def demo(config_path: str | None, overrides: list[str], run_dir: str | None, log: Callable[[str], None]) -> dict:
-    config = config_mod.load(config_path or DEFAULT_CONFIG, overrides)
+    config = config_mod.load(config_path or DEFAULT_CONFIG, [*DEMO_DEFAULTS, *overrides])
     path = runs.resolve_run_dir(run_dir, config)
-    log(f"== 1/4 train: {config.shards.count} shards × {config.shards.slices} slices, "
-        f"{config.finetune.strategy}, ε={config.privacy.epsilon}, δ={config.privacy.delta} → {path}")
-    trained = runs.train(config, path, log=log)
+    log(f"== 1/5 train: {config.shards.count} shards × {config.shards.slices} slices, {config.finetune.strategy}, "
+        f"ε={config.privacy.epsilon}, δ={config.privacy.delta}, partition {config.partition.strategy} → {path}")
+    trained = runs.train(config, path, keep_alive=True, log=log)  # warm coordinator and shard actors for what follows
     log(f"   test accuracy {trained['accuracy']:.4f} (vote {trained['vote_accuracy']:.4f}), "
         f"full training {trained['full_train_seconds']:.1f}s")
-    ids = path.ledger().sample_ids(config.forget.demo_count, config.seed)
-    log(f"== 2/4 forget {len(ids)} random training ids: {ids}")
-    forgot = runs.forget(path, ids, log=log).to_dict()
-    log(f"   retrained shard(s) {forgot['shards_retrained']}, stages replayed {forgot['slices_retrained']}, "
+
+    (person,) = _subjects(path, 1, config.seed, set())
+    log(f"== 2/5 erase data subject {person} (everything they own)")
+    forgot = runs.forget(path, None, log=log, subjects=[person]).to_dict()
+    log(f"   {forgot['ids']} sample(s): retrained shard(s) {forgot['shards_retrained']} from stage(s) {forgot['from_stage']}, "
         f"{forgot['seconds']:.1f}s vs full training {forgot['full_train_seconds']:.1f}s (×{forgot['speedup']:.1f}); "
-        f"{forgot['work_fraction']:.0%} of the training work replayed (ids in early slices force long replays)")
-    log("== 3/4 evaluate the unlearned ensemble")
+        f"receipt {path.uri}/receipts/{forgot['request_id']}.json")
+
+    burst = _subjects(path, BURST, config.seed + 1, {person})
+    log(f"== 3/5 a burst of {BURST} erasure requests, submitted at once: {burst}")
+    started = time.perf_counter()
+    submitted = [runs.submit(path, None, log=lambda m: None, subjects=[s])["request_id"] for s in burst]
+    answers = [runs.request_status(path, rid, wait=True, log=lambda m: None) for rid in submitted]
+    burst_seconds = time.perf_counter() - started
+    batches = sorted({tuple(a["receipt"]["batch"]) for a in answers}, key=len)
+    log(f"   {BURST} requests applied in {len(batches)} batch(es) of {[len(b) for b in batches]} request(s) "
+        f"(one replay per shard per batch) in {burst_seconds:.1f}s")
+
+    log("== 4/5 evaluate the unlearned ensemble")
     evaluated = runs.evaluate_run(path, log=log)
-    log("== 4/4 verify: retrain touched shards from scratch without the ids, compare bit for bit")
+    log("== 5/5 verify: retrain touched shards from scratch without the erased samples, compare bit for bit")
     verified = runs.verify(path, log=log)
+    runs.stop(path, log=lambda m: None)
     uri = __import__("pipeline.tracking", fromlist=["x"]).tracking_uri(config)
     print("\n".join([
         "",
         "dpsisa demo summary",
         f"  run directory        {path}",
-        f"  test accuracy        {trained['accuracy']:.4f} before forgetting, {evaluated['accuracy']:.4f} after",
+        f"  test accuracy        {trained['accuracy']:.4f} before erasing, {evaluated['accuracy']:.4f} after",
         f"  privacy              ε ≤ {max(evaluated['epsilon_spent'] or [0]):.3f} per shard "
         f"(target {config.privacy.epsilon}, δ={config.privacy.delta})" if config.privacy.epsilon else
         "  privacy              no DP",
-        f"  forgot               {len(ids)} ids → shards {forgot['shards_retrained']} retrained in "
-        f"{forgot['seconds']:.1f}s (full training {forgot['full_train_seconds']:.1f}s; "
-        f"{forgot['work_fraction']:.0%} of the training work replayed)",
-        f"  unlearning exact     {verified['exact']} (shards checked {verified['shards_checked']})",
+        f"  erased one subject   {forgot['ids']} samples → shard {forgot['shards_retrained']} replayed from stage "
+        f"{list(forgot['from_stage'].values())} in {forgot['seconds']:.1f}s (full training "
+        f"{forgot['full_train_seconds']:.1f}s, ×{forgot['speedup']:.1f}; {forgot['work_fraction']:.0%} of the training work)",
+        f"  burst                {BURST} subjects in {len(batches)} coalesced batch(es), {burst_seconds:.1f}s",
+        f"  unlearning exact     {verified['exact']} (shards checked {verified['shards_checked']}; "
+        f"{verified['receipts_verified']} receipts stamped)",
+        f"  receipts             {path.uri}/receipts/",
         f"  MLflow               mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)",
     ]))
-    return {"train": trained, "forget": forgot, "evaluate": evaluated, "verify": verified}
+    return {"train": trained, "forget": forgot, "burst": {"requests": submitted, "batches": [list(b) for b in batches],
+                                                          "seconds": burst_seconds},
+            "evaluate": evaluated, "verify": verified}

@@ -140,7 +140,8 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
         started = time.perf_counter()
         local = cluster.connect(config.ray, log)
         if keep_alive and local:
-            log("warning: --keep-alive on a local Ray cluster: actors die with this process; use `ray start --head`.")
+            log("note: --keep-alive on a Ray cluster this command started: its actors stay warm until this process exits; "
+                "for later commands use `ray start --head`.")
         data = datasets.load(config.data)
         _check_private_rows(data)
         log(f"data: {config.data.name}: {len(data.private.y)} private, {len(data.public.y)} public, {len(data.test.y)} test samples")
@@ -198,11 +199,7 @@ def forget(run_dir, ids: list[int] | None, log: Callable = print, placement=None
     `subjects`, the request is every sample those data subjects own."""
     run = resolve_run_dir(run_dir)
     config = run.config()
-    if subjects:
-        owned = run.ledger().subjects_to_ids(subjects)
-        ids = sorted(i for sample_ids in owned.values() for i in sample_ids)
-        log(f"subject(s) {', '.join(subjects)}: {len(ids)} sample(s)")
-    run.ledger().validate(ids)  # fail fast, before any actor starts (the coordinator re-checks under its lock)
+    ids = _ids_of(run, ids, subjects, log)
     with tracking.verb_run("forget", config, run) as mlrun:
         with opened(run, log, placement=placement) as (config, data, ensemble, session):
             if session is None:
@@ -220,6 +217,52 @@ def forget(run_dir, ids: list[int] | None, log: Callable = print, placement=None
         mlrun.log_dataset(config, *trained_ids(run))
         mlrun.log_summary(result.to_dict())
     return result
+
+
+def _ids_of(run: RunDir, ids: list[int] | None, subjects: list[str] | None, log: Callable) -> list[int]:
+    if subjects:
+        owned = run.ledger().subjects_to_ids(subjects)
+        ids = sorted(i for sample_ids in owned.values() for i in sample_ids)
+        log(f"subject(s) {', '.join(subjects)}: {len(ids)} sample(s)")
+    run.ledger().validate(ids)  # fail fast, before any actor starts (the coordinator re-checks under its lock)
+    return ids
+
+
+def submit(run_dir, ids: list[int] | None, log: Callable = print, subjects: list[str] | None = None) -> dict:
+    """`forget --no-wait`: record the request durably through the run's coordinator and return its
+    id at once; the coordinator applies it (with whatever else is pending) and writes its receipt.
+    Follow it with `dpsisa request --run-dir R --id ID [--wait]`."""
+    run = resolve_run_dir(run_dir)
+    config = run.config()
+    ids = _ids_of(run, ids, subjects, log)
+    if cluster.connect(config.ray, log):
+        log("warning: --no-wait on a Ray cluster this command started: it stops when the command exits, and the "
+            "request stays pending until the run's next command (use `ray start --head` / RAY_ADDRESS=auto).")
+    with coordinator.Session(run, config, log) as session:
+        request_id = session.submit(ids)
+    return {"run_dir": run.uri, "request_id": request_id, "status": "pending", "ids": len(ids),
+            "subjects": list(subjects or [])}
+
+
+def request_status(run_dir, request_id: str, wait: bool = False, log: Callable = print) -> dict:
+    """A request's status from the ledger and its receipt once done; with `wait`, until it is done
+    (the run's coordinator is started if needed, and applies it)."""
+    run = resolve_run_dir(run_dir)
+    rows = run.ledger().requests().to_pandas()
+    rows = rows[rows["request_id"] == request_id]
+    if rows.empty:
+        raise RunError(f"no forget request {request_id} in {run.uri}; `dpsisa status --run-dir ... --json` lists them.")
+    if wait and (rows["status"] == "pending").any():
+        config = run.config()
+        cluster.connect(config.ray, log)
+        with coordinator.Session(run, config, log) as session:
+            session.call("resume")
+            session.wait(request_id, rows["sample_id"].tolist(), time.perf_counter())
+        rows = run.ledger().requests().to_pandas()
+        rows = rows[rows["request_id"] == request_id]
+    status = "done" if (rows["status"] == "done").all() else "pending"
+    return {"run_dir": run.uri, "request_id": request_id, "status": status, "ids": int(len(rows)),
+            "requested_at": str(rows["requested_at"].min()), "receipt": receipts.read(run, request_id)}
 
 
 def predict(run_dir, inputs: dict[str, np.ndarray], log: Callable = print) -> dict[str, np.ndarray]:

@@ -149,3 +149,51 @@ def test_erasing_a_subject_replays_one_shard_from_its_slice_and_writes_a_receipt
     assert json.loads(capsys.readouterr().out)["receipts_verified"] == 1
     receipt = json.loads((run.path / "receipts" / f"{result['request_id']}.json").read_text())
     assert receipt["verify"]["exact"] is True and receipt["verify"]["versions"] == {str(shard): 1}
+
+
+def test_requests_pending_when_the_coordinator_starts_are_applied_as_one_batch(run, capsys):
+    import json
+
+    from pipeline import cli
+
+    taken = set(run.ledger().forgotten_ids(status=None))
+    targets = _ids_of_shard(run, 0, 3, taken)
+    before = run.shard(0).manifest().version
+    with run.ledger().locked():  # accepted while no coordinator ran (e.g. it died right after accepting them)
+        rids = [run.ledger().append_request([i]) for i in targets]
+    cli.main(["request", "--run-dir", run.uri, "--id", rids[-1], "--wait", "--json", "--quiet"])
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["status"] == "done" and answer["receipt"]["request_id"] == rids[-1]
+    assert run.shard(0).manifest().version == before + 1  # one replay for the three of them
+    batches = {tuple(run.read_json(f"receipts/{rid}.json")["batch"]) for rid in rids}
+    assert batches == {tuple(rids)}
+    rows = run.ledger().requests().to_pandas()
+    assert rows[rows["request_id"].isin(rids)]["status"].tolist() == ["done"] * 3
+
+
+def test_no_wait_returns_pending_at_once_and_the_idle_coordinator_then_closes_itself(run, capsys):
+    import json
+
+    import yaml
+
+    from pipeline import cli
+
+    saved = (run.path / "config.yaml").read_text()
+    config = yaml.safe_load(saved)
+    config["ray"]["idle_close_s"] = 2.0
+    (run.path / "config.yaml").write_text(yaml.safe_dump(config))
+    try:
+        target = _ids_of_shard(run, 1, 1, set(run.ledger().forgotten_ids(status=None)))[0]
+        cli.main(["forget", "--run-dir", run.uri, "--ids", str(target), "--no-wait", "--json", "--quiet"])
+        submitted = json.loads(capsys.readouterr().out)
+        assert submitted["status"] == "pending" and submitted["ids"] == 1
+        deadline = time.monotonic() + 120
+        while run.ledger().pending() and time.monotonic() < deadline:  # nobody waits: the coordinator applies it
+            time.sleep(0.2)
+        assert not run.ledger().pending() and run.exists(f"receipts/{submitted['request_id']}.json")
+        while coordinator.find(run, run.config()) is not None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert coordinator.find(run, run.config()) is None  # closed itself, lease and placement group released
+    finally:
+        (run.path / "config.yaml").write_text(saved)
+    assert runs.verify(run, log=lambda m: None)["exact"] is True
