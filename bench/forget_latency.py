@@ -145,8 +145,9 @@ def main() -> None:
     out["note"] = (f"one machine with {os.cpu_count()} cores runs the driver, the run's coordinator and its "
                    f"{config.shards.count} shard actors (one warm actor per shard, idle ones included), so the "
                    "coordinator's polling and Ray's own processes compete with the replaying shard for the same cores. "
-                   "shard_seconds is the shard actor's own timer (manifest read, stage load, replay); writing its data "
-                   "file and committing the new manifest come after it and so count as overhead, as do ledger writes.")
+                   "shard_seconds is the shard actor's own forget: manifest read, stage load, replay, ε of the release, "
+                   "its data file less the erased ids and the manifest commit; the overhead is everything else (the "
+                   "coordinator's ledger writes and receipt, Ray calls, the client's polling).")
     print(json.dumps(out))
 
 
