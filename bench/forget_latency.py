@@ -10,7 +10,7 @@ one slice (default the last: the replay is a single stage, where fixed costs wei
 
 Per trial:
   seconds        ForgetResult.seconds: submit to the coordinator → request done, as the caller waited
-  shard_seconds  the owning shard actor's own forget time (manifest read, stage load, replay)
+  shard_seconds  the owning shard actor's own forget (manifest read, stage load, replay, ε, data file, commit)
   overhead       seconds − shard_seconds (target: ≤ 30% of shard_seconds)
   verb_seconds   the whole `runs.forget` call (config/ledger reads, attach, bookkeeping) around it
 
