@@ -12,6 +12,7 @@ local disk, also by a file lock across processes.
 from __future__ import annotations
 
 import io
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -81,6 +82,7 @@ def parse_ids(text: str, source: str | None = None) -> list[int]:
 
 
 ASSIGNMENTS, REQUESTS = "assignments.parquet", "requests.parquet"
+_THREAD_LOCKS: dict[str, threading.RLock] = {}  # per ledger location, for the threads of this process
 
 
 def new_request_id() -> str:
@@ -107,9 +109,11 @@ class Ledger:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        """Serialise writers across processes on a local disk (a file lock); on object storage the
-        run's coordinator is the only writer and its lease keeps other clusters out."""
-        with self.storage.file_lock(".lock"):
+        """Serialise read-modify-write of the requests table: between threads of one process (the
+        coordinator accepts requests while its worker marks a batch done), and across processes on
+        a local disk (a file lock). On object storage the run's coordinator is the only writing
+        process and its lease keeps other clusters out."""
+        with _THREAD_LOCKS.setdefault(self.storage.uri, threading.RLock()), self.storage.file_lock(".lock"):
             yield
 
     # -- assignments --------------------------------------------------------------------------

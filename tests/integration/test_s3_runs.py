@@ -107,3 +107,34 @@ def test_a_second_cluster_is_refused_while_another_holds_the_s3_run(s3_run, monk
         theirs.release()
         ours.release()
     assert LEASE not in _objects(run)
+
+
+def test_concurrent_appends_and_marks_on_an_s3_ledger_lose_nothing(s3_store):
+    """The coordinator accepts requests on one thread while its worker marks a batch done on
+    another; on object storage (no file lock) the ledger's own lock keeps both writes."""
+    import threading
+
+    import numpy as np
+
+    from pipeline.ledger import Ledger
+
+    ledger = Ledger(RunDir(f"{s3_store.bucket_uri}/ledgers/{uuid.uuid4().hex[:8]}"))
+    ids = np.arange(40, dtype=np.int64)
+    ledger.write_assignments({"sample_id": ids, "shard": ids % 2, "slice": ids % 3, "label": ids % 10})
+    with ledger.locked():
+        first = ledger.append_request([0, 1])
+
+    def append(k: int) -> None:
+        with ledger.locked():
+            ledger.append_request([2 + k])
+
+    threads = [threading.Thread(target=append, args=(k,)) for k in range(12)]
+    for t in threads:
+        t.start()
+    with ledger.locked():  # the worker's mark, while the appends run
+        ledger.mark_done(first, {0: 1, 1: 1})
+    for t in threads:
+        t.join()
+    table = ledger.requests().to_pandas()
+    assert sorted(table["sample_id"]) == list(range(14)) and table["request_id"].nunique() == 13
+    assert table[table["request_id"] == first]["status"].tolist() == ["done", "done"]
