@@ -33,7 +33,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from pipeline import cluster
+from pipeline import cluster, receipts
 from pipeline.checkpoints import CheckpointIntegrityError
 from pipeline.config import Config
 from pipeline.driver import Ensemble, OnStage, ShardFailure, actor_name
@@ -189,7 +189,9 @@ class Coordinator:
 
     def _start_ensemble(self) -> Ensemble:
         recipes = [r.to_dict() for r in self.run.recipes()]
-        return Ensemble.start(self.run, self.config, recipes, placement_name=actor_name(self.run, -1), log=self._log)
+        # The placement group is the coordinator's own (unnamed, not detached): Ray removes it with
+        # this process, so a restarted or a later coordinator never finds one that is being removed.
+        return Ensemble.start(self.run, self.config, recipes, log=self._log)
 
     def _log(self, message: str) -> None:
         """Routine events go to the worker's log (`ray logs`, the dashboard), not to clients."""
@@ -498,14 +500,23 @@ class Session:
                     raise CheckpointIntegrityError(answer["error"])
                 raise ShardFailure(f"{answer['error']} (request {request_id} stays pending; the next command completes it)")
             if answer["status"] == "done":
-                result = answer["result"] or {"request_id": request_id, "ids": len(ids), "shards_retrained": [],
-                                              "slices_retrained": {}, "from_stage": {}, "versions": {},
-                                              "shard_seconds": {}, "seconds": 0.0, "batch": [request_id]}
-                result = ForgetResult(**result)
+                result = ForgetResult(**answer["result"]) if answer["result"] else self._from_receipt(request_id, ids)
                 result.seconds = time.perf_counter() - start
                 return result
             if answer["status"] == "unknown":
                 raise ShardFailure(f"the coordinator does not know request {request_id}")
+
+    def _from_receipt(self, request_id: str, ids: list[int]) -> ForgetResult:
+        """A request applied by an earlier coordinator instance (it was restarted meanwhile): its receipt says what happened."""
+        receipt = receipts.read(self.run, request_id) or {"shards": {}, "batch": [request_id]}
+        shards = receipt["shards"]
+        return ForgetResult(
+            request_id=request_id, ids=len(ids),
+            shards_retrained=sorted(int(s) for s, e in shards.items() if e["from_stage"] is not None),
+            slices_retrained={s: e["stages_replayed"] for s, e in shards.items()},
+            from_stage={s: e["from_stage"] for s, e in shards.items()},
+            versions={s: e["new_version"] for s, e in shards.items()}, shard_seconds={}, seconds=0.0,
+            batch=receipt["batch"])
 
     def complete_pending(self, on_stage: OnStage | None = None) -> dict[str, ForgetResult]:
         """Have the coordinator finish requests a crash left pending; wait for them."""

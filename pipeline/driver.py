@@ -122,16 +122,10 @@ class ShardLayout:
     def bundle(self) -> dict[str, float]:
         return {"CPU": self.resources.cpus, **({"GPU": self.resources.gpus} if self.resources.gpus else {})}
 
-    def reserve(self, name: str = "", detached: bool = False) -> PlacementGroup:
+    def reserve(self) -> PlacementGroup:
         """A placement group with one bundle per shard (SPREAD: shards land on as many nodes as
-        fit); a detached one is reused by name (a restarted coordinator finds its own)."""
-        if name:
-            try:
-                return ray.util.get_placement_group(name)
-            except ValueError:
-                pass
-        group = placement_group([self.bundle] * self.shards, strategy="SPREAD",
-                                lifetime="detached" if detached else None, name=name)
+        fit), owned by the calling process: Ray removes it with its owner."""
+        group = placement_group([self.bundle] * self.shards, strategy="SPREAD")
         try:
             ray.get(group.ready(), timeout=PLACEMENT_TIMEOUT_S)
         except GetTimeoutError:
@@ -172,13 +166,12 @@ class Ensemble:
     # -- construction: reuse (coordinator.attach), reserve (ShardLayout.reserve), spawn -------
     @classmethod
     def start(cls, run: RunDir, config: Config, recipes: list[dict], placement: PlacementGroup | None = None,
-              placement_name: str = "", log: Callable = print) -> Ensemble:
-        """Reserve one bundle per shard (or share a Tune trial's `placement`) and spawn the actors;
-        `placement_name` makes the group detached and named (the coordinator's, reused on restart)."""
+              log: Callable = print) -> Ensemble:
+        """Reserve one bundle per shard (or share a Tune trial's `placement`) and spawn the actors."""
         own = placement is None
         if own:
             layout = ShardLayout.for_cluster(config, ray.cluster_resources())
-            placement = layout.reserve(placement_name, detached=bool(placement_name))
+            placement = layout.reserve()
         else:
             layout = ShardLayout.for_bundles(config, placement.bundle_specs)
         actors = spawn_shards(run, config, recipes, layout, placement, own)

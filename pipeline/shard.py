@@ -26,7 +26,6 @@ from pipeline.privacy import Recipe, release_epsilon, spent_epsilon
 from pipeline.train import ShardState, ShardTrainer, ids_digest, predict_proba, resolve_device
 from pipeline.unlearning import parameter_l2_distance
 
-CRASH_FILE = ".inject-crash.json"  # fault injection for tests: {"shard": s, "after_stage": j}
 SAMPLED_ACCURACY_IDS = 256  # progress accuracy: the first ids of slice 0 (trained on at every stage)
 
 
@@ -92,7 +91,6 @@ class Shard:
         """Train stages start.. and write each stage file (not yet live); returns manifest entries.
         Each finished stage also adds a progress record for `job` (see `progress`)."""
         entries: list[dict] = []
-        crash = self._crash_point()
         total = len(slices)
         started = time.perf_counter()
         with self._progress_lock:
@@ -105,8 +103,6 @@ class Shard:
                 self._progress.append(record)
             self._log(f"stage {j + 1}/{total} done ({int(sum(len(x) for x in slices[: j + 1]))} samples, "
                       f"loss {_short(record['loss'])}, sampled accuracy {_short(record['accuracy_sampled'])})")
-            if crash is not None and crash == j:
-                os._exit(137)  # simulate a crashed actor mid-forget (tests only)
 
         self.trainer.train(self._data(slices), start, state, on_stage)
         return entries
@@ -137,15 +133,6 @@ class Shard:
         while `fit`/`forget` runs (the actor runs it in a separate concurrency group)."""
         with self._progress_lock:
             return [dict(r) for r in self._progress if r["job"] == job]
-
-    def _crash_point(self) -> int | None:
-        if not self.run.exists(CRASH_FILE):
-            return None
-        spec = self.run.read_json(CRASH_FILE)
-        if spec.get("shard") != self.shard:
-            return None
-        self.run.delete(CRASH_FILE)
-        return int(spec["after_stage"])
 
     def fit(self) -> dict:
         """Train every stage from the pretrained model; version 0."""

@@ -16,10 +16,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def run(ray_2cpu, tmp_path_factory):
-    """A trained digits run (2 shards × 3 slices); MLflow off: the test threads share one process."""
+    """A trained digits run (2 shards × 3 slices, partitioned by data subject); MLflow off: the test
+    threads share one process."""
     from pipeline import config as C
 
-    config = C.load("jobs/configs/digits.yaml", ["tracking.enabled=false"])
+    config = C.load("jobs/configs/digits.yaml", ["tracking.enabled=false", "partition.strategy=by_subject"])
     run = RunDir(tmp_path_factory.mktemp("coord") / "run")
     runs.train(config, run, log=lambda m: None)
     return run
@@ -102,41 +103,33 @@ def test_a_killed_coordinator_is_restarted_and_finishes_the_requests_without_ano
     assert runs.verify(run, log=lambda m: None)["exact"] is True
 
 
-@pytest.fixture(scope="module")
-def subject_run(ray_2cpu, tmp_path_factory):
-    """A digits run partitioned by data subject (the synthetic subject table)."""
-    from pipeline import config as C
-
-    config = C.load("jobs/configs/digits.yaml", ["tracking.enabled=false", "partition.strategy=by_subject"])
-    run = RunDir(tmp_path_factory.mktemp("subjects") / "run")
-    runs.train(config, run, log=lambda m: None)
-    return run
-
-
-def test_erasing_a_subject_replays_one_shard_from_its_slice_and_writes_a_receipt(subject_run, capsys):
+def test_erasing_a_subject_replays_one_shard_from_its_slice_and_writes_a_receipt(run, capsys):
     import json
 
     from pipeline import cli
 
-    run = subject_run
     table = run.ledger().assignments().to_pandas()
+    taken = set(run.ledger().forgotten_ids(status=None))
+    untouched = table.groupby("subject_id")["sample_id"].apply(lambda ids: not (set(ids) & taken))
     sizes = table.groupby("subject_id").size()
-    subject = str(sizes[sizes >= 2].index[0])
+    subject = str(sizes[(sizes >= 2) & untouched].index[0])
     mine = table[table["subject_id"] == subject]
     assert mine["shard"].nunique() == 1 and mine["slice"].nunique() == 1  # by_subject keeps a person together
     shard, slice_ = int(mine["shard"].iloc[0]), int(mine["slice"].iloc[0])
+    before = run.shard(shard).manifest().version
     cli.main(["forget", "--run-dir", run.uri, "--subject", subject, "--json", "--quiet"])
     result = json.loads(capsys.readouterr().out)
     assert result["shards_retrained"] == [shard] and result["from_stage"] == {str(shard): slice_}
     receipt = json.loads((run.path / "receipts" / f"{result['request_id']}.json").read_text())
     assert receipt == result["receipt"] and receipt["subjects"] == [subject]
     assert receipt["sample_ids"] == sorted(mine["sample_id"].tolist()) and receipt["verify"] is None
-    assert receipt["shards"][str(shard)]["new_version"] == 1 and receipt["shards"][str(shard)]["retired_versions"] == [0]
+    entry = receipt["shards"][str(shard)]
+    assert entry["new_version"] == before + 1 and entry["retired_versions"] == list(range(before + 1))
 
     cli.main(["status", "--run-dir", run.uri, "--subject", subject, "--json", "--quiet"])
     where = json.loads(capsys.readouterr().out)
-    assert where["erased"] and {x["first_version_without_it"] for x in where["samples"]} == {1}
-    assert all(x["versions_that_saw_it"] == [0] for x in where["samples"])
+    assert where["erased"] and {x["first_version_without_it"] for x in where["samples"]} == {before + 1}
+    assert all(x["versions_that_saw_it"] == list(range(before + 1)) for x in where["samples"])
 
     for again in (subject, "no-such-person", f"{subject},,x"):
         with pytest.raises(SystemExit) as exit_info:
@@ -146,9 +139,9 @@ def test_erasing_a_subject_replays_one_shard_from_its_slice_and_writes_a_receipt
     assert result["request_id"] in err and "no-such-person" in err and "empty item" in err
 
     cli.main(["verify", "--run-dir", run.uri, "--json", "--quiet"])
-    assert json.loads(capsys.readouterr().out)["receipts_verified"] == 1
+    assert json.loads(capsys.readouterr().out)["receipts_verified"] >= 1
     receipt = json.loads((run.path / "receipts" / f"{result['request_id']}.json").read_text())
-    assert receipt["verify"]["exact"] is True and receipt["verify"]["versions"] == {str(shard): 1}
+    assert receipt["verify"]["exact"] is True and receipt["verify"]["versions"][str(shard)] == before + 1
 
 
 def test_requests_pending_when_the_coordinator_starts_are_applied_as_one_batch(run, capsys):
@@ -196,4 +189,3 @@ def test_no_wait_returns_pending_at_once_and_the_idle_coordinator_then_closes_it
         assert coordinator.find(run, run.config()) is None  # closed itself, lease and placement group released
     finally:
         (run.path / "config.yaml").write_text(saved)
-    assert runs.verify(run, log=lambda m: None)["exact"] is True

@@ -8,12 +8,12 @@ import uuid
 
 import pyarrow.fs as pafs
 import pytest
+from faults import kill_shard_while_pending
 
 from pipeline import cli, runs
 from pipeline.coordinator import LEASE, Lease
 from pipeline.driver import ShardFailure
 from pipeline.rundir import RunDir, RunError
-from pipeline.shard import CRASH_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -80,9 +80,11 @@ def test_a_crash_mid_forget_on_s3_leaves_the_old_version_live_and_the_next_comma
     table = run.ledger().assignments().to_pandas()
     target = int(table[(table["shard"] == 0) & (table["slice"] == 0)]["sample_id"].iloc[5])
     before = run.shard(0).manifest()
-    run.write_json(CRASH_FILE, {"shard": 0, "after_stage": 1})  # the actor dies after writing stage 1, before the commit
+    killer = kill_shard_while_pending(run, 0)  # shard 0's actor dies mid-forget, before its commit, for good
     with pytest.raises(ShardFailure, match="shard 0"):
         runs.forget(run, [target], log=lambda m: None)
+    killer.join()
+    assert killer.killed.is_set()
     assert run.shard(0).manifest() == before  # the old version is live
     assert run.ledger().pending() != {}
     assert runs.verify(run, log=lambda m: None)["exact"] is True  # (verify completes the pending request first)
