@@ -108,8 +108,16 @@ class Lease:
                                     "expires_at": (now + timedelta(seconds=LEASE_TTL_S)).isoformat()})
 
     def acquire(self, wait_s: float, log: Callable = print) -> None:
+        """Take the lease, waiting up to `wait_s` for another cluster's; then refuse (RunError)."""
+        self._wait(self.try_acquire, wait_s, log)
+
+    def wait_until_free(self, wait_s: float, log: Callable = print) -> None:
+        """Wait up to `wait_s` while another cluster holds the run (nothing is taken); then refuse."""
+        self._wait(self.probe, wait_s, log)
+
+    def _wait(self, attempt: Callable[[], dict | None], wait_s: float, log: Callable) -> None:
         deadline, told = time.monotonic() + wait_s, False
-        while (held := self.try_acquire()) is not None:
+        while (held := attempt()) is not None:
             if time.monotonic() >= deadline:
                 raise RunError(
                     f"run {self.run.uri} is being written by another Ray cluster ({held.get('cluster')}, lease until "
@@ -389,36 +397,11 @@ def ensure(run: RunDir, config: Config, keep_alive: bool = False, log: Callable 
     handle = find(run, config)
     if handle is not None:
         return handle
-    wait_until_free(Lease(run, cluster_identity()), config.ray.lease_wait_s, log)
+    Lease(run, cluster_identity()).wait_until_free(config.ray.lease_wait_s, log)
     return _remote().options(
         name=actor_name(run, "coordinator"), namespace=config.ray.namespace, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_task_retries=-1, max_concurrency=64, num_cpus=0,
     ).remote(run.uri, keep_alive)
-
-
-def wait_until_free(lease: Lease, wait_s: float, log: Callable) -> None:
-    """Before starting a coordinator here: wait while another cluster holds the run, then refuse."""
-    deadline, told = time.monotonic() + wait_s, False
-    while (held := lease.probe()) is not None:
-        if time.monotonic() >= deadline:
-            raise RunError(
-                f"run {lease.run.uri} is being written by another Ray cluster ({held.get('cluster')}, lease until "
-                f"{held.get('expires_at', 'its process exits')}); refusing to write it from this one. Submit to that "
-                "cluster (ray.address / RAY_ADDRESS) or wait until it is done (ray.lease_wait_s).")
-        if not told:
-            log(f"run {lease.run.uri} is held by another Ray cluster ({held.get('cluster')}); waiting up to {wait_s:g}s")
-            told = True
-        time.sleep(1.0)
-
-
-def warm_up(run: RunDir, config: Config, log: Callable = print) -> None:
-    """Start the run's kept-alive coordinator and wait until its shard actors are loaded."""
-    handle = ensure(run, config, keep_alive=True, log=log)
-    try:
-        ray.get(handle.ready.remote())
-    except (RayActorError, RayTaskError) as exc:
-        ray.kill(handle, no_restart=True)
-        raise _unwrap(exc) from None
 
 
 def _unwrap(exc: Exception) -> Exception:

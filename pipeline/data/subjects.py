@@ -314,32 +314,11 @@ def parse_subjects(text: str, source: str | None = None) -> list[str]:
     it is how an id lost by a script (an unset shell variable) shows. `source` names the input in
     messages, e.g. "--subject".
     """
-    body = text.rstrip(" \t\r")
-    body = body[:-1] if body.endswith("\n") else body  # one final newline ends a file; a blank line after it does not
-    where = source or "the subject list"
-    if not body.strip():
-        raise SubjectError(f"{where} is empty (an unset shell variable?); nothing was requested: "
-                           "pass subject ids like --subject subj-000012,subj-000907.")
-    lines = body.split("\n")
-    shown = "" if len(lines) > 1 or len(body) > 60 else f" '{body}'"
-    result, position = [], 0
-    for number, line in enumerate(lines, 1):
-        items = line.split(",")
-        for column, token in enumerate(items, 1):
-            position += 1
-            token = token.strip()
-            if not token:
-                if len(lines) == 1:
-                    at = f"an empty item at position {position}"
-                elif len(items) == 1:
-                    at = f"a blank line at line {number}"
-                else:
-                    at = f"an empty item at line {number}, position {column}"
-                raise SubjectError(f"{where}{shown} has {at} (a lost subject id, e.g. an unset shell variable?); "
-                                   "nothing was requested: "
-                                   "pass only subject ids, e.g. --subject subj-000012,subj-000907 or one per line.")
-            result.append(token)
-    return result
+    from pipeline.ledger import split_items
+
+    return split_items(text, source or "the subject list", SubjectError, "a lost subject id",
+                       "pass subject ids like --subject subj-000012,subj-000907.",
+                       "pass only subject ids, e.g. --subject subj-000012,subj-000907 or one per line.")
 
 
 def resolve_subjects(table_ids: np.ndarray, table_subjects: np.ndarray, wanted: list[str]) -> dict[str, list[int]]:
