@@ -404,6 +404,16 @@ def ensure(run: RunDir, config: Config, keep_alive: bool = False, log: Callable 
     ).remote(run.uri, keep_alive)
 
 
+def warm_up(run: RunDir, config: Config, log: Callable = print) -> None:
+    """Start the run's kept-alive coordinator and wait until its shard actors are loaded."""
+    handle = ensure(run, config, keep_alive=True, log=log)
+    try:
+        ray.get(handle.ready.remote())
+    except (RayActorError, RayTaskError) as exc:
+        ray.kill(handle, no_restart=True)
+        raise _unwrap(exc) from None
+
+
 def _unwrap(exc: Exception) -> Exception:
     """The user-facing error inside a Ray error (bad ids, a refused lease, a damaged checkpoint)."""
     cause = getattr(exc, "cause", None)
