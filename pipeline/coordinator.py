@@ -3,10 +3,13 @@
 Every forget request for a run goes through its coordinator. `submit` validates the ids and
 appends the request to the ledger as `pending` (durably) under one lock, so concurrent
 submissions are accepted in order and an id already pending or done is refused with the request
-that holds it. A worker thread applies whatever is pending as one batch (each owning shard
-replays once, one new version per shard per batch) and marks the batch done; `wait` lets any
-number of clients follow their request. Nobody else replays a request: a request a live
-coordinator is working on is never "pending" to anyone but it.
+that holds it. A worker thread runs one pipeline per shard (`erasure_queue.ErasureQueue`): an
+idle shard replays once for every request waiting for it, requests that arrive while it replays
+wait for its next replay, and shards never wait for each other. A request is marked done (one
+ledger write for all that complete together, then their receipts) when every shard owning its ids
+has committed a version without them; `wait` lets any number of clients follow their request.
+Nobody else replays a request: a request a live coordinator is working on is never "pending" to
+anyone but it.
 
 Fault tolerance: the coordinator is created with `max_restarts=-1, max_task_retries=-1`. Killed
 mid-request, Ray restarts it; the new instance finds the request pending in the ledger and
@@ -36,7 +39,8 @@ from ray.exceptions import RayActorError, RayTaskError
 from pipeline import cluster, receipts
 from pipeline.checkpoints import CheckpointIntegrityError
 from pipeline.config import Config
-from pipeline.driver import Ensemble, OnStage, ShardFailure, actor_name
+from pipeline.driver import Ensemble, OnStage, ShardFailure, StageProgress, actor_name
+from pipeline.erasure_queue import Dispatch, ErasureQueue
 from pipeline.ledger import ForgetRequestError, new_request_id
 from pipeline.results import ForgetResult
 from pipeline.rundir import RunDir, RunError
@@ -46,6 +50,7 @@ LEASE = "coordinator.lease"
 LEASE_TTL_S = 60.0
 LEASE_RENEW_S = 15.0
 WAIT_POLL_S = 1.0
+REPLAY_POLL_S = 0.2  # the worker's wait for shard results while replays run
 
 
 def cluster_identity() -> str:
@@ -171,10 +176,13 @@ class Coordinator:
         self._submit_lock = threading.Lock()
         self._results: dict[str, dict] = {}  # request id → ForgetResult dict (this instance's)
         self._failed: dict[str, tuple[str, str]] = {}  # request id → (error kind, message)
-        self._records: dict[str, list[dict]] = {}  # request id → stage records of its batch
+        self._records: dict[str, list[dict]] = {}  # request id → stage records of its replays
         self._wake, self._busy, self._clients, self._closing = True, False, 0, False  # wake: resume what is pending
         self._stale = False
         self._last_contact = time.monotonic()
+        self.queue = ErasureQueue()
+        self._running: dict = {}  # forget ref → (its Dispatch, its StageProgress)
+        self._accepted: dict[str, float] = {}  # request id → when this instance accepted it (accept → done)
         threading.Thread(target=self._work, daemon=True, name="dpsisa-coordinator").start()
 
     def _open(self) -> None:
@@ -245,6 +253,7 @@ class Coordinator:
                 with self.ledger.locked():
                     self.ledger.validate(ids)
                     self.ledger.append_request(ids, request_id)
+                self._accepted[request_id] = time.time()
         self.resume()
         return {"request_id": request_id, "status": "pending"}
 
@@ -307,27 +316,25 @@ class Coordinator:
         self._open()
         if self._open_error is not None:
             return
+        idle = False
         while True:
-            idle = False
             with self._lock:
-                while not self._wake and not self._closing:
+                while not self._wake and not self._closing and not self._running and self.queue.idle():
                     self._lock.wait(timeout=min(5.0, self.config.ray.idle_close_s / 2))
                     if not self._wake and self._idle_for_good():
                         self._closing = idle = True
                 if self._closing:
                     break
-                self._wake, self._busy = False, True
+                wake, self._wake, self._busy = self._wake, False, True
             try:
-                pending = list(self.ledger.pending().items())
-                if pending:
-                    if self._stale:  # a shard actor died for good last time: start a fresh ensemble
-                        self.ensemble.shutdown()
-                        self.ensemble = self._start_ensemble()
-                        self._stale = False
-                    self._apply(pending)
+                if wake:
+                    self._take_pending()
+                self._dispatch()
+                if self._running:
+                    self._collect()
             finally:
                 with self._lock:
-                    self._busy = False
+                    self._busy = bool(self._running) or self._wake or not self.queue.idle()
                     self._lock.notify_all()
 
         if idle:  # (closed by `release` or `stop` otherwise: the client kills it)
@@ -336,38 +343,81 @@ class Coordinator:
             self._close()
             ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
+    def _take_pending(self) -> None:
+        """Queue what the ledger holds as pending (new submissions, or work a crash left), and let
+        shards whose last replay failed try again."""
+        if self._stale and not self._running:  # a shard actor died for good: start a fresh ensemble
+            self.ensemble.shutdown()
+            self.ensemble, self._stale = self._start_ensemble(), False
+        self.queue.unblock()
+        now = time.time()
+        for rid, ids in self.ledger.pending().items():
+            if rid not in self.queue:
+                self.queue.add(rid, ids, self.ledger.owners(ids), self._accepted.pop(rid, now))
+
+    def _dispatch(self) -> None:
+        """Start a replay on every idle shard that has requests waiting."""
+        for dispatch in self.queue.next_dispatches():
+            self._log(f"shard {dispatch.shard}: replaying for {len(dispatch.requests)} request(s) "
+                      f"({len(dispatch.ids)} id(s)): {', '.join(dispatch.requests)}")
+
+            def on_stage(shard: int, record: dict, rids=tuple(dispatch.requests)) -> None:
+                with self._lock:
+                    for rid in rids:
+                        self._records.setdefault(rid, []).append({"shard": shard, **record})
+                    self._lock.notify_all()
+
+            ref = self.ensemble.actors[dispatch.shard].forget.remote(dispatch.job, dispatch.ids)
+            self._running[ref] = (dispatch, StageProgress(self.ensemble.actors, dispatch.job, on_stage))
+
+    def _collect(self) -> None:
+        """Wait a little for replays (answering stage-progress polls meanwhile); handle those done."""
+        polls = {}
+        for dispatch, progress in self._running.values():
+            polls.update({ref: progress for ref in progress.ask({dispatch.shard})})
+        done, _ = ray.wait(list(self._running) + list(polls), num_returns=1, timeout=REPLAY_POLL_S)
+        for ref in done:
+            if ref in polls:
+                polls[ref].answer(ref)
+                continue
+            dispatch, progress = self._running.pop(ref)
+            try:
+                result = self.ensemble.result(dispatch.shard, ref, "forget")
+            except Exception as exc:  # noqa: BLE001 - reported to every waiting client; the requests stay pending
+                self._failed_replay(dispatch, exc)
+                continue
+            progress.report(dispatch.shard, result.get("progress", []))
+            self._complete(self.queue.shard_done(dispatch.shard, result))
+
+    def _failed_replay(self, dispatch: Dispatch, exc: Exception) -> None:
+        kind = "integrity" if isinstance(exc, CheckpointIntegrityError) else "shard"
+        self._warn(f"shard {dispatch.shard} replay failed ({kind}): {exc}")
+        self._stale = self._stale or isinstance(exc, ShardFailure)
+        with self._lock:
+            for rid in self.queue.shard_failed(dispatch.shard):
+                self._failed[rid] = (kind, str(exc))
+
+    def _complete(self, rids: list[str]) -> None:
+        """Mark requests done (one ledger write), write their receipts, hand clients their results."""
+        if not rids:
+            return
+        applied = {rid: self.queue.complete(rid) for rid in rids}
+        with self.ledger.locked():
+            self.ledger.mark_done_each({rid: {s: r["version"] for s, r in results.items()}
+                                        for rid, (_, results, _, _) in applied.items()})
+        receipts.write_each(self.run, self.ledger, {rid: (results, batch) for rid, (_, results, batch, _) in applied.items()})
+        now = time.time()
+        with self._lock:
+            for rid, (ids, results, batch, accepted_at) in applied.items():
+                self._results[rid] = ForgetResult.of(rid, ids, results, now - accepted_at, batch).to_dict()
+                self._failed.pop(rid, None)
+        self._log(f"done: {', '.join(rids)}")
+
     def _idle_for_good(self) -> bool:
         """Without keep-alive: no client attached, no work, nobody has called for ray.idle_close_s (a
         client that submitted with --no-wait and left; or a restarted instance whose work is done)."""
         return (not self.keep_alive and not self._clients and not self._busy and not self._closing
                 and time.monotonic() - self._last_contact > self.config.ray.idle_close_s)
-
-    def _apply(self, pending: list[tuple[str, list[int]]]) -> None:
-        rids = [rid for rid, _ in pending]
-        self._log(f"applying {len(rids)} request(s) as one batch: {', '.join(rids)}")
-
-        def on_stage(shard: int, record: dict) -> None:
-            with self._lock:
-                for rid in rids:
-                    self._records.setdefault(rid, []).append({"shard": shard, **record})
-                self._lock.notify_all()
-
-        start = time.perf_counter()
-        try:
-            results = self.ensemble.apply(pending, self._log, on_stage)
-        except Exception as exc:  # noqa: BLE001 - reported to every waiting client; the requests stay pending
-            kind = "integrity" if isinstance(exc, CheckpointIntegrityError) else "shard"
-            self._warn(f"batch failed ({kind}): {exc}")
-            self._stale = isinstance(exc, ShardFailure)
-            with self._lock:
-                for rid in rids:
-                    self._failed[rid] = (kind, str(exc))
-            return
-        seconds = time.perf_counter() - start
-        owners = {rid: set(self.ledger.owners(ids)) for rid, ids in pending}
-        with self._lock:
-            for rid, ids in pending:
-                self._results[rid] = ForgetResult.of(rid, ids, results, seconds, rids, owners=owners[rid]).to_dict()
 
     def _renew(self) -> None:
         while not self._closing:

@@ -194,7 +194,7 @@ class Ensemble:
             self.placement = None
 
     # -- fan-out ------------------------------------------------------------------------------
-    def _gather(self, refs: dict, what: str, log: Callable | None = None, progress: _Progress | None = None) -> dict:
+    def _gather(self, refs: dict, what: str, log: Callable | None = None, progress: StageProgress | None = None) -> dict:
         """Wait for every ref, reporting progress (and, with `progress`, each shard's finished
         stages while it works); a dead actor becomes a ShardFailure."""
         results, pending, start = {}, dict(refs), time.perf_counter()
@@ -206,22 +206,28 @@ class Ensemble:
                     progress.answer(ref)
                     continue
                 shard = pending.pop(ref)
-                try:
-                    results[shard] = ray.get(ref)
-                except RayActorError as exc:
-                    raise ShardFailure(f"shard {shard} actor died during {what}: {exc.__class__.__name__}") from exc
-                except ray.exceptions.RayTaskError as exc:
-                    if isinstance(exc.cause, CheckpointIntegrityError):  # rerunning cannot help: the user must act
-                        raise CheckpointIntegrityError(f"shard {shard}: {exc.cause}") from exc
-                    raise ShardFailure(f"shard {shard} failed during {what}: {exc.cause!r}") from exc
+                results[shard] = self.result(shard, ref, what)
                 if progress is not None:  # the result carries every record: none is lost between polls
                     progress.report(shard, results[shard].get("progress", []))
                 if log is not None:
                     log(f"  {what}: shard {shard} done ({len(results)}/{len(refs)}, {time.perf_counter() - start:.1f}s)")
         return results
 
-    def _progress(self, job: str, on_stage: OnStage | None) -> _Progress | None:
-        return None if on_stage is None else _Progress(self.actors, job, on_stage)
+    @staticmethod
+    def result(shard: int, ref, what: str):
+        """The value of a finished shard call; a dead actor or a failed call becomes a ShardFailure
+        (a damaged checkpoint: CheckpointIntegrityError, which rerunning cannot help)."""
+        try:
+            return ray.get(ref)
+        except RayActorError as exc:
+            raise ShardFailure(f"shard {shard} actor died during {what}: {exc.__class__.__name__}") from exc
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, CheckpointIntegrityError):  # rerunning cannot help: the user must act
+                raise CheckpointIntegrityError(f"shard {shard}: {exc.cause}") from exc
+            raise ShardFailure(f"shard {shard} failed during {what}: {exc.cause!r}") from exc
+
+    def _progress(self, job: str, on_stage: OnStage | None) -> StageProgress | None:
+        return None if on_stage is None else StageProgress(self.actors, job, on_stage)
 
     def fit(self, log: Callable = print, on_stage: OnStage | None = None) -> dict[int, dict]:
         """Train every shard; `on_stage(shard, record)` sees each finished stage while training goes on."""
@@ -233,6 +239,13 @@ class Ensemble:
         ref = ray.put(x)
         results = self._gather({a.predict_proba.remote(ref): s for s, a in enumerate(self.actors)}, "predict")
         return np.stack([results[s] for s in range(len(self.actors))])
+
+    def predict_live(self, x: np.ndarray) -> tuple[np.ndarray, list[int]]:
+        """(N, C) mean-softmax output and, per shard, the model version that made its part."""
+        ref = ray.put(x)
+        results = self._gather({a.predict.remote(ref): s for s, a in enumerate(self.actors)}, "predict")
+        return (np.stack([results[s]["probs"] for s in range(len(self.actors))]).mean(axis=0),
+                [int(results[s]["version"]) for s in range(len(self.actors))])
 
     def predict_mean(self, x: np.ndarray) -> np.ndarray:
         """(N, C) mean-softmax output of the ensemble (what is served)."""
@@ -283,7 +296,7 @@ class Ensemble:
         return ForgetResult.of(request_id, ids, results, time.perf_counter() - start, [request_id])
 
 
-class _Progress:
+class StageProgress:
     """Asks working shards for their finished stages (at most every PROGRESS_POLL_S per shard, one
     question in flight each) and hands each record to `on_stage` once, in stage order per shard.
     The driver waits on the answers together with the results, so a stage is logged as soon as

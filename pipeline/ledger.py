@@ -247,14 +247,19 @@ class Ledger:
     def mark_done(self, request_id: str | list[str], versions: dict[int, int]) -> None:
         """Mark a request (or a batch of them, in one write) `done`, stamping each id with its
         shard's new model version."""
-        wanted = {request_id} if isinstance(request_id, str) else set(request_id)
+        wanted = [request_id] if isinstance(request_id, str) else list(request_id)
+        self.mark_done_each({rid: versions for rid in wanted})
+
+    def mark_done_each(self, versions: dict[str, dict[int, int]]) -> None:
+        """Mark several requests `done` in one write, each id stamped with the version of its shard
+        that first excluded it (request id → shard → version)."""
         table = self.requests()
         rids, shards = table["request_id"].to_pylist(), table["shard"].to_pylist()
         status, done_at, version = table["status"].to_pylist(), table["completed_at"].to_pylist(), table["model_version"].to_pylist()
         now = datetime.now(timezone.utc)
         for i, rid in enumerate(rids):
-            if rid in wanted and status[i] != "done":
-                status[i], done_at[i], version[i] = "done", now, versions[shards[i]]
+            if rid in versions and status[i] != "done":
+                status[i], done_at[i], version[i] = "done", now, versions[rid][shards[i]]
         table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
         table = table.set_column(table.schema.get_field_index("completed_at"), "completed_at",
                                  pa.array(done_at, pa.timestamp("us", tz="UTC")))

@@ -46,12 +46,18 @@ def build(ledger_rows: list[dict], shard_results: dict[int, dict], batch: list[s
 
 def write(run: Storage, ledger, requests: list[str], shard_results: dict[int, dict]) -> list[dict]:
     """Write the receipts of a batch of requests just marked done; returns them."""
+    return write_each(run, ledger, {rid: (shard_results, requests) for rid in requests})
+
+
+def write_each(run: Storage, ledger, applied: dict[str, tuple[dict[int, dict], list[str]]]) -> list[dict]:
+    """Write the receipts of requests just marked done (request id → (results of the shards that
+    applied it, the requests replayed with it)), reading the ledger once; returns them."""
     table = ledger.requests().to_pylist()
     out = []
-    for request_id in requests:
+    for request_id, (shard_results, batch) in applied.items():
         rows = [r for r in table if r["request_id"] == request_id]
         if rows:
-            receipt = build(rows, shard_results, requests)
+            receipt = build(rows, shard_results, batch)
             run.write_json(f"{FOLDER}/{request_id}.json", receipt)
             out.append(receipt)
     return out

@@ -286,16 +286,17 @@ def prepare_input(name: str, images: np.ndarray, input_shape: tuple[int, ...]) -
 
 def serve(run_dir, images: np.ndarray, log: Callable = print) -> dict:
     """`dpsisa predict`: classes and mean-softmax probabilities of the live ensemble, and the model
-    version of every shard that made them (pending requests are completed first)."""
+    version of every shard that made them. It does not wait for pending requests: each shard
+    answers from its live version (a replay in progress commits first), and the answer lists the
+    requests that were pending while it was made."""
     run = resolve_run_dir(run_dir)
-    with opened(run, log) as (config, _, ensemble, _):
+    with opened(run, log, complete_pending=False) as (config, _, ensemble, _):
         x = prepare_input(config.data.name, images, tuple(run.model_info()["input_shape"]))
-        versions = [ensemble.status()[s]["version"] for s in range(config.shards.count)]
-        probs = ensemble.predict_mean(x)
-        if [ensemble.status()[s]["version"] for s in range(config.shards.count)] != versions:
-            raise RunError("the ensemble changed while predicting (a forget committed meanwhile); run predict again.")
+        pending = set(run.ledger().pending())
+        probs, versions = ensemble.predict_live(x)
+        pending |= set(run.ledger().pending())
     return {"run_dir": run.uri, "predictions": probs.argmax(axis=1).tolist(), "probabilities": probs.tolist(),
-            "model_versions": versions, "pending_requests": sorted(run.ledger().pending())}
+            "model_versions": versions, "pending_requests": sorted(pending)}
 
 
 def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple[float, float]:

@@ -193,7 +193,14 @@ class Shard:
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Softmax outputs of the live version (re-read after every forget)."""
-        return predict_proba(self.model(), self._inputs(x)).cpu().numpy()
+        return self.predict(x)["probs"]
+
+    def predict(self, x: np.ndarray) -> dict:
+        """Softmax outputs and the version that made them, in one call: it runs in the actor's
+        default group, after a replay in progress commits, so a prediction comes wholly from one
+        version and never from one that a committed forget retired."""
+        model = self.model()
+        return {"version": self._model[0], "probs": predict_proba(model, self._inputs(x)).cpu().numpy()}
 
     def verify(self, x_eval: np.ndarray | None = None) -> dict:
         """Auditor's oracle: retrain from scratch without the forgotten ids (same seeds, same

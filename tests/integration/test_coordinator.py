@@ -189,3 +189,85 @@ def test_no_wait_returns_pending_at_once_and_the_idle_coordinator_then_closes_it
         assert coordinator.find(run, run.config()) is None  # closed itself, lease and placement group released
     finally:
         (run.path / "config.yaml").write_text(saved)
+
+
+def _ids_in_slice(run: RunDir, shard: int, slice_: int, count: int) -> list[int]:
+    table = run.ledger().assignments().to_pandas()
+    taken = set(run.ledger().forgotten_ids(status=None))
+    mine = table[(table["shard"] == shard) & (table["slice"] == slice_) & ~table["sample_id"].isin(taken)]
+    return [int(i) for i in mine["sample_id"].sort_values().iloc[:count]]
+
+
+def _done_rows(run: RunDir, request_id: str):
+    rows = run.ledger().requests().to_pandas()
+    return rows[rows["request_id"] == request_id]
+
+
+def test_requests_arriving_while_a_shard_replays_join_its_next_replay_and_other_shards_do_not_wait(run):
+    first, *later = _ids_in_slice(run, 0, 0, 4)  # slice 0: shard 0 replays every stage
+    other = _ids_in_slice(run, 1, run.config().shards.slices - 1, 1)  # shard 1's last slice: one stage
+    before = run.shard(0).manifest().version
+    results: dict = {}
+    waiting = threading.Thread(target=lambda: results.setdefault("first", runs.forget(run, [first], log=lambda m: None)))
+    waiting.start()
+    deadline = time.monotonic() + 60
+    while not run.ledger().pending() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    submitted = [runs.submit(run, [i], log=lambda m: None)["request_id"] for i in later + other]
+    pending_then = set(run.ledger().pending())
+    waiting.join(timeout=300)
+    first_rid = results["first"].request_id
+    still_replaying = first_rid in pending_then
+    deadline = time.monotonic() + 120
+    while run.ledger().pending() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert still_replaying, "the first replay ended before the others were submitted: the test proves nothing"
+    assert results["first"].versions == {"0": before + 1}
+    joined, alone = submitted[:3], submitted[3]
+    versions = {int(_done_rows(run, rid)["model_version"].iloc[0]) for rid in joined}
+    assert versions == {before + 2}  # the three that arrived during the replay: one more replay, together
+    assert run.shard(0).manifest().version == before + 2
+    assert run.read_json(f"receipts/{joined[0]}.json")["batch"] == joined
+    # shard 1 was idle: its request did not wait for shard 0's replay to end
+    assert _done_rows(run, alone)["completed_at"].max() < _done_rows(run, first_rid)["completed_at"].max()
+    assert all(set(_done_rows(run, rid)["status"]) == {"done"} for rid in [first_rid, *submitted])
+    assert runs.verify(run, log=lambda m: None)["exact"] is True
+
+
+def test_predictions_come_wholly_from_live_versions_and_say_when_a_request_is_pending(run):
+    import numpy as np
+
+    x = np.random.default_rng(0).normal(size=(8, *run.model_info()["input_shape"])).astype(np.float32)
+    answers: list = []
+    stop = threading.Event()
+
+    def serve_loop() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            answers.append((started, runs.serve(run, x, log=lambda m: None)))
+
+    done: list = []
+    with coordinator.Session(run, run.config(), log=lambda m: None):  # a serving deployment keeps the run warm
+        server = threading.Thread(target=serve_loop)
+        server.start()
+        try:
+            for shard in (0, 1):
+                (target,) = _ids_in_slice(run, shard, 0, 1)
+                result = runs.forget(run, [target], log=lambda m: None)
+                done.append((time.monotonic(), result))
+        finally:
+            stop.set()
+            server.join(timeout=120)
+    summary = [(round(t, 2), a["model_versions"], a["pending_requests"]) for t, a in answers]
+    assert len(answers) >= 4, summary
+    for finished, result in done:  # after a request is done, no answer comes from a version that saw it
+        for started, answer in answers:
+            if started > finished:
+                for shard, version in result.versions.items():
+                    assert answer["model_versions"][int(shard)] >= version
+    for shard in (0, 1):  # versions never go back
+        seen = [answer["model_versions"][shard] for _, answer in answers]
+        assert seen == sorted(seen)
+    assert any(answer["pending_requests"] for _, answer in answers), summary  # made while a replay ran: it says so
+    probs = np.asarray(answers[-1][1]["probabilities"])
+    assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
