@@ -96,6 +96,7 @@ class RayConfig:
     max_restarts: int = 3  # a crashed shard actor (or its lost node) is restarted this often; its call retried
     lease_wait_s: float = 60.0  # how long a writer waits for another Ray cluster's hold on the run to end
     idle_close_s: float = 30.0  # a run's coordinator (without keep-alive) closes after this long without clients
+    max_parallel_shards: Optional[int] = None  # shards training/replaying/verifying at once; None: cluster CPUs // train.threads
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class TrackingConfig:
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str = "dpsisa"
     enabled: bool = True
+    registered_model: Optional[str] = None  # None: one name per run directory (registry.model_name)
 
 
 @dataclass(frozen=True)

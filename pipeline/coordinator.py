@@ -183,6 +183,7 @@ class Coordinator:
         self.queue = ErasureQueue()
         self._running: dict = {}  # forget ref → (its Dispatch, its StageProgress)
         self._accepted: dict[str, float] = {}  # request id → when this instance accepted it (accept → done)
+        self._waited: set[str] = set()  # request ids some client waits for (it logs them to MLflow)
         threading.Thread(target=self._work, daemon=True, name="dpsisa-coordinator").start()
 
     def _open(self) -> None:
@@ -241,11 +242,13 @@ class Coordinator:
             self._clients += 1
             return list(self.ensemble.actors)
 
-    def submit(self, request_id: str, ids: list[int]) -> dict:
+    def submit(self, request_id: str, ids: list[int], logs: bool = False) -> dict:
         """Record a request durably (validated, in order); a retried submission of the same
-        request id is recognised and not recorded twice."""
+        request id is recognised and not recorded twice. `logs`: as for `wait`."""
         self._last_contact = time.monotonic()
         self._ready()
+        if logs:
+            self._waited.add(request_id)
         with self._submit_lock:
             if self._closing:
                 raise _Closing()
@@ -265,10 +268,13 @@ class Coordinator:
             self._lock.notify_all()
         return sorted(self.ledger.pending())
 
-    def wait(self, request_id: str, timeout_s: float = WAIT_POLL_S, since: int = 0) -> dict:
+    def wait(self, request_id: str, timeout_s: float = WAIT_POLL_S, since: int = 0, logs: bool = False) -> dict:
         """Block up to `timeout_s` for `request_id`; returns its status, its batch's stage records
-        from `since` on, and the result when done."""
+        from `since` on, and the result when done. `logs`: the caller logs the request to MLflow
+        (else, done while nobody logs it, it goes to the MLflow backlog)."""
         self._last_contact = time.monotonic()
+        if logs:
+            self._waited.add(request_id)
         deadline = time.monotonic() + timeout_s
         with self._lock:
             while True:
@@ -357,7 +363,7 @@ class Coordinator:
 
     def _dispatch(self) -> None:
         """Start a replay on every idle shard that has requests waiting."""
-        for dispatch in self.queue.next_dispatches():
+        for dispatch in self.queue.next_dispatches(limit=self.ensemble.parallel):
             self._log(f"shard {dispatch.shard}: replaying for {len(dispatch.requests)} request(s) "
                       f"({len(dispatch.ids)} id(s)): {', '.join(dispatch.requests)}")
 
@@ -405,7 +411,9 @@ class Coordinator:
         with self.ledger.locked():
             self.ledger.mark_done_each({rid: {s: r["version"] for s, r in results.items()}
                                         for rid, (_, results, _, _) in applied.items()})
-        receipts.write_each(self.run, self.ledger, {rid: (results, batch) for rid, (_, results, batch, _) in applied.items()})
+        receipts.write_each(self.run, self.ledger, {rid: (results, batch) for rid, (_, results, batch, _) in applied.items()},
+                            untracked={rid for rid in rids if rid not in self._waited})
+        self._waited.difference_update(rids)
         now = time.time()
         with self._lock:
             for rid, (ids, results, batch, accepted_at) in applied.items():
@@ -526,14 +534,16 @@ class Session:
         """Submit and wait; stage records reach `on_stage` as shards finish them."""
         start = time.perf_counter()
         request_id = new_request_id()
-        self.call("submit", request_id, ids)
+        self.call("submit", request_id, ids, True)
         self.log(f"forget request {request_id}: {len(ids)} id(s) submitted to the run's coordinator")
-        return self.wait(request_id, ids, start, on_stage)
+        return self.wait(request_id, ids, start, on_stage, logs=True)
 
-    def wait(self, request_id: str, ids: list[int], start: float, on_stage: OnStage | None = None) -> ForgetResult:
+    def wait(self, request_id: str, ids: list[int], start: float, on_stage: OnStage | None = None,
+             logs: bool = False) -> ForgetResult:
+        """Follow a request until done (`logs`: this client logs it to MLflow)."""
         seen = 0
         while True:
-            answer = self.call("wait", request_id, WAIT_POLL_S, seen)
+            answer = self.call("wait", request_id, WAIT_POLL_S, seen, logs)
             seen += len(answer["records"])
             for record in answer["records"]:
                 if on_stage is not None:
@@ -571,7 +581,7 @@ class Session:
         start = time.perf_counter()
         out = {}
         for rid, ids in pending.items():
-            out[rid] = self.wait(rid, ids, start, on_stage)
+            out[rid] = self.wait(rid, ids, start, on_stage, logs=True)
             out[rid].completed_pending = True
         return out
 

@@ -11,6 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -194,11 +195,34 @@ class Ensemble:
             self.placement = None
 
     # -- fan-out ------------------------------------------------------------------------------
+    @cached_property
+    def parallel(self) -> int:
+        """How many shards train, replay or verify at once: `ray.max_parallel_shards`, else as many
+        as the cluster has CPUs for (`train.threads` each). More would not finish sooner on the
+        same cores (each shard's threads are fixed), but every one of them holds its working set."""
+        if self.config.ray.max_parallel_shards:
+            return int(self.config.ray.max_parallel_shards)
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        return max(1, int(cpus // max(1, self.config.train.threads)))
+
     def _gather(self, refs: dict, what: str, log: Callable | None = None, progress: StageProgress | None = None) -> dict:
-        """Wait for every ref, reporting progress (and, with `progress`, each shard's finished
-        stages while it works); a dead actor becomes a ShardFailure."""
-        results, pending, start = {}, dict(refs), time.perf_counter()
-        while pending:
+        """Wait for every ref (ref → shard), reporting progress (and, with `progress`, each shard's
+        finished stages while it works); a dead actor becomes a ShardFailure."""
+        return self._run(dict(refs), [], what, log, progress)
+
+    def _limited(self, calls: dict[int, Callable], what: str, log: Callable | None = None,
+                 progress: StageProgress | None = None) -> dict:
+        """Like `_gather` for `shard → call()` (each returns a ref), started as earlier ones
+        finish, at most `parallel` at a time."""
+        return self._run({}, list(calls.items()), what, log, progress)
+
+    def _run(self, pending: dict, queued: list, what: str, log: Callable | None, progress: StageProgress | None) -> dict:
+        total, limit = len(pending) + len(queued), self.parallel if queued else len(pending)
+        results, start = {}, time.perf_counter()
+        while pending or queued:
+            while queued and len(pending) < limit:
+                shard, call = queued.pop(0)
+                pending[call()] = shard
             polls = [] if progress is None else progress.ask(set(pending.values()))
             done, _ = ray.wait(list(pending) + polls, num_returns=1, timeout=PROGRESS_POLL_S if progress else None)
             for ref in done:
@@ -210,7 +234,7 @@ class Ensemble:
                 if progress is not None:  # the result carries every record: none is lost between polls
                     progress.report(shard, results[shard].get("progress", []))
                 if log is not None:
-                    log(f"  {what}: shard {shard} done ({len(results)}/{len(refs)}, {time.perf_counter() - start:.1f}s)")
+                    log(f"  {what}: shard {shard} done ({len(results)}/{total}, {time.perf_counter() - start:.1f}s)")
         return results
 
     @staticmethod
@@ -231,7 +255,7 @@ class Ensemble:
 
     def fit(self, log: Callable = print, on_stage: OnStage | None = None) -> dict[int, dict]:
         """Train every shard; `on_stage(shard, record)` sees each finished stage while training goes on."""
-        return self._gather({a.fit.remote(): s for s, a in enumerate(self.actors)}, "train", log,
+        return self._limited({s: a.fit.remote for s, a in enumerate(self.actors)}, "train", log,
                             self._progress("fit", on_stage))
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -253,7 +277,7 @@ class Ensemble:
 
     def verify(self, shards: list[int], x_eval: np.ndarray | None = None, log: Callable = print) -> dict[int, dict]:
         ref = None if x_eval is None else ray.put(x_eval)
-        return self._gather({self.actors[s].verify.remote(ref): s for s in shards}, "verify", log)
+        return self._limited({s: partial(self.actors[s].verify.remote, ref) for s in shards}, "verify", log)
 
     def status(self) -> dict[int, dict]:
         return self._gather({a.status.remote(): s for s, a in enumerate(self.actors)}, "status")
@@ -266,7 +290,7 @@ class Ensemble:
         ids = [i for _, owned in requests for i in owned]
         job = requests[0][0] if len(requests) == 1 else f"{requests[0][0]}+{len(requests) - 1}"
         owners = self.ledger.owners(ids)
-        results = self._gather({self.actors[s].forget.remote(job, owned): s for s, owned in owners.items()},
+        results = self._limited({s: partial(self.actors[s].forget.remote, job, owned) for s, owned in owners.items()},
                                "forget", log, self._progress(job, on_stage))
         with self.ledger.locked():
             self.ledger.mark_done([rid for rid, _ in requests], {s: r["version"] for s, r in results.items()})

@@ -53,12 +53,18 @@ class ErasureQueue:
         self._requests[request_id] = _Request(list(ids), {s: list(v) for s, v in owners.items()}, accepted_at,
                                               waiting=set(owners))
 
-    def next_dispatches(self) -> list[Dispatch]:
-        """A replay for every idle, unblocked shard that has requests waiting; they are now running."""
+    def next_dispatches(self, limit: int | None = None) -> list[Dispatch]:
+        """A replay for every idle, unblocked shard that has requests waiting (with `limit`, while
+        fewer than that many run: the shards whose waiting request is oldest first); they are now running."""
         out = []
-        for shard in sorted({s for r in self._requests.values() for s in r.waiting}):
+        order: list[int] = []  # shards by their oldest waiting request
+        for r in self._requests.values():
+            order.extend(s for s in sorted(r.waiting) if s not in order)
+        for shard in order:
             if shard in self._running or shard in self._blocked:
                 continue
+            if limit is not None and len(self._running) >= limit:
+                break
             rids = [rid for rid, r in self._requests.items() if shard in r.waiting]
             ids = sorted(i for rid in rids for i in self._requests[rid].owners[shard])
             for rid in rids:

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from pipeline.storage import Storage
 
 FOLDER = "receipts"
+BACKLOG = "mlflow_backlog"  # one marker per request applied while no client waited (forget --no-wait)
 
 
 def build(ledger_rows: list[dict], shard_results: dict[int, dict], batch: list[str]) -> dict:
@@ -49,9 +50,12 @@ def write(run: Storage, ledger, requests: list[str], shard_results: dict[int, di
     return write_each(run, ledger, {rid: (shard_results, requests) for rid in requests})
 
 
-def write_each(run: Storage, ledger, applied: dict[str, tuple[dict[int, dict], list[str]]]) -> list[dict]:
+def write_each(run: Storage, ledger, applied: dict[str, tuple[dict[int, dict], list[str]]],
+               untracked: set[str] = frozenset()) -> list[dict]:
     """Write the receipts of requests just marked done (request id → (results of the shards that
-    applied it, the requests replayed with it)), reading the ledger once; returns them."""
+    applied it, the requests replayed with it)), reading the ledger once; returns them. Requests
+    in `untracked` (no client waited for them, so none logs them to MLflow) also get a backlog
+    marker: the run's next command logs them, all in one MLflow run (`backlog`, `mark_logged`)."""
     table = ledger.requests().to_pylist()
     out = []
     for request_id, (shard_results, batch) in applied.items():
@@ -59,8 +63,25 @@ def write_each(run: Storage, ledger, applied: dict[str, tuple[dict[int, dict], l
         if rows:
             receipt = build(rows, shard_results, batch)
             run.write_json(f"{FOLDER}/{request_id}.json", receipt)
+            if request_id in untracked:
+                run.write_json(f"{BACKLOG}/{request_id}", {})
             out.append(receipt)
     return out
+
+
+def backlog(run: Storage) -> list[dict]:
+    """Receipts of requests applied while no client waited, not yet logged to MLflow."""
+    out = []
+    for request_id in run.list(BACKLOG):
+        receipt = read(run, request_id)
+        if receipt is not None:
+            out.append(receipt)
+    return out
+
+
+def mark_logged(run: Storage, request_ids: list[str]) -> None:
+    for request_id in request_ids:
+        run.delete(f"{BACKLOG}/{request_id}")
 
 
 def read(run: Storage, request_id: str) -> dict | None:

@@ -25,6 +25,8 @@ class ForgetResult:
     samples_processed: float | None = None  # replayed SGD sample-steps of the whole batch
     full_train_samples: float | None = None
     work_fraction: float | None = None
+    registered_model: str | None = None  # the MLflow registered model and the version holding this request's result
+    registered_version: int | None = None
 
     @classmethod
     def of(cls, request_id: str, ids: list[int], shard_results: dict[int, dict], seconds: float,

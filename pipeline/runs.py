@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import cluster, coordinator, evaluate, receipts, tracking
+from pipeline import cluster, coordinator, evaluate, receipts, registry, tracking
 from pipeline.config import Config
 from pipeline.data import datasets, subjects
 from pipeline.data.partition import partition
@@ -27,7 +28,7 @@ from pipeline.privacy import make_recipe
 from pipeline.results import ForgetResult, ShardStatus
 from pipeline.rundir import RunDir, RunError, open_run
 from pipeline.storage import is_uri
-from pipeline.train import resolve_device
+from pipeline.train import ids_digest, resolve_device
 
 __all__ = ["RunError", "RunDir"]
 
@@ -90,12 +91,46 @@ def trained_ids(run_dir) -> tuple[np.ndarray, np.ndarray]:
     return ids[keep], labels[keep]
 
 
+def _log_version(config: Config, run: RunDir, mlrun, requests: list[str]) -> dict | None:
+    """The live model version in MLflow: the ids it trained on as a data set input, and the
+    ensemble as a registered model (alias `live`; see registry.py). Returns the registry names."""
+    ids, labels = trained_ids(run)
+    mlrun.log_dataset(config, ids, labels)
+    try:
+        return registry.register_live(config, run, mlrun.run_id, ids_digest(ids), requests)
+    except Exception as exc:  # noqa: BLE001 - the model version is applied and recorded; only its registration failed
+        warnings.warn(f"MLflow: could not register the live ensemble ({exc.__class__.__name__}: {exc})", stacklevel=2)
+        return None
+
+
 def _log_completed(config: Config, run: RunDir, completed: dict[str, ForgetResult]) -> None:
     """Each request finished on behalf of a crashed writer becomes a forget child run in MLflow."""
     for result in completed.values():
         with tracking.verb_run("forget", config, run, tags={"dpsisa.completed_pending": "true"}) as mlrun:
             mlrun.log_dataset(config, *trained_ids(run))
             mlrun.log_summary(result.to_dict())
+
+
+def log_backlog(config: Config, run: RunDir) -> int:
+    """Requests applied while no client waited (`forget --no-wait`) reach MLflow here: the run's
+    next command logs all of them in one forget child run (their receipts as artifacts, latency
+    metrics), so a burst of requests is one MLflow run, not a burst of writes. Returns how many."""
+    if not config.tracking.enabled:
+        return 0
+    backlog = receipts.backlog(run)
+    if not backlog:
+        return 0
+    seconds = [(datetime.fromisoformat(r["completed_at"]) - datetime.fromisoformat(r["requested_at"])).total_seconds()
+               for r in backlog]
+    with tracking.verb_run("forget", config, run, tags={"dpsisa.no_wait": "true", "dpsisa.requests": str(len(backlog))}) as mlrun:
+        mlrun.log_jsons({f"{receipts.FOLDER}/{r['request_id']}.json": r for r in backlog})
+        _log_version(config, run, mlrun, [r["request_id"] for r in backlog])
+        mlrun.log_summary({"requests": len(backlog), "ids": sum(len(r["sample_ids"]) for r in backlog),
+                           "subjects": sum(len(r["subjects"]) for r in backlog),
+                           "p50_seconds": float(np.median(seconds)), "max_seconds": max(seconds),
+                           "request_ids": [r["request_id"] for r in backlog]})
+    receipts.mark_logged(run, [r["request_id"] for r in backlog])
+    return len(backlog)
 
 
 @contextmanager
@@ -120,6 +155,7 @@ def opened(run_dir, log: Callable = print, placement=None,
     with coordinator.Session(run, config, log) as session:
         if complete_pending:
             _log_completed(config, run, session.complete_pending())
+        log_backlog(config, run)
         yield config, data, Ensemble.attached(run, config, session.actors), session
 
 
@@ -170,6 +206,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
                 f"{sorted({round(r.noise_multiplier, 3) for r in recipes})} over {config.shards.slices} slice stages")
         run.write_recipes(recipes)
         run.write_config(config)
+        registry.write_input_example(run, data.test.x)
         ensemble = Ensemble.start(run, config, [r.to_dict() for r in recipes], placement=placement, log=log)
         try:
             fit_start = time.perf_counter()
@@ -188,7 +225,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
             log("the run's coordinator and its shard actors stay up (warm forgets); `dpsisa stop` releases them")
         summary = {"run_dir": run.uri, "full_train_seconds": full_train_seconds,
                    "total_seconds": time.perf_counter() - started, **metrics}
-        mlrun.log_dataset(config, *trained_ids(run))
+        summary.update(_log_version(config, run, mlrun, []) or {})
         mlrun.log_summary(summary)
     return summary
 
@@ -214,7 +251,8 @@ def forget(run_dir, ids: list[int] | None, log: Callable = print, placement=None
         result.receipt = receipts.read(run, result.request_id)
         if result.receipt is not None:
             mlrun.log_json(f"{receipts.FOLDER}/{result.request_id}.json", result.receipt)
-        mlrun.log_dataset(config, *trained_ids(run))
+        registered = _log_version(config, run, mlrun, [result.request_id]) or {}
+        result.registered_model, result.registered_version = registered.get("registered_model"), registered.get("registered_version")
         mlrun.log_summary(result.to_dict())
     return result
 
@@ -261,6 +299,7 @@ def request_status(run_dir, request_id: str, wait: bool = False, log: Callable =
         rows = run.ledger().requests().to_pandas()
         rows = rows[rows["request_id"] == request_id]
     status = "done" if (rows["status"] == "done").all() else "pending"
+    log_backlog(run.config(), run)
     return {"run_dir": run.uri, "request_id": request_id, "status": status, "ids": int(len(rows)),
             "requested_at": str(rows["requested_at"].min()), "receipt": receipts.read(run, request_id)}
 
@@ -336,6 +375,7 @@ def verify(run_dir, all_shards: bool = False, log: Callable = print) -> dict:
             report = evaluate.unlearning_report(ensemble, data.get(), run.ledger().forgotten_ids(),
                                                 {s: r.pop("oracle_probs") for s, r in results.items()}, config.seed)
         stamped = receipts.record_verify(run, results)
+        registry.record_verify(config, run, all(r["exact"] for r in results.values()))
         summary = {"exact": all(r["exact"] for r in results.values()), "shards_checked": touched, "receipts_verified": stamped,
                    "shards": [results[s] for s in touched], "device": str(resolve_device(config.train.device)),
                    "unlearning": report}

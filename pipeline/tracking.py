@@ -120,6 +120,9 @@ class Untracked:
     def log_json(self, name: str, obj: Any) -> None:
         """A JSON artifact at `name` (e.g. receipts/REQUEST_ID.json)."""
 
+    def log_jsons(self, objects: dict[str, Any]) -> None:
+        """Many JSON artifacts (name → object) in one upload."""
+
 
 class VerbRun(Untracked):
     """A verb's child run while the verb works (see `verb_run`)."""
@@ -158,6 +161,15 @@ class VerbRun(Untracked):
             path = Path(tmp) / filename
             path.write_text(json.dumps(obj, indent=2, default=str))
             self.client.log_artifact(self.run_id, str(path), artifact_path=folder or None)
+
+    def log_jsons(self, objects: dict[str, Any]) -> None:
+        """Many JSON artifacts (name → object) in one upload."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, obj in objects.items():
+                path = Path(tmp) / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(obj, indent=2, default=str))
+            self.client.log_artifacts(self.run_id, tmp)
 
     def log_dataset(self, config: Config, ids: np.ndarray, labels: np.ndarray, context: str = "training") -> None:
         import mlflow.data

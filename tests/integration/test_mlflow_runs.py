@@ -17,7 +17,7 @@ from pipeline.ledger import Ledger
 from pipeline.rundir import RunDir
 from pipeline.train import ids_digest
 
-KINDS = ["evaluate", "forget", "train", "verify"]
+KINDS = ["evaluate", "forget", "forget", "train", "verify"]  # the second forget: the --no-wait backlog
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +37,23 @@ def session(ray_2cpu, tmp_path_factory):
     table = Ledger(run_dir).assignments().to_pandas()
     targets = [int(i) for i in table[(table["shard"] == 1) & (table["slice"] == 2)]["sample_id"].iloc[:2]]
     forgot = runs.forget(run_dir, targets, log=lambda m: None)
-    runs.evaluate_run(run_dir, log=lambda m: None)
+    later = [int(i) for i in table[(table["shard"] == 0) & (table["slice"] == 2)]["sample_id"].iloc[:2]]
+    no_wait = [runs.submit(run_dir, [i], log=lambda m: None)["request_id"] for i in later]  # forget --no-wait
+    deadline = time.monotonic() + 120
+    while Ledger(run_dir).pending() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    runs.evaluate_run(run_dir, log=lambda m: None)  # the run's next command logs them to MLflow
     verified = runs.verify(run_dir, log=lambda m: None)
     runs.stop(run_dir, log=lambda m: None)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     found = client.search_runs([experiment.experiment_id])
     return {"run_dir": run_dir, "client": client, "experiment": experiment, "runs": found, "train_wall": train_wall,
-            "targets": targets, "forgot": forgot, "verified": verified}
+            "targets": targets, "forgot": forgot, "verified": verified, "no_wait": no_wait}
 
 
 def _child(session, kind):
-    (run,) = [r for r in session["runs"] if r.data.tags["dpsisa.kind"] == kind]
+    (run,) = [r for r in session["runs"] if r.data.tags["dpsisa.kind"] == kind and "dpsisa.no_wait" not in r.data.tags]
     return run
 
 
@@ -107,8 +112,64 @@ def test_the_ids_each_model_version_trained_on_are_a_data_set_input(session):
 
 @pytest.mark.slow
 def test_verify_stays_exact_with_live_progress(session):
-    assert session["verified"]["exact"] is True and session["verified"]["shards_checked"] == [1]
+    assert session["verified"]["exact"] is True and session["verified"]["shards_checked"] == [0, 1]
     assert session["forgot"].shards_retrained == [1]
+
+
+@pytest.mark.slow
+def test_requests_applied_while_nobody_waited_are_logged_once_in_one_batched_forget_run(session):
+    (backlog,) = [r for r in session["runs"] if r.data.tags.get("dpsisa.no_wait") == "true"]
+    assert backlog.data.tags["dpsisa.kind"] == "forget" and backlog.data.tags["dpsisa.requests"] == "2"
+    assert backlog.data.metrics["requests"] == 2 and backlog.data.metrics["ids"] == 2
+    logged = {a.path for a in session["client"].list_artifacts(backlog.info.run_id, "receipts")}
+    assert logged == {f"receipts/{rid}.json" for rid in session["no_wait"]}
+    assert not list((session["run_dir"] / "mlflow_backlog").glob("*"))  # verify did not log them again
+    waited = _child(session, "forget")
+    assert {a.path for a in session["client"].list_artifacts(waited.info.run_id, "receipts")} == {
+        f"receipts/{session['forgot'].request_id}.json"}
+
+
+@pytest.mark.slow
+def test_every_ensemble_version_is_registered_and_versions_that_saw_erased_data_lose_their_weights(session):
+    import mlflow
+
+    from pipeline import registry
+
+    run = RunDir(session["run_dir"])
+    client, name = session["client"], registry.model_name(run.config(), run)
+    versions = {int(v.version): v for v in client.search_model_versions(f"name='{name}'")}
+    assert sorted(versions) == [1, 2, 3]  # after train, after the forget, after the --no-wait requests
+    assert session["forgot"].registered_model == name and session["forgot"].registered_version == 2
+    assert int(client.get_model_version_by_alias(name, "live").version) == 3
+    tags = {k: client.get_model_version(name, str(k)).tags for k in versions}
+    assert tags[1]["dpsisa.erased"] == "true" and session["forgot"].request_id in tags[1]["dpsisa.erased_by"]
+    assert tags[2]["dpsisa.erased"] == "true" and set(tags[2]["dpsisa.erased_by"].split(",")) == set(session["no_wait"])
+    assert "dpsisa.erased" not in tags[3] and tags[3]["dpsisa.verify"] == "exact"
+    assert tags[3]["dpsisa.forgotten"] == "4" and set(tags[3]["dpsisa.requests"].split(",")) == set(session["no_wait"])
+    assert json.loads(tags[3]["dpsisa.shard_versions"]) == [run.shard(s).manifest().version for s in (0, 1)]
+    assert len(json.loads(tags[3]["dpsisa.epsilon_per_shard"])) == 2 and tags[2]["dpsisa.requests"] == session["forgot"].request_id
+    with pytest.raises(Exception, match="saw data erased later"):
+        mlflow.pyfunc.load_model(f"models:/{name}/1")
+    model_id = run.read_json(registry.STATE_FILE)["versions"][0]["model_id"]
+    kept = {f.path for f in client.list_logged_model_artifacts(model_id, "artifacts")}
+    assert kept == {"artifacts/ensemble.json", "artifacts/erasure.json"}  # the weights are gone, the lineage stays
+
+
+@pytest.mark.slow
+def test_the_live_registered_model_predicts_what_dpsisa_predict_serves(session):
+    import mlflow
+
+    from pipeline import registry
+    from pipeline.data import datasets
+
+    run = RunDir(session["run_dir"])
+    config = run.config()
+    x = datasets.load(config.data).test.x[:16]
+    served = runs.serve(run, x, log=lambda m: None)
+    model = mlflow.pyfunc.load_model(f"models:/{registry.model_name(config, run)}@live")
+    probs = model.predict(x)
+    assert np.allclose(probs, np.asarray(served["probabilities"]), atol=1e-6)
+    assert probs.argmax(axis=1).tolist() == served["predictions"]
 
 
 def test_a_failing_verb_is_a_failed_child_and_an_old_run_dir_gets_a_parent(digits_config, tmp_path):

@@ -61,3 +61,14 @@ def test_adding_a_queued_request_again_is_ignored_and_a_request_without_owner_is
     assert len(q.next_dispatches()) == 1 and q.next_dispatches() == []
     with pytest.raises(ValueError):
         q.add("r2", [3], {}, 0.0)
+
+
+def test_with_a_limit_the_shards_whose_requests_waited_longest_replay_first():
+    q = ErasureQueue()
+    q.add("r1", [9], {2: [9]}, 0.0)
+    q.add("r2", [1], {0: [1]}, 1.0)
+    q.add("r3", [5], {1: [5]}, 2.0)
+    assert [d.shard for d in q.next_dispatches(limit=2)] == [2, 0]
+    assert q.next_dispatches(limit=2) == []
+    q.shard_done(2, _result(1))
+    assert [d.shard for d in q.next_dispatches(limit=2)] == [1]

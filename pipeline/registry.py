@@ -1,0 +1,192 @@
+"""Every ensemble version in the MLflow Model Registry, with its erasure lineage.
+
+After `train` and after forget requests are applied, the driver (never an actor) logs the live
+ensemble as an MLflow pyfunc model (models-from-code: `ensemble_pyfunc.py`, weights read with
+`weights_only`, pip requirements given explicitly so nothing is inferred in a subprocess) in
+the verb's child run and registers it under the run's registered-model name, moving the alias
+`live` to it. Version tags: requests applied, forgotten count, the digest of the ids it trained
+on, ε per shard, the subjects erased, and the verify result once `dpsisa verify` has run.
+
+Erasure reaches the registry: once a request is done, every registered version that still holds
+a shard version that saw its samples keeps its registry entry and tags (the audit trail), but its
+weights are deleted from the artifact store and its `erasure.json` says why, so loading it fails
+with that message. The run directory's `mlflow_registry.json` lists what was registered.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import threading
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.rundir import RunDir
+
+STATE_FILE = "mlflow_registry.json"
+EXAMPLE_FILE = "registry/input_example.npy"  # test-set images (never private), written by train
+CODE = Path(__file__).with_name("ensemble_pyfunc.py")
+MODELS_CODE = Path(__file__).with_name("models.py")
+ALIAS = "live"
+_LOCK = threading.Lock()
+
+
+def model_name(config: Config, run: RunDir) -> str:
+    """`tracking.registered_model`, else one name per run directory (its name + a hash of its URI)."""
+    if config.tracking.registered_model:
+        return config.tracking.registered_model
+    return f"dpsisa-{run.name}-{hashlib.sha256(run.uri.encode()).hexdigest()[:8]}"
+
+
+def write_input_example(run: RunDir, images: np.ndarray) -> None:
+    """A few test (public) images: the registered models' input example."""
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(images[:4], dtype=np.float32), allow_pickle=False)
+    run.write_bytes(EXAMPLE_FILE, buffer.getvalue())
+
+
+def _state(run: RunDir) -> dict:
+    return run.read_json(STATE_FILE) if run.exists(STATE_FILE) else {"name": None, "versions": []}
+
+
+def _members(config: Config, run: RunDir, manifests: list) -> list[torch.nn.Module]:
+    pretrained = run.pretrained_model(config)
+    members = []
+    for s, manifest in enumerate(manifests):
+        params = run.shard(s).load_stage(manifest, len(manifest.stages) - 1)["params"]
+        model = __import__("copy").deepcopy(pretrained)
+        model.load_state_dict({**model.state_dict(), **params})
+        members.append(model.eval())
+    return members
+
+
+def _requirements() -> list[str]:
+    import mlflow
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"mlflow=={mlflow.__version__}"]
+
+
+def register_live(config: Config, run: RunDir, run_id: str | None, ids_digest: str, requests: list[str]) -> dict | None:
+    """Register the live ensemble (unless this exact version is registered already) in MLflow run
+    `run_id`; move `live`; delete the weights of versions that saw erased data. Returns
+    {"registered_model", "registered_version"} (None when tracking is off)."""
+    if not config.tracking.enabled or run_id is None:
+        return None
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    from pipeline.tracking import tracking_uri
+
+    name = model_name(config, run)
+    uri = tracking_uri(config)
+    with _LOCK, run.file_lock(".registry.lock"):
+        state = _state(run)
+        manifests = [run.shard(s).manifest() for s in range(config.shards.count)]
+        shard_versions = [m.version for m in manifests]
+        client = MlflowClient(uri)
+        if state["versions"] and state["versions"][-1]["shard_versions"] == shard_versions and state["name"] == name:
+            version = state["versions"][-1]["version"]
+        else:
+            members = _members(config, run, manifests)
+            info = run.model_info()
+            example = np.load(__import__("io").BytesIO(run.read_bytes(EXAMPLE_FILE)), allow_pickle=False)
+            with torch.no_grad():
+                probs = np.stack([torch.softmax(m(torch.from_numpy(example)), dim=1).numpy() for m in members]).mean(0)
+            with tempfile.TemporaryDirectory() as tmp:
+                weights = Path(tmp) / "weights"
+                weights.mkdir()
+                for s, model in enumerate(members):
+                    torch.save(model.state_dict(), weights / f"shard_{s:03d}.pt")
+                meta = Path(tmp) / "ensemble.json"
+                meta.write_text(json.dumps({"model": config.model.name, "width": config.model.width, "seed": config.seed,
+                                            "input_shape": info["input_shape"], "num_classes": info["num_classes"],
+                                            "shards": len(members), "shard_versions": shard_versions}))
+                erasure = Path(tmp) / "erasure.json"
+                erasure.write_text(json.dumps({"erased": False}))
+                mlflow.set_tracking_uri(uri)
+                mlflow.set_registry_uri(uri)
+                with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*type hints.*")  # tensors in, tensors out: no hints to add
+                    logged = mlflow.pyfunc.log_model(
+                        name="ensemble", python_model=str(CODE), code_paths=[str(MODELS_CODE)],
+                        artifacts={"weights": str(weights), "ensemble": str(meta), "erasure": str(erasure)},
+                        signature=infer_signature(example, probs), input_example=example,
+                        pip_requirements=_requirements(), registered_model_name=name)
+            version = int(logged.registered_model_version)
+            state = {"name": name, "versions": [*[v for v in state["versions"] if state["name"] == name],
+                                                 {"version": version, "model_id": logged.model_id,
+                                                  "shard_versions": shard_versions, "erased": False}]}
+            client.set_registered_model_alias(name, ALIAS, str(version))
+            ledger = run.ledger()
+            forgotten = sum(len(m.forgotten) for m in manifests)
+            tags = {"dpsisa.run_dir": run.uri, "dpsisa.shard_versions": json.dumps(shard_versions),
+                    "dpsisa.requests_applied": str(len(ledger.request_ids()) - len(ledger.pending())),
+                    "dpsisa.forgotten": str(forgotten), "dpsisa.ids_digest": ids_digest,
+                    "dpsisa.epsilon_per_shard": json.dumps([m.releases[-1].get("epsilon_cumulative") for m in manifests]),
+                    "dpsisa.requests": ",".join(requests)[:4000], "dpsisa.subjects_erased": _subjects(run, requests)}
+            for key, value in tags.items():
+                client.set_model_version_tag(name, str(version), key, value)
+            _erase_superseded(client, run, state)
+            run.write_json(STATE_FILE, state)
+    return {"registered_model": name, "registered_version": version}
+
+
+def _subjects(run: RunDir, requests: list[str]) -> str:
+    rows = run.ledger().requests().to_pandas()
+    if "subject_id" not in rows:
+        return ""
+    return ",".join(sorted(set(rows[rows["request_id"].isin(requests)]["subject_id"].dropna().astype(str))))[:4000]
+
+
+def _erase_superseded(client, run: RunDir, state: dict) -> None:
+    """Delete the weights of every registered version holding a shard version that a done
+    request retired (that version saw the erased samples); its registry entry and tags stay."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    rows = run.ledger().requests().to_pandas()
+    done = rows[rows["status"] == "done"]
+    for entry in state["versions"]:
+        if entry["erased"]:
+            continue
+        saw = done[[int(v) < int(mv) for v, mv in zip(np.asarray(entry["shard_versions"])[done["shard"].to_numpy()],
+                                                      done["model_version"].to_numpy())]] if len(done) else done
+        if saw.empty:
+            continue
+        erased_by = sorted(set(saw["request_id"]))
+        location = client.get_logged_model(entry["model_id"]).artifact_location
+        repo = get_artifact_repository(location)
+        repo.delete_artifacts("artifacts/weights")
+        with tempfile.TemporaryDirectory() as tmp:
+            marker = Path(tmp) / "erasure.json"
+            now = datetime.now(timezone.utc).isoformat()
+            marker.write_text(json.dumps({"erased": True, "requests": erased_by, "erased_at": now}))
+            repo.log_artifact(str(marker), "artifacts")
+        client.set_model_version_tag(state["name"], str(entry["version"]), "dpsisa.erased", "true")
+        client.set_model_version_tag(state["name"], str(entry["version"]), "dpsisa.erased_by", ",".join(erased_by)[:4000])
+        entry["erased"] = True
+
+
+def record_verify(config: Config, run: RunDir, exact: bool) -> None:
+    """Tag the live registered version with the verify result."""
+    if not config.tracking.enabled or not run.exists(STATE_FILE):
+        return
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import tracking_uri
+
+    state = _state(run)
+    if not state["versions"]:
+        return
+    shard_versions = [run.shard(s).manifest().version for s in range(config.shards.count)]
+    latest = state["versions"][-1]
+    if latest["shard_versions"] == shard_versions:
+        MlflowClient(tracking_uri(config)).set_model_version_tag(
+            state["name"], str(latest["version"]), "dpsisa.verify", "exact" if exact else "mismatch")
