@@ -14,7 +14,9 @@ with that message. The run directory's `mlflow_registry.json` lists what was reg
 """
 from __future__ import annotations
 
+import copy
 import hashlib
+import io
 import json
 import tempfile
 import threading
@@ -45,8 +47,6 @@ def model_name(config: Config, run: RunDir) -> str:
 
 def write_input_example(run: RunDir, images: np.ndarray) -> None:
     """A few test (public) images: the registered models' input example."""
-    import io
-
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(images[:4], dtype=np.float32), allow_pickle=False)
     run.write_bytes(EXAMPLE_FILE, buffer.getvalue())
@@ -61,7 +61,7 @@ def _members(config: Config, run: RunDir, manifests: list) -> list[torch.nn.Modu
     members = []
     for s, manifest in enumerate(manifests):
         params = run.shard(s).load_stage(manifest, len(manifest.stages) - 1)["params"]
-        model = __import__("copy").deepcopy(pretrained)
+        model = copy.deepcopy(pretrained)
         model.load_state_dict({**model.state_dict(), **params})
         members.append(model.eval())
     return members
@@ -79,64 +79,69 @@ def register_live(config: Config, run: RunDir, run_id: str | None, ids_digest: s
     {"registered_model", "registered_version"} (None when tracking is off)."""
     if not config.tracking.enabled or run_id is None:
         return None
-    import mlflow
     from mlflow import MlflowClient
-    from mlflow.models import infer_signature
 
     from pipeline.tracking import tracking_uri
 
-    name = model_name(config, run)
-    uri = tracking_uri(config)
+    name, uri = model_name(config, run), tracking_uri(config)
     with _LOCK, run.file_lock(".registry.lock"):
         state = _state(run)
         manifests = [run.shard(s).manifest() for s in range(config.shards.count)]
         shard_versions = [m.version for m in manifests]
-        client = MlflowClient(uri)
         if state["versions"] and state["versions"][-1]["shard_versions"] == shard_versions and state["name"] == name:
-            version = state["versions"][-1]["version"]
-        else:
-            members = _members(config, run, manifests)
-            info = run.model_info()
-            example = np.load(__import__("io").BytesIO(run.read_bytes(EXAMPLE_FILE)), allow_pickle=False)
-            with torch.no_grad():
-                probs = np.stack([torch.softmax(m(torch.from_numpy(example)), dim=1).numpy() for m in members]).mean(0)
-            with tempfile.TemporaryDirectory() as tmp:
-                weights = Path(tmp) / "weights"
-                weights.mkdir()
-                for s, model in enumerate(members):
-                    torch.save(model.state_dict(), weights / f"shard_{s:03d}.pt")
-                meta = Path(tmp) / "ensemble.json"
-                meta.write_text(json.dumps({"model": config.model.name, "width": config.model.width, "seed": config.seed,
-                                            "input_shape": info["input_shape"], "num_classes": info["num_classes"],
-                                            "shards": len(members), "shard_versions": shard_versions}))
-                erasure = Path(tmp) / "erasure.json"
-                erasure.write_text(json.dumps({"erased": False}))
-                mlflow.set_tracking_uri(uri)
-                mlflow.set_registry_uri(uri)
-                with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message=".*type hints.*")  # tensors in, tensors out: no hints to add
-                    logged = mlflow.pyfunc.log_model(
-                        name="ensemble", python_model=str(CODE), code_paths=[str(MODELS_CODE)],
-                        artifacts={"weights": str(weights), "ensemble": str(meta), "erasure": str(erasure)},
-                        signature=infer_signature(example, probs), input_example=example,
-                        pip_requirements=_requirements(), registered_model_name=name)
-            version = int(logged.registered_model_version)
-            state = {"name": name, "versions": [*[v for v in state["versions"] if state["name"] == name],
-                                                 {"version": version, "model_id": logged.model_id,
-                                                  "shard_versions": shard_versions, "erased": False}]}
-            client.set_registered_model_alias(name, ALIAS, str(version))
-            ledger = run.ledger()
-            forgotten = sum(len(m.forgotten) for m in manifests)
-            tags = {"dpsisa.run_dir": run.uri, "dpsisa.shard_versions": json.dumps(shard_versions),
-                    "dpsisa.requests_applied": str(len(ledger.request_ids()) - len(ledger.pending())),
-                    "dpsisa.forgotten": str(forgotten), "dpsisa.ids_digest": ids_digest,
-                    "dpsisa.epsilon_per_shard": json.dumps([m.releases[-1].get("epsilon_cumulative") for m in manifests]),
-                    "dpsisa.requests": ",".join(requests)[:4000], "dpsisa.subjects_erased": _subjects(run, requests)}
-            for key, value in tags.items():
-                client.set_model_version_tag(name, str(version), key, value)
-            _erase_superseded(client, run, state)
-            run.write_json(STATE_FILE, state)
+            return {"registered_model": name, "registered_version": state["versions"][-1]["version"]}
+        version, model_id = _log_model(config, run, run_id, name, uri, manifests)
+        state = {"name": name, "versions": [*(state["versions"] if state["name"] == name else []),
+                                             {"version": version, "model_id": model_id,
+                                              "shard_versions": shard_versions, "erased": False}]}
+        client = MlflowClient(uri)
+        client.set_registered_model_alias(name, ALIAS, str(version))
+        for key, value in _version_tags(run, manifests, ids_digest, requests).items():
+            client.set_model_version_tag(name, str(version), key, value)
+        _erase_superseded(client, run, state)
+        run.write_json(STATE_FILE, state)
     return {"registered_model": name, "registered_version": version}
+
+
+def _log_model(config: Config, run: RunDir, run_id: str, name: str, uri: str, manifests: list) -> tuple[int, str]:
+    """Log the ensemble of `manifests` as a pyfunc model in `run_id` and register it: (version, model id)."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    members = _members(config, run, manifests)
+    info = run.model_info()
+    example = np.load(io.BytesIO(run.read_bytes(EXAMPLE_FILE)), allow_pickle=False)
+    with torch.no_grad():
+        probs = np.stack([torch.softmax(m(torch.from_numpy(example)), dim=1).numpy() for m in members]).mean(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights"
+        weights.mkdir()
+        for s, model in enumerate(members):
+            torch.save(model.state_dict(), weights / f"shard_{s:03d}.pt")
+        meta, erasure = Path(tmp) / "ensemble.json", Path(tmp) / "erasure.json"
+        meta.write_text(json.dumps({"model": config.model.name, "width": config.model.width, "seed": config.seed,
+                                    "input_shape": info["input_shape"], "num_classes": info["num_classes"],
+                                    "shards": len(members), "shard_versions": [m.version for m in manifests]}))
+        erasure.write_text(json.dumps({"erased": False}))
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*type hints.*")  # tensors in, tensors out: no hints to add
+            logged = mlflow.pyfunc.log_model(
+                name="ensemble", python_model=str(CODE), code_paths=[str(MODELS_CODE)],
+                artifacts={"weights": str(weights), "ensemble": str(meta), "erasure": str(erasure)},
+                signature=infer_signature(example, probs), input_example=example,
+                pip_requirements=_requirements(), registered_model_name=name)
+    return int(logged.registered_model_version), logged.model_id
+
+
+def _version_tags(run: RunDir, manifests: list, ids_digest: str, requests: list[str]) -> dict[str, str]:
+    ledger = run.ledger()
+    return {"dpsisa.run_dir": run.uri, "dpsisa.shard_versions": json.dumps([m.version for m in manifests]),
+            "dpsisa.requests_applied": str(len(ledger.request_ids()) - len(ledger.pending())),
+            "dpsisa.forgotten": str(sum(len(m.forgotten) for m in manifests)), "dpsisa.ids_digest": ids_digest,
+            "dpsisa.epsilon_per_shard": json.dumps([m.releases[-1].get("epsilon_cumulative") for m in manifests]),
+            "dpsisa.requests": ",".join(requests)[:4000], "dpsisa.subjects_erased": _subjects(run, requests)}
 
 
 def _subjects(run: RunDir, requests: list[str]) -> str:
