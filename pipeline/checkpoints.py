@@ -91,7 +91,7 @@ class Manifest:
 
     shard: int
     version: int = 0
-    stages: list[dict] = field(default_factory=list)  # {"file", "ids_digest", "samples", "sha256"} per stage
+    stages: list[dict] = field(default_factory=list)  # {"file", "ids_digest", "samples", "sha256", "draw"} per stage
     forgotten: list[int] = field(default_factory=list)  # ids removed from this shard so far
     releases: list[dict] = field(default_factory=list)  # one per version: request, from_stage, ε, seconds, node
     data: dict | None = None  # {"file", "sha256", "samples"}: the shard's training data less `forgotten`

@@ -98,14 +98,16 @@ class Shard:
             self._progress = []
 
         def on_stage(j: int, s: ShardState) -> None:
-            entries.append(self.store.write_stage(j, version, self._payload(j, s, slices, version)))
+            entries.append({**self.store.write_stage(j, version, self._payload(j, s, slices, version)), "draw": version})
             record = self._stage_record(job, j, s, slices[0], time.perf_counter() - started)
             with self._progress_lock:
                 self._progress.append(record)
             self._log(f"stage {j + 1}/{total} done ({int(sum(len(x) for x in slices[: j + 1]))} samples, "
                       f"loss {_short(record['loss'])}, sampled accuracy {_short(record['accuracy_sampled'])})")
 
-        self.trainer.train(self._data(slices), start, state, on_stage)
+        # a replay (version v) draws fresh sampling and noise for the stages it retrains, recorded
+        # per stage in the manifest: consecutive releases never share noise, and verify re-draws the same
+        self.trainer.train(self._data(slices), start, state, on_stage, draws=[version] * len(slices))
         _release_memory()
         return entries
 
@@ -224,7 +226,8 @@ class Shard:
             if ids_digest(np.concatenate(slices[: j + 1])) != manifest.stages[j]["ids_digest"]:
                 mismatched.append(f"stage {j}: ids seen")
 
-        oracle = self.trainer.train(self._data(slices), 0, None, compare)  # leaves `live` at the last stage
+        draws = [stage.get("draw", 0) for stage in manifest.stages]  # the live version's recorded draws
+        oracle = self.trainer.train(self._data(slices), 0, None, compare, draws=draws)  # leaves `live` at the last stage
         l2 = parameter_l2_distance({n: t.numpy() for n, t in oracle.params.items()},
                                    {n: t.numpy() for n, t in live.params.items()})
         result = {"shard": self.shard, "exact": not mismatched, "mismatches": mismatched[:20], "max_abs_diff": max_diff,

@@ -59,6 +59,12 @@ def stage_seed(seed: int, shard: int, stage: int, purpose: str) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
 
 
+def draw_purpose(purpose: str, draw: int) -> str:
+    """The seed purpose of a stage's `draw`: draw 0 (the original training) keeps the plain
+    purpose, so runs trained before fresh draws existed replay and verify unchanged."""
+    return purpose if draw == 0 else f"{purpose}/draw{draw}"
+
+
 def ids_digest(ids: np.ndarray) -> str:
     """Content hash of a set of sample ids (order-free): what a checkpoint saw."""
     return hashlib.sha256(np.sort(np.asarray(ids, np.int64)).tobytes()).hexdigest()
@@ -118,17 +124,20 @@ class ShardTrainer:
         return module, params, names, prefix
 
     def run_stage(self, state: ShardState, x: torch.Tensor, y: torch.Tensor, stage_index: int,
-                  hook: StepHook | None = None) -> ShardState:
-        """One slice stage on the cumulative inputs `x`, `y` (slices 0..stage_index)."""
+                  hook: StepHook | None = None, draw: int = 0) -> ShardState:
+        """One slice stage on the cumulative inputs `x`, `y` (slices 0..stage_index). `draw` picks
+        the stage's randomness (Poisson sampling and DP noise): 0 for the original training, the
+        release number for a replay, so every release draws fresh noise (see `draw_purpose`)."""
         recipe, stage = self.recipe, self.recipe.stages[stage_index]
         module, params, names, prefix = self._module(state)
         sgd = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum)
         for name, p in zip(names, params):
             if name in state.momentum:
                 sgd.state[p]["momentum_buffer"] = state.momentum[name].clone().to(self.device)
-        sampler = torch.Generator().manual_seed(stage_seed(self.seed, self.shard, stage_index, "sample"))
+        sampler = torch.Generator().manual_seed(stage_seed(self.seed, self.shard, stage_index, draw_purpose("sample", draw)))
         if recipe.private:
-            noise = torch.Generator(device=self.device).manual_seed(stage_seed(self.seed, self.shard, stage_index, "noise"))
+            noise = torch.Generator(device=self.device).manual_seed(
+                stage_seed(self.seed, self.shard, stage_index, draw_purpose("noise", draw)))
             module = GradSampleModule(module, batch_first=True, loss_reduction="sum")
             optimizer = DPOptimizer(sgd, noise_multiplier=recipe.noise_multiplier, max_grad_norm=recipe.max_grad_norm,
                                     expected_batch_size=recipe.batch_size, loss_reduction="mean", generator=noise)
@@ -167,13 +176,16 @@ class ShardTrainer:
 
     def train(self, slices: list[tuple[np.ndarray, np.ndarray]], start_stage: int = 0,
               state: ShardState | None = None,
-              on_stage: Callable[[int, ShardState], None] | None = None, hook: StepHook | None = None) -> ShardState:
-        """Train stages start_stage..R-1; `slices` holds (x, y) of every slice 0..R-1."""
+              on_stage: Callable[[int, ShardState], None] | None = None, hook: StepHook | None = None,
+              draws: list[int] | None = None) -> ShardState:
+        """Train stages start_stage..R-1; `slices` holds (x, y) of every slice 0..R-1; `draws[j]`
+        is stage j's randomness draw (default 0: the original training's)."""
         state = state or initial_state(self.pretrained, self.plan)
         inputs = [self.slice_inputs(x) for x, _ in slices]
         labels = [torch.from_numpy(np.asarray(y, np.int64)).to(self.device) for _, y in slices]
         for j in range(start_stage, len(slices)):
-            state = self.run_stage(state, torch.cat(inputs[: j + 1]), torch.cat(labels[: j + 1]), j, hook)
+            state = self.run_stage(state, torch.cat(inputs[: j + 1]), torch.cat(labels[: j + 1]), j, hook,
+                                   draws[j] if draws else 0)
             if on_stage is not None:
                 on_stage(j, state)
         return state

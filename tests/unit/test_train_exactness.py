@@ -71,3 +71,14 @@ def test_changing_the_seed_changes_the_result(digits_config, digits_data):
     trainer, slices, model, plan = _setup(digits_config, digits_data, "fc", "1.0")
     other = ShardTrainer(model, plan, trainer.recipe, seed=1, shard=0)
     assert not _equal(trainer.train(_data(digits_data, slices)), other.train(_data(digits_data, slices)))
+
+
+def test_a_replay_draws_fresh_noise_and_equals_from_scratch_training_with_the_recorded_draws(digits_config, digits_data):
+    trainer, slices, _, _ = _setup(digits_config, digits_data, "fc_gn", "1.0")
+    checkpoints = {}
+    trainer.train(_data(digits_data, slices), on_stage=lambda j, s: checkpoints.__setitem__(j, s))
+    forgotten = slices[1][[0, 5, 9]]
+    kept = [s[~np.isin(s, forgotten)] for s in slices]
+    replayed = trainer.train(_data(digits_data, kept), start_stage=1, state=checkpoints[0], draws=[1] * SLICES)
+    assert _equal(replayed, trainer.train(_data(digits_data, kept), draws=[0, 1, 1]))  # verify's oracle
+    assert not _equal(replayed, trainer.train(_data(digits_data, kept)))  # not the original's noise again
