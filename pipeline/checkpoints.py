@@ -96,6 +96,11 @@ class Manifest:
     releases: list[dict] = field(default_factory=list)  # one per version: request, from_stage, ε, seconds, node
     data: dict | None = None  # {"file", "sha256", "samples"}: the shard's training data less `forgotten`
 
+    @property
+    def draws(self) -> list[int]:
+        """Each live stage's randomness draw (0: the original training's; v: replayed as version v)."""
+        return [stage.get("draw", 0) for stage in self.stages]
+
     def to_dict(self) -> dict:
         return self.__dict__.copy()
 

@@ -210,6 +210,11 @@ class Coordinator:
         # this process, so a restarted or a later coordinator never finds one that is being removed.
         return Ensemble.start(self.run, self.config, recipes, log=self._log)
 
+    def _replace_ensemble(self) -> None:
+        """A shard actor died for good (beyond its restarts): start a fresh ensemble."""
+        self.ensemble.shutdown()
+        self.ensemble, self._stale = self._start_ensemble(), False
+
     def _log(self, message: str) -> None:
         """Routine events go to the worker's log (`ray logs`, the dashboard), not to clients."""
         LOG.info("[coordinator %s] %s", self.run.name, message)
@@ -237,8 +242,7 @@ class Coordinator:
             if self._closing:
                 raise _Closing()
             if self._stale and not self._busy:
-                self.ensemble.shutdown()
-                self.ensemble, self._stale = self._start_ensemble(), False
+                self._replace_ensemble()
             self._clients += 1
             return list(self.ensemble.actors)
 
@@ -352,9 +356,8 @@ class Coordinator:
     def _take_pending(self) -> None:
         """Queue what the ledger holds as pending (new submissions, or work a crash left), and let
         shards whose last replay failed try again."""
-        if self._stale and not self._running:  # a shard actor died for good: start a fresh ensemble
-            self.ensemble.shutdown()
-            self.ensemble, self._stale = self._start_ensemble(), False
+        if self._stale and not self._running:
+            self._replace_ensemble()
         self.queue.unblock()
         now = time.time()
         for rid, ids in self.ledger.pending().items():

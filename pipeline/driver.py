@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from pipeline import cluster, receipts
 from pipeline.checkpoints import CheckpointIntegrityError
 from pipeline.config import Config
+from pipeline.erasure_queue import job_name
 from pipeline.errors import RecoverableError
 from pipeline.results import ForgetResult
 from pipeline.rundir import RunDir, open_run
@@ -288,7 +289,7 @@ class Ensemble:
         (one new version per shard per batch), then every request is marked done in one write.
         Idempotent per shard: a shard that already applied them (a crash after its commit) skips."""
         ids = [i for _, owned in requests for i in owned]
-        job = requests[0][0] if len(requests) == 1 else f"{requests[0][0]}+{len(requests) - 1}"
+        job = job_name([rid for rid, _ in requests])
         owners = self.ledger.owners(ids)
         results = self._limited({s: partial(self.actors[s].forget.remote, job, owned) for s, owned in owners.items()},
                                "forget", log, self._progress(job, on_stage))

@@ -12,6 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def job_name(request_ids: list[str]) -> str:
+    """What a replay for these requests is called in shard progress records and logs."""
+    return request_ids[0] if len(request_ids) == 1 else f"{request_ids[0]}+{len(request_ids) - 1}"
+
+
 @dataclass
 class _Request:
     ids: list[int]
@@ -32,7 +37,7 @@ class Dispatch:
 
     @property
     def job(self) -> str:
-        return self.requests[0] if len(self.requests) == 1 else f"{self.requests[0]}+{len(self.requests) - 1}"
+        return job_name(self.requests)
 
 
 class ErasureQueue:

@@ -14,7 +14,6 @@ with that message. The run directory's `mlflow_registry.json` lists what was reg
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
@@ -29,6 +28,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.rundir import RunDir
+from pipeline.train import predict_proba, with_params
 
 STATE_FILE = "mlflow_registry.json"
 EXAMPLE_FILE = "registry/input_example.npy"  # test-set images (never private), written by train
@@ -58,13 +58,7 @@ def _state(run: RunDir) -> dict:
 
 def _members(config: Config, run: RunDir, manifests: list) -> list[torch.nn.Module]:
     pretrained = run.pretrained_model(config)
-    members = []
-    for s, manifest in enumerate(manifests):
-        params = run.shard(s).load_stage(manifest, len(manifest.stages) - 1)["params"]
-        model = copy.deepcopy(pretrained)
-        model.load_state_dict({**model.state_dict(), **params})
-        members.append(model.eval())
-    return members
+    return [with_params(pretrained, run.shard(s).load_stage(m, len(m.stages) - 1)["params"]) for s, m in enumerate(manifests)]
 
 
 def _requirements() -> list[str]:
@@ -112,7 +106,7 @@ def _log_model(config: Config, run: RunDir, run_id: str, name: str, uri: str, ma
     info = run.model_info()
     example = np.load(io.BytesIO(run.read_bytes(EXAMPLE_FILE)), allow_pickle=False)
     with torch.no_grad():
-        probs = np.stack([torch.softmax(m(torch.from_numpy(example)), dim=1).numpy() for m in members]).mean(0)
+        probs = np.stack([predict_proba(m, torch.from_numpy(example)).numpy() for m in members]).mean(0)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights"
         weights.mkdir()

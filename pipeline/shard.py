@@ -207,8 +207,8 @@ class Shard:
         return {"version": self._model[0], "probs": predict_proba(model, self._inputs(x)).cpu().numpy()}
 
     def verify(self, x_eval: np.ndarray | None = None) -> dict:
-        """Auditor's oracle: retrain from scratch without the forgotten ids (same seeds, same
-        recipe) and compare every live stage's parameters bit for bit. With `x_eval`, also
+        """Auditor's oracle: retrain from scratch without the forgotten ids (same seeds and recorded
+        draws, same recipe) and compare every live stage's parameters bit for bit. With `x_eval`, also
         return the oracle's softmax outputs on it (for output-space distances)."""
         manifest = self.store.manifest()
         slices = self._slices(set(manifest.forgotten))
@@ -226,8 +226,7 @@ class Shard:
             if ids_digest(np.concatenate(slices[: j + 1])) != manifest.stages[j]["ids_digest"]:
                 mismatched.append(f"stage {j}: ids seen")
 
-        draws = [stage.get("draw", 0) for stage in manifest.stages]  # the live version's recorded draws
-        oracle = self.trainer.train(self._data(slices), 0, None, compare, draws=draws)  # leaves `live` at the last stage
+        oracle = self.trainer.train(self._data(slices), 0, None, compare, draws=manifest.draws)  # leaves `live` at the last stage
         l2 = parameter_l2_distance({n: t.numpy() for n, t in oracle.params.items()},
                                    {n: t.numpy() for n, t in live.params.items()})
         result = {"shard": self.shard, "exact": not mismatched, "mismatches": mismatched[:20], "max_abs_diff": max_diff,

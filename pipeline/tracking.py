@@ -156,11 +156,7 @@ class VerbRun(Untracked):
             self.client.log_artifact(self.run_id, str(path))
 
     def log_json(self, name: str, obj: Any) -> None:
-        folder, _, filename = name.rpartition("/")
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / filename
-            path.write_text(json.dumps(obj, indent=2, default=str))
-            self.client.log_artifact(self.run_id, str(path), artifact_path=folder or None)
+        self.log_jsons({name: obj})
 
     def log_jsons(self, objects: dict[str, Any]) -> None:
         """Many JSON artifacts (name → object) in one upload."""

@@ -59,6 +59,13 @@ def stage_seed(seed: int, shard: int, stage: int, purpose: str) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
 
 
+def with_params(pretrained: Classifier, params: dict[str, torch.Tensor]) -> Classifier:
+    """A copy of `pretrained` with the trained `params` loaded (a shard's constituent model), in eval mode."""
+    model = copy.deepcopy(pretrained)
+    model.load_state_dict({**model.state_dict(), **params})
+    return model.eval()
+
+
 def draw_purpose(purpose: str, draw: int) -> str:
     """The seed purpose of a stage's `draw`: draw 0 (the original training) keeps the plain
     purpose, so runs trained before fresh draws existed replay and verify unchanged."""
@@ -192,9 +199,7 @@ class ShardTrainer:
 
     def model(self, state: ShardState) -> Classifier:
         """The constituent model for `state` (pretrained weights + trained parameters)."""
-        model = copy.deepcopy(self.pretrained)
-        model.load_state_dict({**model.state_dict(), **{n: t.to(self.device) for n, t in state.params.items()}})
-        return model.eval()
+        return with_params(self.pretrained, {n: t.to(self.device) for n, t in state.params.items()})
 
 
 def _mask_grads(params: list[nn.Parameter], masks: list[torch.Tensor | None]) -> None:

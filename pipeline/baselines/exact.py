@@ -82,8 +82,8 @@ class Sisa(Method):
         for s, shard in enumerate(shards):
             trainer = ShardTrainer(problem.pretrained, plan, shard.recipe, seed, s)
             start = time.perf_counter()
-            draws = [stage.get("draw", 0) for stage in shard.store.manifest().stages]  # the replay's fresh draws
-            state = trainer.train([(problem.x[x], problem.y[x]) for x in ledger.shard_slices(s, set(forget))], draws=draws)
+            state = trainer.train([(problem.x[x], problem.y[x]) for x in ledger.shard_slices(s, set(forget))],
+                                  draws=shard.store.manifest().draws)  # the replay's fresh draws
             oracle_seconds += time.perf_counter() - start
             oracles.append(trainer.model(state))
         stored = sum(p.stat().st_size for p in run_dir.rglob("*.pt"))  # live slice checkpoints
