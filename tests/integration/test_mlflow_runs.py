@@ -32,7 +32,7 @@ def session(ray_2cpu, tmp_path_factory):
     config = C.load("jobs/configs/digits.yaml", [f"tracking.uri={uri}"])
     run_dir = home / "run"
     started = time.perf_counter()
-    runs.train(config, run_dir, keep_alive=True, log=lambda m: None)
+    trained = runs.train(config, run_dir, keep_alive=True, log=lambda m: None)
     train_wall = time.perf_counter() - started
     table = Ledger(run_dir).assignments().to_pandas()
     targets = [int(i) for i in table[(table["shard"] == 1) & (table["slice"] == 2)]["sample_id"].iloc[:2]]
@@ -49,7 +49,8 @@ def session(ray_2cpu, tmp_path_factory):
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     found = client.search_runs([experiment.experiment_id])
     return {"run_dir": run_dir, "client": client, "experiment": experiment, "runs": found, "train_wall": train_wall,
-            "targets": targets, "forgot": forgot, "verified": verified, "no_wait": no_wait}
+            "targets": targets, "forgot": forgot, "verified": verified, "no_wait": no_wait,
+            "trained": trained}
 
 
 def _child(session, kind):
@@ -139,6 +140,7 @@ def test_every_ensemble_version_is_registered_and_versions_that_saw_erased_data_
     client, name = session["client"], registry.model_name(run.config(), run)
     versions = {int(v.version): v for v in client.search_model_versions(f"name='{name}'")}
     assert sorted(versions) == [1, 2, 3]  # after train, after the forget, after the --no-wait requests
+    assert session["trained"]["registered_model"] == name and session["trained"]["registered_version"] == 1
     assert session["forgot"].registered_model == name and session["forgot"].registered_version == 2
     assert int(client.get_model_version_by_alias(name, "live").version) == 3
     tags = {k: client.get_model_version(name, str(k)).tags for k in versions}
