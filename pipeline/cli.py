@@ -61,6 +61,16 @@ def _human_eval(m: dict) -> str:
         post = m["mia"]["posterior"]
         text += (f"\nMIA (posterior) members vs non-members: AUC {post['auc']:.3f}, advantage {post['advantage']:.3f}; "
                  f"empirical ε lower bound {m['epsilon_lower_bound']:.3f}")
+    if m.get("lira"):
+        lr = m["lira"]
+        for variant in ("offline", "online"):
+            if lr.get(variant):
+                v = lr[variant]
+                text += (f"\nLiRA {variant} (K={lr['reference_models']}, non-members from {lr['nonmembers_from']}): "
+                         f"AUC {v['auc']:.3f} ({v['auc_ci'][0]:.3f}..{v['auc_ci'][1]:.3f}), TPR {v['tpr_at_1pct_fpr']:.3f} "
+                         f"at 1% FPR, {v['tpr_at_0_1pct_fpr']:.4f} at 0.1% FPR")
+        if lr.get("online_skipped"):
+            text += f"\n  ({lr['online_skipped']})"
     if "mia_forgotten" in m:
         gone = m["mia_forgotten"]["posterior"]
         text += (f"\nMIA (posterior) forgotten vs non-members: accuracy {gone['accuracy']:.3f} "
@@ -141,8 +151,14 @@ def cmd_request(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from pipeline import runs
+    from pipeline.errors import UserError
 
-    _print(runs.evaluate_run(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json, _human_eval)
+    if args.attack == "lira" and args.reference_models is None:
+        raise UserError("--attack lira needs --reference-models K (K ≥ 2; online LiRA needs K ≥ 4).")
+    if args.attack != "lira" and (args.reference_models is not None or args.reference_dir is not None):
+        raise UserError("--reference-models and --reference-dir go with --attack lira.")
+    _print(runs.evaluate_run(runs.resolve_run_dir(args.run_dir), _log(args.quiet), reference_models=args.reference_models,
+                             reference_dir=args.reference_dir), args.json, _human_eval)
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
@@ -198,7 +214,16 @@ def _human_score(r: dict) -> str:
                 if "forgetting_quality_p_value" in part else "")
         return (f"  {name:<24}score {part['score']:.3f} (forgetting quality {part['forgetting_quality']:.3f}{null}; "
                 f"mean per-example ε {part['epsilon_mean']:.2f}); forget/retain/test accuracy "
-                f"{part['forget_accuracy']:.3f}/{part['retain_accuracy']:.3f}/{part['test_accuracy']:.3f}")
+                f"{part['forget_accuracy']:.3f}/{part['retain_accuracy']:.3f}/{part['test_accuracy']:.3f}" + ulira(part))
+
+    def ulira(part: dict) -> str:
+        u = part.get("ulira")
+        if not u:
+            return ""
+        chance = (f" (at chance {u['balanced_accuracy_null_mean']:.3f}, p={u['p_value']:.3f})"
+                  if "p_value" in u else "")
+        return (f"\n  {'':<24}U-LiRA: balanced accuracy {u['balanced_accuracy']:.3f}{chance}, "
+                f"TPR {u['tpr_at_1pct_fpr']:.3f} at 1% FPR, {u['tpr_at_0_1pct_fpr']:.3f} at 0.1% FPR")
 
     return "\n".join([
         f"NeurIPS-2023 unlearning score, K={r['k']} models per group, {r['forget_count']} forgotten ids (δ={r['delta']}):",
@@ -300,7 +325,11 @@ def parser() -> argparse.ArgumentParser:
     request = add("request", cmd_request, "status (and receipt) of one forget request; --wait until it is done")
     request.add_argument("--id", required=True, help="the request id printed by forget")
     request.add_argument("--wait", action="store_true", help="wait until the request is done")
-    add("evaluate", cmd_evaluate, "test accuracy and privacy of the live ensemble")
+    evaluate = add("evaluate", cmd_evaluate, "test accuracy and privacy of the live ensemble")
+    evaluate.add_argument("--attack", choices=("population", "lira"), default="population",
+                          help="population: posterior/loss/logistic attacks (always run); lira: also LiRA with reference models")
+    evaluate.add_argument("--reference-models", type=int, help="K reference runs for LiRA (≥ 2; online needs ≥ 4)")
+    evaluate.add_argument("--reference-dir", help="where the reference runs live or are trained (default RUN_DIR/lira); reused when present")
     verify = add("verify", cmd_verify, "prove unlearning exact: retrain touched shards from scratch, compare bitwise")
     verify.add_argument("--all", action="store_true", help="check every shard, not only those touched by a forget")
     status = add("status", cmd_status, "shards, versions, requests, ε")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import cluster, coordinator, evaluate, receipts, registry, tracking
+from pipeline import cluster, coordinator, evaluate, lira, receipts, references, registry, tracking
 from pipeline.config import Config
 from pipeline.data import datasets, subjects
 from pipeline.data.partition import partition
@@ -159,6 +159,13 @@ def opened(run_dir, log: Callable = print, placement=None,
         yield config, data, Ensemble.attached(run, config, session.actors), session
 
 
+def _other_half(config: Config, n_private: int) -> list[int]:
+    """Private ids a run with `data.keep_half` leaves out: its LiRA non-members (`pipeline/reference_models.py`)."""
+    if config.data.keep_half is None:
+        return []
+    return np.flatnonzero(~lira.paired_halves(1, n_private, config.data.keep_half)[0]).tolist()
+
+
 def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = print, placement=None,
           exclude_ids: list[int] | None = None) -> dict:
     """Partition, pretrain (cached), calibrate DP, train all shards in parallel, evaluate, track.
@@ -182,13 +189,14 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
         _check_private_rows(data)
         log(f"data: {config.data.name}: {len(data.private.y)} private, {len(data.public.y)} public, {len(data.test.y)} test samples")
         ids = data.private.ids
-        excluded = sorted(set(exclude_ids or ()))
+        excluded = sorted(set(exclude_ids or ()) | set(_other_half(config, len(ids))))
         if excluded:
             unknown = [i for i in excluded if not 0 <= i < len(ids)]
             if unknown:
                 raise RunError(f"exclude_ids {unknown[:5]} are not private sample ids (0..{len(ids) - 1}).")
             ids = np.setdiff1d(ids, np.asarray(excluded, dtype=ids.dtype))
-            log(f"excluding {len(excluded)} private id(s) from training (retrain-from-scratch oracle)")
+            why = "the other half of the pool (data.keep_half)" if config.data.keep_half is not None else "retrain-from-scratch oracle"
+            log(f"excluding {len(excluded)} private id(s) from training ({why})")
         owners = subjects.for_private_ids(config.data.subjects, data.private.ids)  # who each sample belongs to
         columns = partition(ids, data.private.y[ids], config.shards.count, config.shards.slices,
                             config.partition.strategy, config.seed, data.private.x[ids], subjects=owners[ids])
@@ -349,16 +357,23 @@ def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple
     return replayed, total
 
 
-def evaluate_run(run_dir, log: Callable = print, placement=None, probe_ids: list[int] | None = None) -> dict:
+def evaluate_run(run_dir, log: Callable = print, placement=None, probe_ids: list[int] | None = None,
+                 reference_models: int | None = None, reference_dir: str | None = None) -> dict:
     """Test metrics and membership-inference attacks; `probe_ids` (e.g. ids about to be
-    forgotten) are attacked in place of the forgotten ids."""
+    forgotten) are attacked in place of the forgotten ids. With `reference_models` K, also LiRA
+    with K reference runs (trained first, or reused from `reference_dir`; `pipeline/references.py`)."""
     run = resolve_run_dir(run_dir)
+    if reference_models is not None:
+        references.check_count(reference_models)
     with tracking.verb_run("evaluate", run.config(), run) as mlrun:
+        refs = references.ensure(run, run.config(), reference_models, reference_dir, log) if reference_models else []
         with opened(run, log, placement=placement) as (config, data, ensemble, _):
             metrics = evaluate.ensemble_metrics(ensemble, data.get())
             log("membership-inference attacks (members vs non-members, forgotten vs non-members) ...")
             metrics.update(evaluate.membership_inference(ensemble, data.get(), run.ledger().forgotten_ids(), config.seed,
                                                          probe_ids=probe_ids))
+            if refs:
+                metrics["lira"] = references.attack(ensemble.predict_mean, run, data.get(), refs, config.seed, log)
         mlrun.log_summary(metrics)
     return metrics
 

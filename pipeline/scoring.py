@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import runs, tracking
+from pipeline import lira, runs, tracking
 from pipeline.checkpoints import atomic_write_json
 from pipeline.config import Config
 from pipeline.data import datasets
@@ -62,6 +62,8 @@ def _score(unlearned: dict, retrained: dict, delta: float, permutations: int = 2
     if permutations:
         null = permutation_null(unlearned["forget_scores"], retrained["forget_scores"], delta, permutations, seed)
         result.update({f"forgetting_quality_{k}": v for k, v in null.items()})
+    if len(unlearned["forget_scores"]) > 1:  # U-LiRA's leave-one-out fit needs two models per group
+        result["ulira"] = lira.ulira(unlearned["forget_scores"], retrained["forget_scores"], permutations, seed)
     return {**result, "epsilon_mean": float(eps.mean()), "epsilon_max": float(eps.max()),
             "examples_in_first_bucket": float(np.mean(eps < 0.5)),
             **{f"{k}_accuracy": unlearned[f"{k}_accuracy"] for k in ("forget", "retain", "test")}}

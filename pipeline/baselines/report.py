@@ -17,7 +17,8 @@ from pipeline.checkpoints import atomic_write, atomic_write_json
 from pipeline.config import Config
 
 COLUMNS = ("method", "family", "oracle", "forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc",
-           "mia_tpr_at_1pct_fpr", "kl_to_oracle", "kl_to_oracle_forget", "l2_to_oracle", "score", "seconds", "speedup",
+           "mia_tpr_at_1pct_fpr", "kl_to_oracle", "kl_to_oracle_forget", "l2_to_oracle", "score", "ulira_balanced_accuracy",
+           "ulira_at_chance", "ulira_tpr_at_1pct_fpr", "seconds", "speedup",
            "storage_bytes")
 
 
@@ -45,22 +46,32 @@ def header(result: dict) -> str:
             f"test {r['test_accuracy']:.3f}")
 
 
+def _ulira(row: dict) -> str:
+    """U-LiRA balanced accuracy / its chance level from relabelled models (K ≥ 2 seeds)."""
+    if row.get("ulira_balanced_accuracy") is None:
+        return "–"
+    chance = row.get("ulira_at_chance")
+    return f"{row['ulira_balanced_accuracy']:.2f}/{chance:.2f}" if chance is not None else f"{row['ulira_balanced_accuracy']:.2f}"
+
+
 def format_table(result: dict) -> str:
     lines = [header(result),
              f"{'method':<24}{'family':<12}{'oracle':<14}{'forget':>7}{'retain':>7}{'test':>7}{'MIA':>6}"
-             f"{'KL':>9}{'L2':>8}{'score':>7}{'sec':>8}{'×':>8}{'storage':>11}"]
+             f"{'KL':>9}{'L2':>8}{'score':>7}{'U-LiRA':>13}{'sec':>8}{'×':>8}{'storage':>11}"]
     for r in result["rows"]:
         speed = "inst." if r["speedup"] is None else f"{r['speedup']:.1f}"
         lines.append(f"{r['method']:<24}{r['family']:<12}{r['oracle']:<14}{r['forget_accuracy']:7.3f}"
                      f"{r['retain_accuracy']:7.3f}{r['test_accuracy']:7.3f}{r['mia_auc']:6.3f}{r['kl_to_oracle']:9.4f}"
-                     f"{r['l2_to_oracle']:8.3f}{r['score']:7.3f}{r['seconds']:8.2f}{speed:>8}{_bytes(r['storage_bytes']):>11}")
+                     f"{r['l2_to_oracle']:8.3f}{r['score']:7.3f}{_ulira(r):>13}{r['seconds']:8.2f}{speed:>8}{_bytes(r['storage_bytes']):>11}")
     notes = [f"  {r['method']}: {r['details']['certificate']}" for r in result["rows"] if "certificate" in r["details"]]
     notes += [f"  {r['method']}: {r['details']['note']}" for r in result["rows"] if "note" in r["details"]]
     notes += [_deltagrad_note(r["details"]) for r in result["rows"] if r["method"] == "deltagrad"]
     if notes:
         lines += ["notes:", *notes]
     lines.append("forget/retain/test: accuracy; MIA: loss-attack AUC forget set vs test non-members; KL/L2: to the row's "
-                 "oracle (test outputs / parameters); score: NeurIPS-2023, K runs vs K oracle runs; ×: speed-up vs the oracle")
+                 "oracle (test outputs / parameters); score: NeurIPS-2023, K runs vs K oracle runs; "
+                 "U-LiRA: balanced accuracy of the per-example likelihood-ratio attack telling the K runs from the K oracles "
+                 "(leave-one-out) / the same at chance (models relabelled at random); ×: speed-up vs the oracle")
     return "\n".join(lines)
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import attacks
+from pipeline import attacks, lira
 from pipeline.unlearning import (
     accuracy,
     logit_scaled_confidence,
@@ -49,17 +49,8 @@ def mia(probs: dict[str, np.ndarray], labels: Labels) -> dict[str, float]:
     the AUC from being a coin flip on 20 vs 20."""
     rows = labels.nonmember_rows
     result = attacks.loss_attack(probs["forget"], labels.forget, probs["test"][rows], labels.test[rows])
-    return {"mia_auc": result.auc, "mia_auc_ci": auc_interval(result.auc, len(labels.forget), len(rows)),
+    return {"mia_auc": result.auc, "mia_auc_ci": attacks.auc_interval(result.auc, len(labels.forget), len(rows)),
             "mia_advantage": result.advantage, "mia_tpr_at_1pct_fpr": result.tpr_at_1pct_fpr}
-
-
-def auc_interval(auc: float, members: int, nonmembers: int, z: float = 1.96) -> list[float]:
-    """Normal-approximation 95% interval of an AUC (Hanley & McNeil 1982): how much a small forget
-    set can tell (10 members give roughly ±0.18)."""
-    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
-    var = (auc * (1 - auc) + (members - 1) * (q1 - auc**2) + (nonmembers - 1) * (q2 - auc**2)) / (members * nonmembers)
-    half = z * float(np.sqrt(max(var, 0.0)))
-    return [max(0.0, auc - half), min(1.0, auc + half)]
 
 
 def accuracies(probs: dict[str, np.ndarray], labels: Labels) -> dict[str, float]:
@@ -99,6 +90,11 @@ def score(runs: list[Run], oracles: list[Run], labels: Labels, permutations: int
     if permutations and len(runs) > 1:
         null = permutation_null(u, o, permutations=permutations, seed=seed)
         out.update(score_at_chance=null["null_mean"], score_p_value=null["p_value"])
+    if len(runs) > 1:  # U-LiRA (leave-one-out) needs two models per group
+        found = lira.ulira(u, o, permutations=permutations, seed=seed)
+        out.update(ulira_tpr_at_1pct_fpr=found["tpr_at_1pct_fpr"], ulira_tpr_at_0_1pct_fpr=found["tpr_at_0_1pct_fpr"],
+                   ulira_balanced_accuracy=found["balanced_accuracy"],
+                   ulira_at_chance=found.get("balanced_accuracy_null_mean"), ulira_p_value=found.get("p_value"))
     return out
 
 
@@ -109,4 +105,4 @@ def original_gap(probs: dict[str, np.ndarray], labels: Labels, seed: int) -> dic
     rows = labels.nonmember_rows
     members = attacks.loss_attack(probs["retain"], labels.retain, probs["test"][rows], labels.test[rows]).auc
     return {**acc, "gap_points": 100 * (acc["forget_accuracy"] - acc["test_accuracy"]), **mia(probs, labels),
-            "mia_auc_retain": members, "mia_auc_retain_ci": auc_interval(members, len(labels.retain), len(rows))}
+            "mia_auc_retain": members, "mia_auc_retain_ci": attacks.auc_interval(members, len(labels.retain), len(rows))}

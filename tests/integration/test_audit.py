@@ -86,3 +86,37 @@ def test_audit_command_refuses_impossible_canary_counts_with_exit_3_before_train
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 3 and len(err.splitlines()) == 1 and message in err
     assert not (tmp_path / "audit").exists()
+
+
+def test_lira_with_reference_models_finds_the_members_of_a_run_without_dp_and_reuses_its_references(
+        ray_2cpu, audit_config, tmp_path, capsys):
+    from pipeline import cli
+
+    target = tmp_path / "target"
+    runs.train(audit_config("privacy.epsilon=null", *SINGLE_MODEL, "data.keep_half=7"), target, log=lambda _: None)
+    members, _ = runs.trained_ids(target)
+    assert 450 < len(members) < 590  # a random half of the 1038 private ids; the rest are its non-members
+    result = runs.evaluate_run(target, log=lambda _: None, reference_models=4)
+    lr = result["lira"]
+    assert lr["reference_models"] == 4 and lr["nonmembers_from"].startswith("private") and lr["fixed_variance"]
+    for variant in ("offline", "online"):  # measured AUC 0.618 (0.584..0.652) offline, 0.598 online
+        v = lr[variant]
+        assert v["auc_ci"][0] > 0.5 and v["unscored"] == 0
+        assert v["members"] == v["nonmembers"] == min(len(members), 1038 - len(members))
+        assert v["tpr_at_1pct_fpr_ci"][0] <= v["tpr_at_1pct_fpr"] <= v["tpr_at_1pct_fpr_ci"][1]
+    assert lr["offline"]["auc"] > result["mia"]["posterior"]["auc"]  # per-example references beat one global threshold
+    halves = [set(runs.trained_ids(target / "lira" / f"ref-{j}")[0].tolist()) for j in range(4)]
+    assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == 1038  # complementary halves of the pool
+    assert runs.load_run_config(target / "lira" / "ref-2").seed == 10_002
+
+    stamps = [(target / "lira" / f"ref-{j}" / "train_summary.json").stat().st_mtime for j in range(2)]
+    cli.main(["evaluate", "--run-dir", str(target), "--attack", "lira", "--reference-models", "2", "--json", "--quiet"])
+    again = json.loads(capsys.readouterr().out)["lira"]
+    assert stamps == [(target / "lira" / f"ref-{j}" / "train_summary.json").stat().st_mtime for j in range(2)]  # reused
+    assert again["online"] is None and "K ≥ 4" in again["online_skipped"] and again["offline"]["auc"] > 0.5
+    for argv, message in ((["--reference-models", "1"], "at least 2"), ([], "needs --reference-models")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["evaluate", "--run-dir", str(target), "--attack", "lira", *argv, "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code != 0 and len(err.splitlines()) == 1 and message in err
+    assert not (target / "lira" / "ref-4").exists()
