@@ -329,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--attack", choices=("population", "lira"), default="population",
                           help="population: posterior/loss/logistic attacks (always run); lira: also LiRA with reference models")
     evaluate.add_argument("--reference-models", type=int, help="K reference runs for LiRA (≥ 2; online needs ≥ 4)")
-    evaluate.add_argument("--reference-dir", help="where the reference runs live or are trained (default RUN_DIR/lira); reused when present")
+    evaluate.add_argument("--reference-dir", help="where reference runs live or are trained (default RUN_DIR/lira); reused")
     verify = add("verify", cmd_verify, "prove unlearning exact: retrain touched shards from scratch, compare bitwise")
     verify.add_argument("--all", action="store_true", help="check every shard, not only those touched by a forget")
     status = add("status", cmd_status, "shards, versions, requests, ε")

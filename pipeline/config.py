@@ -33,7 +33,7 @@ class DataConfig:
     download: bool = False  # allow torchvision to download (needs internet)
     canaries: int = 0  # audit canaries: pool of M mislabelled test images, each trained on w.p. ½ (pipeline/data/canaries.py)
     canary_seed: int = 0  # their wrong labels and inclusion coins
-    keep_half: Optional[int] = None  # LiRA target: train only on the private ids a fair coin (seeded by this) keeps; the rest are its non-members
+    keep_half: Optional[int] = None  # LiRA target: train on the private ids fair coins (seeded by this) keep; the rest: non-members
     subjects: Optional[str] = None  # sample_id → subject_id table (.parquet/.csv); None: synthetic (pipeline/data/subjects.py)
 
 
