@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import cli
 from pipeline import config as config_mod
-from pipeline.baselines import METHODS, get
+from pipeline.baselines import METHODS, get, report
 from pipeline.baselines.problem import load_problem, train_original
 
 CONFIG = "jobs/configs/baselines_digits.yaml"
@@ -95,6 +95,11 @@ def test_the_comparison_prints_the_json_table_writes_plots_and_logs_one_parent_w
     assert original["mia_auc_ci"][0] <= original["mia_auc"] <= original["mia_auc_ci"][1]
     for exact in ("retrain", "sisa"):  # exact rows equal their own oracle
         assert rows[exact]["kl_to_oracle"] == 0 and rows[exact]["l2_to_oracle"] == 0 and rows[exact]["score"] == 1
+        # U-LiRA cannot tell a model from its exact oracle: no better than relabelled models, no TPR at 1% FPR
+        assert rows[exact]["ulira_balanced_accuracy"] <= rows[exact]["ulira_at_chance"]
+        assert rows[exact]["ulira_tpr_at_1pct_fpr"] == 0 and rows[exact]["ulira_p_value"] > 0.5
+    assert all(0.5 <= r["ulira_balanced_accuracy"] <= 1 for r in rows.values())
+    assert "U-LiRA" in report.format_table(result)
     assert rows["sisa"]["oracle"] == "sisa_retrain" and rows["dp_nothing"]["oracle"] == "dp_retrain"
     assert rows["finetune"]["oracle"] == "retrain"
     assert rows["dp_nothing"]["speedup"] is None and rows["dp_nothing"]["details"]["certificate_vacuous"]

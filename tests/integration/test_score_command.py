@@ -54,6 +54,9 @@ def test_score_compares_sisa_forgetting_with_real_retraining(ray_2cpu, tmp_path,
         assert part["forgetting_quality"] >= bucket_score(part["epsilon_max"]) >= 0.25
         assert 0 < part["forgetting_quality_p_value"] <= 1 and 0 < part["forgetting_quality_null_mean"] <= 1
         assert 0.3 < part["test_accuracy"] <= 1.0 and 0.3 < part["retain_accuracy"] <= 1.0
+        ulira = part["ulira"]  # per (model, forget example): K·|F| unlearned vs K·|F| retrained scores
+        assert ulira["members"] == ulira["nonmembers"] == 2 * 8 and 0.5 <= ulira["balanced_accuracy"] <= 1
+        assert 0 < ulira["p_value"] <= 1 and 0.5 <= ulira["balanced_accuracy_null_mean"] <= 1
     assert result["score"] == result["sisa"]["score"]
     assert json.loads((out / "score.json").read_text())["score"] == result["score"]
 
