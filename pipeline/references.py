@@ -18,6 +18,7 @@ on the whole pool sees twice as much data as its references: the attack is then 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -82,53 +83,59 @@ def ensure(run: RunDir, config: Config, k: int, reference_dir: str | None, log: 
     return references
 
 
-def target_split(run: RunDir, data: Data, seed: int, samples: int = SAMPLES) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(member ids, non-member ids, non-members are private ids): a balanced sample of each side."""
+@dataclass(frozen=True)
+class Probe:
+    """The examples LiRA attacks: a balanced sample of members and non-members of the target."""
+    ids: np.ndarray  # private ids (test ids for test non-members)
+    x: np.ndarray
+    y: np.ndarray
+    is_member: np.ndarray
+    private: bool  # non-members are private ids the target left out (data.keep_half), not test images
+
+
+def probe(run: RunDir, data: Data, seed: int, samples: int = SAMPLES) -> Probe:
+    """Members: ids the live version trained on. Non-members: private ids it left out, else test ids."""
     from pipeline import runs
 
     members, _ = runs.trained_ids(run)
     assigned = run.ledger().assignments()["sample_id"].to_numpy()
     left_out = np.setdiff1d(data.private.ids, assigned)
     private = len(left_out) >= 2
-    pool = left_out if private else data.test.ids
-    n = min(samples, len(members), len(pool))
-    members, nonmembers = attacks.balanced_sample(members, pool, n, seed)
-    return members, nonmembers, private
+    source = data.private if private else data.test
+    n = min(samples, len(members), len(left_out) if private else len(data.test.ids))
+    members, nonmembers = attacks.balanced_sample(members, left_out if private else data.test.ids, n, seed)
+    return Probe(ids=np.concatenate([members, nonmembers]),
+                 x=np.concatenate([data.private.x[members], source.x[nonmembers]]),
+                 y=np.concatenate([data.private.y[members], source.y[nonmembers]]),
+                 is_member=np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)], private=private)
 
 
-def _phi(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return logit_scaled_confidence(probs, labels)
-
-
-def attack(target_probs: Callable[[np.ndarray], np.ndarray], run: RunDir, data: Data, references: list[RunDir],
-           seed: int, log: Callable[[str], None], samples: int = SAMPLES) -> dict:
-    """Offline (and, for a `data.keep_half` target with K ≥ 4, online) LiRA on the live ensemble."""
+def attack(target: Probe, target_probs: np.ndarray, references: list[RunDir], log: Callable[[str], None]) -> dict:
+    """Offline (and, for a `data.keep_half` target with K ≥ 4, online) LiRA on the target's outputs
+    `target_probs` for `target`'s examples. Call it with the target's actors released: each reference
+    is opened in turn and needs the cluster's CPUs."""
     from pipeline import runs
 
-    members, nonmembers, private = target_split(run, data, seed, samples)
-    x = np.concatenate([data.private.x[members], (data.private.x if private else data.test.x)[nonmembers]])
-    y = np.concatenate([data.private.y[members], (data.private.y if private else data.test.y)[nonmembers]])
-    is_member = np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)]
-    target = _phi(target_probs(x), y)
-    ids = np.concatenate([members, nonmembers])
+    phi = logit_scaled_confidence(target_probs, target.y)
     ref_phi, ref_in = [], []
     for j, ref in enumerate(references):
-        log(f"LiRA: scoring {len(ids)} examples with reference model {j + 1}/{len(references)}")
-        ref_phi.append(_phi(runs.predict(ref, {"x": x}, log=lambda _: None)["x"], y))
+        log(f"LiRA: scoring {len(target.ids)} examples with reference model {j + 1}/{len(references)}")
+        ref_phi.append(logit_scaled_confidence(runs.predict(ref, {"x": target.x}, log=lambda _: None)["x"], target.y))
         trained = open_run(ref.uri).ledger().assignments()["sample_id"].to_numpy()
-        ref_in.append(np.where(is_member | private, np.isin(ids, trained), False))
+        ref_in.append((target.is_member | target.private) & np.isin(target.ids, trained))  # test ids: never trained on
     ref_phi, ref_in = np.stack(ref_phi), np.stack(ref_in)
+    is_member = target.is_member
     out = {"reference_models": len(references), "reference_dir": references[0].uri.rsplit("/", 1)[0],
-           "nonmembers_from": "private (data.keep_half)" if private else "test",
+           "nonmembers_from": "private (data.keep_half)" if target.private else "test",
            "fixed_variance": len(references) < 2 * lira.GLOBAL_VARIANCE_BELOW}
-    variants = ["offline"] + (["online"] if private and len(references) >= lira.MIN_ONLINE_REFERENCES else [])
-    for variant in variants:
-        scores = lira.lira_scores(target, ref_phi, ref_in, online=variant == "online")
+    online = target.private and len(references) >= lira.MIN_ONLINE_REFERENCES
+    for variant in ["offline"] + (["online"] if online else []):
+        scores = lira.lira_scores(phi, ref_phi, ref_in, online=variant == "online")
         scored = ~np.isnan(scores)
         out[variant] = {**lira.attack_summary(scores[scored & is_member], scores[scored & ~is_member]),
                         "unscored": int((~scored).sum())}
-    if "online" not in out:
+    if not online:
         out["online"] = None
-        out["online_skipped"] = (f"online LiRA needs K ≥ {lira.MIN_ONLINE_REFERENCES}" if private else
+        out["online_skipped"] = (f"online LiRA needs K ≥ {lira.MIN_ONLINE_REFERENCES}" if target.private else
                                  "online LiRA needs non-members from the private pool: train the target with data.keep_half=SEED")
     return out

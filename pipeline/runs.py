@@ -373,7 +373,10 @@ def evaluate_run(run_dir, log: Callable = print, placement=None, probe_ids: list
             metrics.update(evaluate.membership_inference(ensemble, data.get(), run.ledger().forgotten_ids(), config.seed,
                                                          probe_ids=probe_ids))
             if refs:
-                metrics["lira"] = references.attack(ensemble.predict_mean, run, data.get(), refs, config.seed, log)
+                probe = references.probe(run, data.get(), config.seed)
+                probe_probs = ensemble.predict_mean(probe.x)
+        if refs:  # after the target's actors are released: each reference needs the cluster's CPUs in turn
+            metrics["lira"] = references.attack(probe, probe_probs, refs, log)
         mlrun.log_summary(metrics)
     return metrics
 
