@@ -35,6 +35,7 @@ STAGE_METRICS = ("loss", "accuracy_sampled", "epsilon")  # per shard, per stage:
 DIGEST_CHARS = 32  # MLflow's SQL stores keep a data set digest in 36 characters; the full one is an input tag
 RUN_FILES = ("config.yaml", "recipes.json", "train_summary.json")
 LEDGER_FILES = ("assignments.parquet", "requests.parquet")
+SWEEP_TRIAL_KIND = "sweep_trial"  # dpsisa.kind of a sweep's per-trial run (pipeline/sweep/mlflow_runs.py)
 
 
 def tracking_uri(config: Config) -> str:
@@ -250,7 +251,10 @@ def verb_run(kind: str, config: Config, run_dir, tags: dict[str, str] | None = N
     experiment_id = set_experiment(config)
     client = MlflowClient(tracking_uri(config))
     parent = parent_run(client, experiment_id, config, run_dir, new=kind == "train")
-    client.update_run(parent, status="RUNNING")
+    # a sweep trial's run (the parent of its run directory) keeps the trial's own status and times
+    spans_verbs = client.get_run(parent).data.tags.get("dpsisa.kind") != SWEEP_TRIAL_KIND
+    if spans_verbs:
+        client.update_run(parent, status="RUNNING")
     run = _storage(run_dir)
     run_id = client.create_run(experiment_id, run_name=f"{kind}-{run.name}", tags={
         "dpsisa.kind": kind, "dpsisa.run_dir": run.uri, "mlflow.parentRunId": parent, **(tags or {})}).info.run_id
@@ -267,7 +271,8 @@ def verb_run(kind: str, config: Config, run_dir, tags: dict[str, str] | None = N
             _log_run_files(client, run_id, run_dir)
         finally:
             client.set_terminated(run_id, status)
-            client.set_terminated(parent, "FAILED" if kind == "train" and status != "FINISHED" else "FINISHED")
+            if spans_verbs:
+                client.set_terminated(parent, "FAILED" if kind == "train" and status != "FINISHED" else "FINISHED")
 
 
 class GroupRun(VerbRun):

@@ -40,7 +40,7 @@ class SweepTracking:
         client = self.client()
         found = client.search_runs([self.experiment_id], filter_string=(
             f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.`dpsisa.trial_id` = '{trial_id}'"))
-        tags = {"dpsisa.kind": "sweep_trial", "dpsisa.sweep": spec.name, "dpsisa.trial_id": trial_id,
+        tags = {"dpsisa.kind": tracking.SWEEP_TRIAL_KIND, "dpsisa.sweep": spec.name, "dpsisa.trial_id": trial_id,
                 "dpsisa.repeat": str(point.get("repeat", 0)), "dpsisa.run_dir": str(trial_dir(spec, trial_id))}
         if found:
             run_id = found[0].info.run_id

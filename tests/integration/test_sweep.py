@@ -127,7 +127,9 @@ def test_a_trial_keeps_one_child_run_when_a_resume_completes_it(tmp_path):
         pass
     (verb,) = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{child.info.run_id}'")
     assert verb.data.tags["dpsisa.kind"] == "evaluate"  # sweep → trial → verb
-    assert client.get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == parent.parent_run_id
+    trial = client.get_run(child.info.run_id)
+    assert trial.data.tags["mlflow.parentRunId"] == parent.parent_run_id
+    assert (trial.info.status, trial.info.end_time) == ("FINISHED", child.info.end_time)  # the trial keeps its times
 
 
 def synthetic_table() -> pd.DataFrame:
