@@ -87,6 +87,7 @@ def _load_canary_data(config: Config, canaries: int) -> tuple[Config, datasets.D
     return audit_config, data
 
 
+@tracking.grouped("audit", out_dir="run_dir")
 def run_audit(config: Config, canaries: int, log: Callable[[str], None] = print, run_dir: Path | None = None,
               compare_clean: bool = True) -> dict:
     """Train `config` once with `canaries` canaries, attack them, and bound ε from below (see module docstring)."""

@@ -245,7 +245,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_baselines(args: argparse.Namespace) -> None:
-    from pipeline import runs
+    from pipeline import runs, tracking
     from pipeline.baselines import report, runner
 
     config = config_mod.load(args.config, args.overrides)
@@ -254,10 +254,11 @@ def cmd_baselines(args: argparse.Namespace) -> None:
     out_dir = runs.resolve_local_dir(args.out_dir or f"baselines/{runs.resolve_local_dir(None, config).name}")
     log = _log(args.quiet)
     log(f"comparing {len(methods)} unlearning method(s) in {out_dir}")
-    result = runner.run_comparison(config, out_dir, methods, count=args.forget, fraction=args.forget_fraction,
-                                   forget_class=args.forget_class, k=args.k, fractions=fractions, log=log)
-    paths = report.write(result, out_dir)
-    result["mlflow_run_id"] = report.log_mlflow(config, result, paths)
+    with tracking.group("baselines", config, out_dir) as run:
+        result = runner.run_comparison(config, out_dir, methods, count=args.forget, fraction=args.forget_fraction,
+                                       forget_class=args.forget_class, k=args.k, fractions=fractions, log=log)
+        paths = report.write(result, out_dir)
+        result["mlflow_run_id"] = report.log_mlflow(run, result, paths)
     _print(result, args.json, report.format_table)
 
 

@@ -69,6 +69,7 @@ def _score(unlearned: dict, retrained: dict, delta: float, permutations: int = 2
             **{f"{k}_accuracy": unlearned[f"{k}_accuracy"] for k in ("forget", "retain", "test")}}
 
 
+@tracking.grouped("score")
 def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20, delta: float = 1e-5,
               permutations: int = 200, log: Callable[[str], None] = print) -> dict:
     """Train 2K ensembles under out_dir, forget F in K of them, and score SISA against retraining."""

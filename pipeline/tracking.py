@@ -3,18 +3,23 @@
 A run directory's parent run is created by `train` (its id kept in RUN_DIR/mlflow.json) and
 reused by every later verb; each verb (train, forget, evaluate, verify) is a child run that
 starts when the verb starts and ends when it ends (FAILED if it raises). Shard progress is
-logged live to the child, one step per slice stage. Only the driver process talks to MLflow.
+logged live to the child, one step per slice stage. A command that makes many run directories
+(`score`, `audit`, `baselines`) is one `group` run, and the parent runs of the run directories it
+makes are its children: command → run directory → verb. Only the driver process talks to MLflow.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ STAGE_METRICS = ("loss", "accuracy_sampled", "epsilon")  # per shard, per stage:
 DIGEST_CHARS = 32  # MLflow's SQL stores keep a data set digest in 36 characters; the full one is an input tag
 RUN_FILES = ("config.yaml", "recipes.json", "train_summary.json")
 LEDGER_FILES = ("assignments.parquet", "requests.parquet")
+SWEEP_TRIAL_KIND = "sweep_trial"  # dpsisa.kind of a sweep's per-trial run (pipeline/sweep/mlflow_runs.py)
 
 
 def tracking_uri(config: Config) -> str:
@@ -206,7 +212,8 @@ def _log_run_files(client, run_id: str, run_dir) -> None:
 
 def parent_run(client, experiment_id: str, config: Config, run_dir, new: bool = False) -> str:
     """The run directory's parent run: the one in RUN_DIR/mlflow.json if it lives in this store and
-    experiment, else (or with `new`) a fresh one whose id is written there (atomically)."""
+    experiment, else (or with `new`) a fresh one whose id is written there (atomically); a fresh one
+    made inside a `group` is that group run's child."""
     from mlflow.exceptions import MlflowException
 
     run, uri = _storage(run_dir), tracking_uri(config)
@@ -219,11 +226,16 @@ def parent_run(client, experiment_id: str, config: Config, run_dir, new: bool = 
                     return run.info.run_id
             except MlflowException:
                 pass  # deleted from the store: start a new parent
-    run_id = client.create_run(experiment_id, run_name=run.name,
-                               tags={"dpsisa.kind": "run", "dpsisa.run_dir": run.uri}).info.run_id
+    run_id = client.create_run(experiment_id, run_name=run.name, tags={
+        "dpsisa.kind": "run", "dpsisa.run_dir": run.uri, **_group_parent(uri, experiment_id)}).info.run_id
     client.log_batch(run_id, params=_params(config))
-    run.write_json(PARENT_FILE, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri})
+    write_parent(run, run_id, experiment_id, uri)
     return run_id
+
+
+def write_parent(run_dir, run_id: str, experiment_id: str, uri: str) -> None:
+    """Record `run_id` as the run directory's parent run (RUN_DIR/mlflow.json, written atomically)."""
+    _storage(run_dir).write_json(PARENT_FILE, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri})
 
 
 @contextmanager
@@ -239,7 +251,10 @@ def verb_run(kind: str, config: Config, run_dir, tags: dict[str, str] | None = N
     experiment_id = set_experiment(config)
     client = MlflowClient(tracking_uri(config))
     parent = parent_run(client, experiment_id, config, run_dir, new=kind == "train")
-    client.update_run(parent, status="RUNNING")
+    # a sweep trial's run (the parent of its run directory) keeps the trial's own status and times
+    spans_verbs = client.get_run(parent).data.tags.get("dpsisa.kind") != SWEEP_TRIAL_KIND
+    if spans_verbs:
+        client.update_run(parent, status="RUNNING")
     run = _storage(run_dir)
     run_id = client.create_run(experiment_id, run_name=f"{kind}-{run.name}", tags={
         "dpsisa.kind": kind, "dpsisa.run_dir": run.uri, "mlflow.parentRunId": parent, **(tags or {})}).info.run_id
@@ -256,25 +271,140 @@ def verb_run(kind: str, config: Config, run_dir, tags: dict[str, str] | None = N
             _log_run_files(client, run_id, run_dir)
         finally:
             client.set_terminated(run_id, status)
-            client.set_terminated(parent, "FAILED" if kind == "train" and status != "FINISHED" else "FINISHED")
+            if spans_verbs:
+                client.set_terminated(parent, "FAILED" if kind == "train" and status != "FINISHED" else "FINISHED")
 
 
-def log_job(kind: str, config: Config, run_dir, summary: dict[str, Any], parent_run_id: str | None = None) -> str | None:
-    """One MLflow run for a whole job logged after the fact (e.g. `score`); returns its run id."""
+class GroupRun(VerbRun):
+    """The one run of a command that makes many run directories (see `group`). It is created on
+    first use (a run directory's parent, the result) with the command's start time, so a request
+    refused before any work leaves no run behind; params are logged when it ends."""
+
+    def __init__(self, kind: str, config: Config, out_dir=None):
+        self.kind, self.config, self.out = kind, config, None if out_dir is None else _storage(out_dir)
+        self.uri, self.started, self._stage_warned = tracking_uri(config), _now_ms(), False
+        self._run_id: str | None = None
+
+    @functools.cached_property
+    def experiment_id(self) -> str:
+        return set_experiment(self.config)
+
+    @functools.cached_property
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.uri)
+
+    @property
+    def run_id(self) -> str:
+        if self._run_id is None:
+            tags = {"dpsisa.kind": self.kind, **({"dpsisa.run_dir": self.out.uri} if self.out else {})}
+            self._run_id = self.client.create_run(self.experiment_id, start_time=self.started, tags=tags,
+                                                  run_name=f"{self.kind}-{self.out.name}" if self.out else self.kind).info.run_id
+        return self._run_id
+
+    def log_job(self, config: Config, run_dir, summary: dict[str, Any]) -> None:
+        """The command's result: numeric metrics and the summary JSON, the files of `run_dir` (see
+        RUN_FILES), and `config` as the params."""
+        self.config, run = config, _storage(run_dir)
+        if self.out is None:
+            self.out = run
+            self.client.update_run(self.run_id, name=f"{self.kind}-{run.name}")
+            self.client.set_tag(self.run_id, "dpsisa.run_dir", run.uri)
+        self.log_summary(summary)
+        _log_run_files(self.client, self.run_id, run)
+
+    def log_child(self, name: str, tags: dict[str, str], params: dict[str, Any], metrics: dict[str, float],
+                  artifacts: dict[str, Any]) -> str:
+        """A finished child run of this one for one part of the result (e.g. a method of `baselines`):
+        its params, metrics and JSON artifacts (name → object). Returns its id."""
+        from mlflow.entities import Param
+
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags={
+            **tags, "mlflow.parentRunId": self.run_id}).info.run_id
+        self.client.log_batch(run_id, params=[Param(k, _safe_param(v)) for k, v in params.items()])
+        child = VerbRun(self.client, run_id, tags.get("dpsisa.kind", self.kind))
+        child.log_metrics(metrics)
+        child.log_jsons(artifacts)
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def end(self, status: str) -> None:
+        if self._run_id is None:
+            return
+        try:
+            self.client.log_batch(self._run_id, params=_params(self.config))
+        finally:
+            self.client.set_terminated(self._run_id, status)
+
+
+_GROUP: ContextVar[GroupRun | None] = ContextVar("dpsisa_mlflow_group", default=None)
+
+
+def _group_parent(uri: str, experiment_id: str) -> dict[str, str]:
+    """The parent tag of a new run directory's parent run: the open group's run, when both share a store
+    and an experiment."""
+    group = _GROUP.get()
+    if group is None or group.uri != uri or group.experiment_id != experiment_id:
+        return {}
+    return {"mlflow.parentRunId": group.run_id}
+
+
+@contextmanager
+def group(kind: str, config: Config, out_dir=None) -> Iterator[Untracked]:
+    """One run for a command that makes many run directories, open while the command runs: every
+    run directory's parent run created meanwhile (by `train`) is its child, and `log_job` logs the
+    command's result into it. FINISHED when the block ends, FAILED (KILLED on Ctrl-C) when it raises.
+    Yields an `Untracked` (no-op) object when tracking is off."""
+    if not config.tracking.enabled:
+        yield Untracked()
+        return
+    run = GroupRun(kind, config, out_dir)
+    token = _GROUP.set(run)
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        _GROUP.reset(token)
+        run.end(status)
+
+
+def start_group() -> None:
+    """Create the open group's run now, so that it shows as RUNNING while the work goes on (call it
+    once the command's request has passed its checks); without a group, nothing."""
+    current = _GROUP.get()
+    if current is not None:
+        current.run_id  # noqa: B018 - the property creates the run
+
+
+def grouped(kind: str, out_dir: str = "out_dir") -> Callable:
+    """Decorator: run a command function inside `group(kind, <its config>, <its argument named out_dir>)`."""
+    def decorate(function: Callable) -> Callable:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            with group(kind, bound.arguments["config"], bound.arguments.get(out_dir)):
+                return function(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+def log_job(kind: str, config: Config, run_dir, summary: dict[str, Any]) -> str | None:
+    """A whole job's result (e.g. `score`): into the open `group` run of the same kind, else into a run
+    of its own logged after the fact. Returns the run's id (None when tracking is off)."""
     if not config.tracking.enabled:
         return None
-    from mlflow import MlflowClient
-
-    experiment_id = set_experiment(config)
-    client = MlflowClient(tracking_uri(config))
-    run_dir = _storage(run_dir)
-    tags = {"dpsisa.kind": kind, "dpsisa.run_dir": run_dir.uri}
-    if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
-    run_id = client.create_run(experiment_id, run_name=f"{kind}-{run_dir.name}", tags=tags).info.run_id
-    client.log_batch(run_id, params=_params(config))
-    run = VerbRun(client, run_id, kind)
-    run.log_summary(summary)
-    _log_run_files(client, run_id, run_dir)
-    client.set_terminated(run_id, "FINISHED")
-    return run_id
+    current = _GROUP.get()
+    if current is not None and current.kind == kind:
+        current.log_job(config, run_dir, summary)
+        return current.run_id
+    with group(kind, config, run_dir) as run:
+        run.log_job(config, run_dir, summary)
+    return run.run_id

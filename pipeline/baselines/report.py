@@ -1,9 +1,7 @@
 """The comparison's outputs: a readable table, CSV/Parquet/JSON files, PNG plots, and MLflow
-(one parent run per comparison, one child run per method). Headless matplotlib (Agg Figures)."""
+(the command's one group run, one child run per method). Headless matplotlib (Agg Figures)."""
 from __future__ import annotations
 
-import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,6 @@ from matplotlib.figure import Figure
 
 from pipeline import tracking
 from pipeline.checkpoints import atomic_write, atomic_write_json
-from pipeline.config import Config
 
 COLUMNS = ("method", "family", "oracle", "forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc",
            "mia_tpr_at_1pct_fpr", "kl_to_oracle", "kl_to_oracle_forget", "l2_to_oracle", "score", "ulira_balanced_accuracy",
@@ -156,33 +153,25 @@ def _metrics(row: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None and np.isfinite(v)}
 
 
-def log_mlflow(config: Config, result: dict, paths: list[Path]) -> str | None:
-    """One parent run for the comparison (the table and plots as artifacts), one child run per method."""
-    if not config.tracking.enabled:
+def log_mlflow(run: tracking.Untracked, result: dict, paths: list[Path]) -> str | None:
+    """Into the command's `tracking.group` run: the comparison (the table and plots as artifacts), and
+    one child run per method. Returns the group run's id (None when tracking is off)."""
+    if run.run_id is None:
         return None
-    import mlflow
+    from mlflow.entities import Param
 
-    tracking.set_experiment(config)
     forget = result["forget"]
-    with mlflow.start_run(run_name=f"baselines-{Path(result['out_dir']).name}",
-                          tags={"dpsisa.kind": "baselines", "dpsisa.out_dir": result["out_dir"]}) as parent:
-        mlflow.log_params({k: tracking._safe_param(v) for k, v in config.flat().items()})
-        mlflow.log_params({"forget.count": forget["count"], "forget.fraction": forget["fraction"], "forget.class": forget["class"],
-                           "k": result["k"], "methods": ",".join(result["methods"])})
-        mlflow.log_metrics({f"original.{k}": v for k, v in _metrics(result["original"]).items()})
-        for path in paths:
-            mlflow.log_artifact(str(path))
-        for row in result["rows"]:
-            with mlflow.start_run(run_name=row["method"], nested=True,
-                                  tags={"dpsisa.kind": "baselines_method", "dpsisa.method": row["method"],
-                                        "dpsisa.family": row["family"], "dpsisa.oracle": row["oracle"]}):
-                mlflow.log_params({"method": row["method"], "family": row["family"], "oracle": row["oracle"]})
-                mlflow.log_metrics(_metrics(row))
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = Path(tmp) / f"{row['method']}.json"
-                    path.write_text(json.dumps(row, indent=2, default=str))
-                    mlflow.log_artifact(str(path))
-        return parent.info.run_id
+    params = {"forget.count": forget["count"], "forget.fraction": forget["fraction"], "forget.class": forget["class"],
+              "k": result["k"], "methods": ",".join(result["methods"])}
+    run.client.log_batch(run.run_id, params=[Param(k, tracking._safe_param(v)) for k, v in params.items()])
+    run.log_metrics({f"original.{k}": v for k, v in _metrics(result["original"]).items()})
+    for path in paths:
+        run.client.log_artifact(run.run_id, str(path))
+    for row in result["rows"]:
+        labels = {"method": row["method"], "family": row["family"], "oracle": row["oracle"]}
+        run.log_child(row["method"], {"dpsisa.kind": "baselines_method", **{f"dpsisa.{k}": v for k, v in labels.items()}},
+                      labels, _metrics(row), {f"{row['method']}.json": row})
+    return run.run_id
 
 
 def format_unlearnable(result: dict) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import cluster
+from pipeline import cluster, tracking
 from pipeline.baselines import METHODS, get
 from pipeline.baselines.base import BaselineError, Outcome, Problem
 from pipeline.baselines.problem import choose_forget, load_problem, train_original
@@ -149,6 +149,7 @@ def run_comparison(config: Config, out_dir: Path, methods: list[str], *, count: 
     started = time.perf_counter()
     problem = load_problem(config, log, count, fraction, forget_class)  # refuses bad forget specs before any write
     out_dir.mkdir(parents=True, exist_ok=True)
+    tracking.start_group()  # the request passed its checks: the command's MLflow run shows as RUNNING from here
     problem.workdir = str(out_dir / "work")
     torch.set_num_threads(1)
     recorders = {n: r for n in methods if (r := get(n).recorder(problem)) is not None}

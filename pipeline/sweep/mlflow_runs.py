@@ -1,4 +1,5 @@
-"""MLflow for sweeps: one parent run per sweep, one child run per trial (driver side).
+"""MLflow for sweeps: one parent run per sweep, one child run per trial (driver side); a finished
+trial's child run is also its run directory's parent run, so later verbs there nest under it.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pandas as pd
 from ray import tune
 
 from pipeline import tracking
+from pipeline.rundir import RunDir
 from pipeline.sweep.spec import SweepSpec, trial_config, trial_dir
 from pipeline.sweep.trial import trial_metrics
 
@@ -38,7 +40,7 @@ class SweepTracking:
         client = self.client()
         found = client.search_runs([self.experiment_id], filter_string=(
             f"tags.mlflow.parentRunId = '{self.parent_run_id}' and tags.`dpsisa.trial_id` = '{trial_id}'"))
-        tags = {"dpsisa.kind": "sweep_trial", "dpsisa.sweep": spec.name, "dpsisa.trial_id": trial_id,
+        tags = {"dpsisa.kind": tracking.SWEEP_TRIAL_KIND, "dpsisa.sweep": spec.name, "dpsisa.trial_id": trial_id,
                 "dpsisa.repeat": str(point.get("repeat", 0)), "dpsisa.run_dir": str(trial_dir(spec, trial_id))}
         if found:
             run_id = found[0].info.run_id
@@ -53,7 +55,19 @@ class SweepTracking:
         client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
                          tags=[RunTag("dpsisa.error", error)] if error else [])
         client.set_terminated(run_id, "FAILED" if error else "FINISHED")
+        if not error:
+            self.adopt_run_dir(spec, trial_id, run_id)
         return run_id
+
+    def adopt_run_dir(self, spec: SweepSpec, trial_id: str, run_id: str) -> None:
+        """Make the trial's child run its run directory's parent run, and turn tracking on (this store)
+        in the run's config: later verbs on the trial's run directory (`dpsisa evaluate --run-dir ...`)
+        become children of the trial's run, sweep → trial → verb. Trials themselves track nothing."""
+        run = RunDir(trial_dir(spec, trial_id))
+        if not run.is_run():  # the trial failed before writing its config
+            return
+        run.write_config(run.config().with_overrides({"tracking.enabled": True, "tracking.uri": self.uri}))
+        tracking.write_parent(run, run_id, self.experiment_id, self.uri)
 
 
 def open_parent(spec: SweepSpec, resume: bool) -> SweepTracking | None:

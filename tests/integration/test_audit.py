@@ -57,6 +57,16 @@ def test_correct_dp_training_stays_below_its_epsilon(ray_2cpu, audit_config, tmp
     assert result["clean_run_dir"] == str(clean) and 0 < result["test_accuracy_without_canaries"] <= 1
     assert runs.load_run_config(clean).data.canaries == 0
     assert runs.load_run_config(clean).data.test_limit == result["test_samples"] == 359 - CANARIES
+    # MLflow: one audit run, the parent of both run directories' parent runs (audit → run directory → verb)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (audited,) = client.search_runs(experiments, "tags.`dpsisa.kind` = 'audit'")
+    assert audited.info.status == "FINISHED" and audited.data.params["data.canaries"] == str(CANARIES)
+    assert audited.data.metrics["epsilon_lower_bound"] == pytest.approx(result["epsilon_lower_bound"])
+    parents = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{audited.info.run_id}'")
+    assert sorted(p.info.run_name for p in parents) == [audit.CLEAN_RUN, "dp"]
 
 
 def test_silently_cut_noise_is_caught_although_the_recipe_claims_epsilon_one(ray_2cpu, audit_config, tmp_path, monkeypatch):

@@ -192,6 +192,33 @@ def test_a_failing_verb_is_a_failed_child_and_an_old_run_dir_gets_a_parent(digit
     assert [m.step for m in client.get_metric_history(children[0].info.run_id, "x")] == [3]
 
 
+def test_a_group_run_holds_the_parent_runs_of_the_run_directories_made_inside_it(digits_config, tmp_path):
+    config = digits_config()
+    with pytest.raises(ValueError), tracking.group("score", config, tmp_path / "refused"):
+        raise ValueError("refused before any work")  # leaves no run, not even a store
+    with tracking.group("score", digits_config("tracking.enabled=false"), tmp_path / "off") as off:
+        assert tracking.log_job("score", digits_config("tracking.enabled=false"), tmp_path, {"score": 1.0}) is None
+    assert off.run_id is None and not (tmp_path / "mlflow.db").exists()
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="late"), tracking.group("score", config, out) as group:
+        for name in ("a", "b"):
+            (out / name).mkdir(parents=True)
+            with tracking.verb_run("verify", config, out / name):
+                time.sleep(0.01)
+        assert tracking.log_job("score", config, out, {"score": 0.5}) == group.run_id
+        raise RuntimeError("late")
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("dpsisa").experiment_id
+    (run,) = client.search_runs([experiment], "tags.`dpsisa.kind` = 'score'")
+    assert run.info.status == "FAILED" and run.data.metrics["score"] == 0.5 and run.info.run_name == "score-out"
+    parents = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert sorted(p.info.run_name for p in parents) == ["a", "b"]
+    assert all(run.info.start_time <= p.info.start_time <= p.info.end_time <= run.info.end_time for p in parents)
+    for parent in parents:  # command → run directory → verb
+        (verb,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        assert verb.data.tags["dpsisa.kind"] == "verify"
+
+
 def test_an_existing_experiment_gets_the_model_development_kind(digits_config):
     import mlflow
 

@@ -61,5 +61,11 @@ def test_score_compares_sisa_forgetting_with_real_retraining(ray_2cpu, tmp_path,
     assert json.loads((out / "score.json").read_text())["score"] == result["score"]
 
     client = MlflowClient()
-    scored = client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.`dpsisa.kind` = 'score'")
-    assert len(scored) == 1 and scored[0].data.metrics["score"] == pytest.approx(result["score"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    (scored,) = client.search_runs(experiments, "tags.`dpsisa.kind` = 'score'")
+    assert scored.data.metrics["score"] == pytest.approx(result["score"]) and scored.info.status == "FINISHED"
+    # one score run, open while it worked, holds the parent runs of its 2K run directories
+    parents = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{scored.info.run_id}'")
+    assert sorted(p.info.run_name for p in parents) == ["retrained-0", "retrained-1", "unlearned-0", "unlearned-1"]
+    assert all(scored.info.start_time <= p.info.start_time <= p.info.end_time <= scored.info.end_time for p in parents)
+    assert scored.info.end_time - scored.info.start_time >= 1000 * (result["total_seconds"] - 1)

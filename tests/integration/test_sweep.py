@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import plots, sweep
+from pipeline import plots, sweep, tracking
 from pipeline.config import ConfigError
+from pipeline.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_SWEEP = ROOT / "jobs" / "configs" / "sweep_digits.yaml"
@@ -107,6 +108,9 @@ def test_a_trial_keeps_one_child_run_when_a_resume_completes_it(tmp_path):
     parent = sweep.open_parent(spec, resume=False)
     point = spec.points()[0]
     first = parent.log_trial(spec, "abc_00000", point, {}, error="trial failed")
+    run_dir = RunDir(sweep.trial_dir(spec, "abc_00000"))
+    run_dir.write_config(sweep.trial_config(spec, point))  # what the trial's train wrote
+    assert not run_dir.exists(tracking.PARENT_FILE)  # a failed trial's run dir is not adopted
     again = parent.log_trial(spec, "abc_00000", point, {"accuracy": 0.8})
     client = MlflowClient(uri)
     children = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.parent_run_id}'")
@@ -115,6 +119,17 @@ def test_a_trial_keeps_one_child_run_when_a_resume_completes_it(tmp_path):
     assert child.info.status == "FINISHED" and "dpsisa.error" not in child.data.tags
     assert child.data.metrics == {"accuracy": 0.8} and child.data.params["shards.count"] == "2"
     assert sweep.open_parent(spec, resume=True).parent_run_id == parent.parent_run_id
+    # the finished trial's child run is its run directory's parent: a later verb there nests under it
+    assert run_dir.read_json(tracking.PARENT_FILE)["run_id"] == child.info.run_id
+    config = run_dir.config()
+    assert config.tracking.enabled and config.tracking.uri == uri
+    with tracking.verb_run("evaluate", config, run_dir):
+        pass
+    (verb,) = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{child.info.run_id}'")
+    assert verb.data.tags["dpsisa.kind"] == "evaluate"  # sweep → trial → verb
+    trial = client.get_run(child.info.run_id)
+    assert trial.data.tags["mlflow.parentRunId"] == parent.parent_run_id
+    assert (trial.info.status, trial.info.end_time) == ("FINISHED", child.info.end_time)  # the trial keeps its times
 
 
 def synthetic_table() -> pd.DataFrame:
@@ -189,6 +204,8 @@ def test_digits_sweep_logs_parent_and_one_child_run_per_trial(ray_2cpu, tmp_path
                 "forget_speedup"} <= set(child.data.metrics)
         assert child.data.params["tracking.enabled"] == "False" and child.data.params["shards.count"] == "2"
         assert 0 < child.data.metrics["accuracy"] <= 1
+        # the trial's child run is its run directory's parent run (later verbs there nest under it)
+        assert RunDir(child.data.tags["dpsisa.run_dir"]).read_json(tracking.PARENT_FILE)["run_id"] == child.info.run_id
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.csv", "summary.parquet", "accuracy_vs_epsilon.png", "mia_advantage_vs_epsilon.png",
             "forget_speedup_vs_shards.png"} <= artifacts
