@@ -50,6 +50,7 @@ class PretrainConfig:
     batch_size: int = 128
     augment: bool = False  # random 2-pixel shifts and horizontal flips (not for digits)
     cache_dir: Optional[str] = None  # None: $DPSISA_CACHE or ~/.cache/dpsisa
+    seed: Optional[int] = None  # None: the run's seed; LiRA's reference runs take their target's (one public model)
 
 
 @dataclass(frozen=True)

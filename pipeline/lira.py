@@ -7,9 +7,10 @@ LiRA: K reference models, each trained on a known random half of a common pool, 
 the distribution of φ when it was in training ("in") and when it was not ("out"). The target's φ is
 then tested against them: offline, how far above the "out" Gaussian it lies ((φ − μ_out) / σ_out,
 one-sided as in the paper); online, the log likelihood ratio of the "in" and "out" Gaussians (needs
-both: K ≥ 4). With fewer than 64 reference models the per-example variance is too noisy and one
-variance per side is used for all examples (the paper's "fixed variance": the std of all that side's
-reference scores, as in its published code); the means stay per example.
+both: K ≥ 4). With fewer than 64 reference models per side the per-example variance is too noisy and
+one variance per side is used for all examples (the paper's "fixed variance"), pooled from each
+example's spread around its own mean (with one model per example and side, K = 2: the spread of all
+that side's scores, as in the paper's published code); the means stay per example.
 
 U-LiRA: per forget example, the same Gaussian likelihood ratio separates models that *unlearned* it
 from models *retrained* without it, fitted leave-one-out (model i is scored by Gaussians fitted on the
@@ -50,12 +51,14 @@ def _side_moments(scores: np.ndarray, member: np.ndarray, fixed_variance: bool) 
     total = np.where(member, scores, 0.0).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(count > 0, total / count, np.nan)
-        if fixed_variance:
+        dev = np.where(member, (scores - np.where(count > 0, mean, 0.0)) ** 2, 0.0).sum(axis=0)
+        if not fixed_variance:
+            std = np.where(count > 1, np.sqrt(dev / np.maximum(count - 1, 1)), np.nan)
+        elif (count > 1).any():  # pooled within-example variance: each example's spread around its own mean
+            std = np.full(scores.shape[1], np.sqrt(dev.sum() / np.maximum(count - 1, 0).sum()))
+        else:  # one model per example on this side (K = 2): the spread of all its scores
             values = scores[member]
             std = np.full(scores.shape[1], values.std() if values.size > 1 else np.nan)
-        else:
-            dev = np.where(member, (scores - np.where(count > 0, mean, 0.0)) ** 2, 0.0).sum(axis=0)
-            std = np.where(count > 1, np.sqrt(dev / np.maximum(count - 1, 1)), np.nan)
     return mean, np.maximum(std, _STD_FLOOR)
 
 

@@ -21,13 +21,18 @@ def cache_dir(config: Config) -> Path:
     return Path(root) / "pretrained"
 
 
+def seed(config: Config) -> int:
+    """The pretraining seed: `pretrain.seed`, or the run's seed when unset."""
+    return config.seed if config.pretrain.seed is None else config.pretrain.seed
+
+
 def cache_key(config: Config, data: Data, model: torch.nn.Module) -> str:
     """Everything that changes the pretrained weights, and nothing else (not ε, shards, ...);
     the architecture enters as its parameter names and shapes, so a code change never loads stale weights."""
     d, m, p = config.data, config.model, config.pretrain
     architecture = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
     return digest("v2", architecture, d.name, d.public, d.public_size if d.public == "heldout" else None, m.name, m.width,
-                  p.epochs, p.lr, p.batch_size, p.augment, config.seed, data.input_shape, int(data.public.y.max() + 1))
+                  p.epochs, p.lr, p.batch_size, p.augment, seed(config), data.input_shape, int(data.public.y.max() + 1))
 
 
 def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Tensor:
@@ -44,7 +49,7 @@ def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Tens
 
 def _fit(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, config: Config, log) -> None:
     p = config.pretrain
-    gen = torch.Generator().manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(seed(config))
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
     optimizer = torch.optim.SGD(model.parameters(), lr=p.lr, momentum=0.9, weight_decay=5e-4)
     steps = p.epochs * math.ceil(len(xs) / p.batch_size)
@@ -70,7 +75,7 @@ def pretrained_model(config: Config, data: Data, log=print) -> tuple[models.Clas
     When the public data is another data set (e.g. CIFAR-100 for CIFAR-10) the head is
     re-initialised (seeded) for the private classes."""
     public_classes = int(data.public.y.max() + 1)
-    model = models.build(config.model.name, data.input_shape, public_classes, config.model.width, config.seed)
+    model = models.build(config.model.name, data.input_shape, public_classes, config.model.width, seed(config))
     key = cache_key(config, data, model)
     path = cache_dir(config) / f"{config.model.name}-{key}.pt"
     info = {"cache_key": key, "path": str(path), "cached": path.is_file()}
@@ -85,6 +90,6 @@ def pretrained_model(config: Config, data: Data, log=print) -> tuple[models.Clas
         info["seconds"] = time.perf_counter() - start
         save_torch(path, model.state_dict())
     if public_classes != data.num_classes or config.data.public != "heldout":
-        torch.manual_seed(config.seed + 1)
+        torch.manual_seed(seed(config) + 1)
         model.fc = torch.nn.Linear(model.fc.in_features, data.num_classes)
     return model.eval(), info

@@ -2,7 +2,8 @@
 reference models itself and attacks the run's live ensemble with them (`pipeline/lira.py`).
 
 Reference model j is a SISA ensemble with the target's config (shards, slices, DP recipe, strategy;
-its own seed) trained through the normal `runs.train` path (its shards run as Ray actors in parallel)
+its own seed, the target's public pretrained model) trained through the normal `runs.train` path (its
+shards run as Ray actors in parallel)
 on a random half of the private pool: models 2j and 2j+1 take complementary halves, so with even K
 every example is "in" for K/2 of them. They live in `<run>/lira/ref-<j>` (or `--reference-dir`) and
 are reused when they exist: asking for more models later trains only the missing ones. They are not
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import attacks, lira
+from pipeline import attacks, lira, pretrain
 from pipeline.config import Config
 from pipeline.data import datasets
 from pipeline.data.datasets import Data
@@ -33,7 +34,7 @@ from pipeline.unlearning import logit_scaled_confidence
 SAMPLES = 2000  # members and non-members attacked (each side, at most)
 REFERENCE_SEED = 10_000  # reference j trains with seed config.seed + REFERENCE_SEED + j
 HALVES_SEED = 20_000  # the halves' coins: seed config.seed + HALVES_SEED
-FREE_KEYS = ("seed", "data.keep_half", "tracking.enabled", "tracking.experiment", "tracking.uri",
+FREE_KEYS = ("seed", "pretrain.seed", "data.keep_half", "tracking.enabled", "tracking.experiment", "tracking.uri",
              "tracking.registered_model")  # may differ between a target and its reference models
 
 
@@ -76,8 +77,9 @@ def ensure(run: RunDir, config: Config, k: int, reference_dir: str | None, log: 
             log(f"LiRA: reusing reference model {j + 1}/{k} in {ref.uri}")
         else:
             log(f"LiRA: training reference model {j + 1}/{k} on a random half of the pool in {ref.uri}")
-            ref_config = config.with_overrides({"seed": config.seed + REFERENCE_SEED + j, "data.keep_half": None,
-                                                "tracking.enabled": False})  # the evaluate run logs the attack
+            ref_config = config.with_overrides({  # one public model for all; the evaluate run logs the attack
+                "seed": config.seed + REFERENCE_SEED + j, "pretrain.seed": pretrain.seed(config), "data.keep_half": None,
+                "tracking.enabled": False})
             runs.train(ref_config, ref, log=log, exclude_ids=np.flatnonzero(~halves[j]).tolist())
         references.append(ref)
     return references
