@@ -22,13 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
-from pipeline import attacks, lira, pretrain
+from pipeline import attacks, lira, pretrain, registry
 from pipeline.config import Config
 from pipeline.data import datasets
 from pipeline.data.datasets import Data
 from pipeline.errors import UserError
 from pipeline.rundir import RunDir, open_run
+from pipeline.train import predict_proba
 from pipeline.unlearning import logit_scaled_confidence
 
 SAMPLES = 2000  # members and non-members attacked (each side, at most)
@@ -112,17 +114,23 @@ def probe(run: RunDir, data: Data, seed: int, samples: int = SAMPLES) -> Probe:
                  is_member=np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)], private=private)
 
 
+def reference_probs(ref: RunDir, x: np.ndarray) -> np.ndarray:
+    """Mean-softmax output of a reference run's committed models, computed in this process (pure torch):
+    a reference is never served or forgotten from, so its actors need not start and the cluster's CPUs stay free."""
+    members = registry.live_members(ref.config(), ref)
+    inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    with torch.no_grad():
+        return np.mean([predict_proba(m, inputs).double().numpy() for m in members], axis=0)
+
+
 def attack(target: Probe, target_probs: np.ndarray, references: list[RunDir], log: Callable[[str], None]) -> dict:
     """Offline (and, for a `data.keep_half` target with K ≥ 4, online) LiRA on the target's outputs
-    `target_probs` for `target`'s examples. Call it with the target's actors released: each reference
-    is opened in turn and needs the cluster's CPUs."""
-    from pipeline import runs
-
+    `target_probs` for `target`'s examples."""
     phi = logit_scaled_confidence(target_probs, target.y)
     ref_phi, ref_in = [], []
     for j, ref in enumerate(references):
         log(f"LiRA: scoring {len(target.ids)} examples with reference model {j + 1}/{len(references)}")
-        ref_phi.append(logit_scaled_confidence(runs.predict(ref, {"x": target.x}, log=lambda _: None)["x"], target.y))
+        ref_phi.append(logit_scaled_confidence(reference_probs(ref, target.x), target.y))
         trained = open_run(ref.uri).ledger().assignments()["sample_id"].to_numpy()
         ref_in.append((target.is_member | target.private) & np.isin(target.ids, trained))  # test ids: never trained on
     ref_phi, ref_in = np.stack(ref_phi), np.stack(ref_in)

@@ -56,7 +56,10 @@ def _state(run: RunDir) -> dict:
     return run.read_json(STATE_FILE) if run.exists(STATE_FILE) else {"name": None, "versions": []}
 
 
-def _members(config: Config, run: RunDir, manifests: list) -> list[torch.nn.Module]:
+def live_members(config: Config, run: RunDir, manifests: list | None = None) -> list[torch.nn.Module]:
+    """The constituent models of `manifests` (default: each shard's committed version), built in this process."""
+    if manifests is None:
+        manifests = [run.shard(s).manifest() for s in range(config.shards.count)]
     pretrained = run.pretrained_model(config)
     return [with_params(pretrained, run.shard(s).load_stage(m, len(m.stages) - 1)["params"]) for s, m in enumerate(manifests)]
 
@@ -102,7 +105,7 @@ def _log_model(config: Config, run: RunDir, run_id: str, name: str, uri: str, ma
     import mlflow
     from mlflow.models import infer_signature
 
-    members = _members(config, run, manifests)
+    members = live_members(config, run, manifests)
     info = run.model_info()
     example = np.load(io.BytesIO(run.read_bytes(EXAMPLE_FILE)), allow_pickle=False)
     with torch.no_grad():
