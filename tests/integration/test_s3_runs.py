@@ -30,7 +30,9 @@ def s3_run(s3_store, ray_2cpu, tmp_path_factory):
     os.environ["DPSISA_HOME"] = str(home)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     uri = f"{s3_store.bucket_uri}/runs/{uuid.uuid4().hex[:8]}"
-    config = C.load("jobs/configs/digits.yaml", ["ray.max_restarts=0"])
+    # 6 epochs: a replay long enough (seconds) that the crash test's killer lands mid-forget, not after it;
+    # with digits.yaml's 2 the replay could commit first under load and the crash never happened
+    config = C.load("jobs/configs/digits.yaml", ["ray.max_restarts=0", "train.epochs=6"])
     summary = runs.train(config, uri, log=lambda m: None)
     return RunDir(uri), summary, home
 
