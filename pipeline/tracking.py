@@ -176,6 +176,7 @@ class VerbRun(Untracked):
     def log_dataset(self, config: Config, ids: np.ndarray, labels: np.ndarray, context: str = "training") -> None:
         import mlflow.data
         from mlflow.entities import DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         from pipeline.train import ids_digest
@@ -187,7 +188,17 @@ class VerbRun(Untracked):
                                              source=config.data.root or config.data.name,
                                              name=f"{config.data.name}-private", digest=digest[:DIGEST_CHARS])
         tags = [InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("dpsisa.ids_digest", digest)]
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=tags)])
+        inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=tags)]
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except MlflowException as exc:
+            # Clients whose requests were applied together log the same data set (same digest) at once;
+            # MLflow's SQL store checks for it, then inserts, so one of them can lose that race. The
+            # data set now exists: logging it again links this run to it.
+            if "UNIQUE constraint" not in str(exc) and "IntegrityError" not in str(exc):
+                raise
+            time.sleep(0.2)
+            self.client.log_inputs(self.run_id, datasets=inputs)
 
 
 def _storage(run_dir) -> Storage:
