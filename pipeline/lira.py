@@ -45,6 +45,11 @@ def paired_halves(k: int, n: int, seed: int) -> np.ndarray:
     return np.stack(rows[:k])
 
 
+def uses_fixed_variance(k: int) -> bool:
+    """Whether K reference models (about K/2 per side) are too few for a variance per example."""
+    return k < 2 * GLOBAL_VARIANCE_BELOW
+
+
 def _side_moments(scores: np.ndarray, member: np.ndarray, fixed_variance: bool) -> tuple[np.ndarray, np.ndarray]:
     """Per-example mean and std of the scores where `member` is True (NaN where an example has none)."""
     count = member.sum(axis=0)
@@ -74,7 +79,7 @@ def lira_scores(target: np.ndarray, references: np.ndarray, reference_member: np
     if refs.ndim != 2 or refs.shape != member.shape or refs.shape[1] != target.size:
         raise ValueError(f"references {refs.shape} and reference_member {member.shape} must be (K, N) with N = {target.size}.")
     if fixed_variance is None:
-        fixed_variance = refs.shape[0] < 2 * GLOBAL_VARIANCE_BELOW
+        fixed_variance = uses_fixed_variance(refs.shape[0])
     mu_out, sd_out = _side_moments(refs, ~member, fixed_variance)
     if not online:
         return (target - mu_out) / sd_out

@@ -3,9 +3,8 @@ reference models itself and attacks the run's live ensemble with them (`pipeline
 
 Reference model j is a SISA ensemble with the target's config (shards, slices, DP recipe, strategy;
 its own seed, the target's public pretrained model) trained through the normal `runs.train` path (its
-shards run as Ray actors in parallel)
-on a random half of the private pool: models 2j and 2j+1 take complementary halves, so with even K
-every example is "in" for K/2 of them. They live in `<run>/lira/ref-<j>` (or `--reference-dir`) and
+shards run as Ray actors in parallel) on a random half of the private pool: models 2j and 2j+1 take
+complementary halves, so with even K every example is "in" for K/2 of them. They live in `<run>/lira/ref-<j>` (or `--reference-dir`) and
 are reused when they exist: asking for more models later trains only the missing ones. They are not
 tracked in MLflow (no registered model per reference): the `evaluate` run that uses them logs the attack.
 
@@ -29,7 +28,7 @@ from pipeline.config import Config
 from pipeline.data import datasets
 from pipeline.data.datasets import Data
 from pipeline.errors import UserError
-from pipeline.rundir import RunDir, open_run
+from pipeline.rundir import RunDir
 from pipeline.train import predict_proba
 from pipeline.unlearning import logit_scaled_confidence
 
@@ -65,8 +64,7 @@ def ensure(run: RunDir, config: Config, k: int, reference_dir: str | None, log: 
 
     check_count(k)
     base = (reference_dir or default_dir(run)).rstrip("/")
-    n_private = int(len(datasets.load(config.data).private.y))
-    halves = lira.paired_halves(k, n_private, config.seed + HALVES_SEED)
+    halves = None  # the data set is loaded only when a reference must be trained
     references = []
     for j in range(k):
         ref = RunDir(f"{base}/ref-{j}")
@@ -79,6 +77,8 @@ def ensure(run: RunDir, config: Config, k: int, reference_dir: str | None, log: 
             log(f"LiRA: reusing reference model {j + 1}/{k} in {ref.uri}")
         else:
             log(f"LiRA: training reference model {j + 1}/{k} on a random half of the pool in {ref.uri}")
+            if halves is None:
+                halves = lira.paired_halves(k, len(datasets.load(config.data).private.y), config.seed + HALVES_SEED)
             ref_config = config.with_overrides({  # one public model for all; the evaluate run logs the attack
                 "seed": config.seed + REFERENCE_SEED + j, "pretrain.seed": pretrain.seed(config), "data.keep_half": None,
                 "tracking.enabled": False})
@@ -131,13 +131,13 @@ def attack(target: Probe, target_probs: np.ndarray, references: list[RunDir], lo
     for j, ref in enumerate(references):
         log(f"LiRA: scoring {len(target.ids)} examples with reference model {j + 1}/{len(references)}")
         ref_phi.append(logit_scaled_confidence(reference_probs(ref, target.x), target.y))
-        trained = open_run(ref.uri).ledger().assignments()["sample_id"].to_numpy()
+        trained = ref.ledger().assignments()["sample_id"].to_numpy()
         ref_in.append((target.is_member | target.private) & np.isin(target.ids, trained))  # test ids: never trained on
     ref_phi, ref_in = np.stack(ref_phi), np.stack(ref_in)
     is_member = target.is_member
     out = {"reference_models": len(references), "reference_dir": references[0].uri.rsplit("/", 1)[0],
            "nonmembers_from": "private (data.keep_half)" if target.private else "test",
-           "fixed_variance": len(references) < 2 * lira.GLOBAL_VARIANCE_BELOW}
+           "fixed_variance": lira.uses_fixed_variance(len(references))}
     online = target.private and len(references) >= lira.MIN_ONLINE_REFERENCES
     for variant in ["offline"] + (["online"] if online else []):
         scores = lira.lira_scores(phi, ref_phi, ref_in, online=variant == "online")

@@ -160,7 +160,7 @@ def opened(run_dir, log: Callable = print, placement=None,
 
 
 def _other_half(config: Config, n_private: int) -> list[int]:
-    """Private ids a run with `data.keep_half` leaves out: its LiRA non-members (`pipeline/reference_models.py`)."""
+    """Private ids a run with `data.keep_half` leaves out: its LiRA non-members (`pipeline/references.py`)."""
     if config.data.keep_half is None:
         return []
     return np.flatnonzero(~lira.paired_halves(1, n_private, config.data.keep_half)[0]).tolist()
@@ -375,7 +375,7 @@ def evaluate_run(run_dir, log: Callable = print, placement=None, probe_ids: list
             if refs:
                 probe = references.probe(run, data.get(), config.seed)
                 probe_probs = ensemble.predict_mean(probe.x)
-        if refs:  # after the target's actors are released: each reference needs the cluster's CPUs in turn
+        if refs:  # the target's actors are released first; the references predict in this process
             metrics["lira"] = references.attack(probe, probe_probs, refs, log)
         mlrun.log_summary(metrics)
     return metrics
