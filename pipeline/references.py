@@ -2,11 +2,12 @@
 reference models itself and attacks the run's live ensemble with them (`pipeline/lira.py`).
 
 Reference model j is a SISA ensemble with the target's config (shards, slices, DP recipe, strategy;
-its own seed, the target's public pretrained model) trained through the normal `runs.train` path (its
-shards run as Ray actors in parallel) on a random half of the private pool: models 2j and 2j+1 take
-complementary halves, so with even K every example is "in" for K/2 of them. They live in
+its own seed, the target's public pretrained model) trained through the normal `runs.train` path
+(its shards run as Ray actors in parallel) on a random half of the private pool: models 2j and 2j+1
+take complementary halves, so with even K every example is "in" for K/2 of them. They live in
 `<run>/lira/ref-<j>` (or `--reference-dir`) and are reused when they exist: asking for more models
-later trains only the missing ones. They are not tracked in MLflow (no registered model per reference): the `evaluate` run that uses them logs the attack.
+later trains only the missing ones. They are not tracked in MLflow (no registered model per
+reference): the `evaluate` run that uses them logs the attack.
 
 Members are the ids the live version trained on. Non-members, best: the private ids the run left out
 because it was trained with `data.keep_half=SEED` (a random half, like its references: members and
