@@ -84,6 +84,14 @@ def _human_forget(r: dict) -> str:
             f"{r['full_train_seconds']:.1f}s (speed-up ×{r['speedup']:.1f}; {r['work_fraction']:.0%} of the training work replayed)")
 
 
+def _human_submitted(r: dict) -> str:
+    follow = f"follow one with `dpsisa request --run-dir {r['run_dir']} --id ID --wait`"
+    if "requests" in r:
+        return "\n".join([f"{len(r['requests'])} requests recorded as pending ({r['ids']} id(s)); {follow}",
+                          *(f"  request {x['request_id']}: subject {x['subject']}, {x['ids']} id(s)" for x in r["requests"])])
+    return f"request {r['request_id']}: {r['ids']} id(s) recorded as pending; {follow.replace('ID', r['request_id'])}"
+
+
 def _human_subject(r: dict) -> str:
     lines = [f"subject {r['subject']}: {len(r['samples'])} sample(s), {'all erased' if r['erased'] else 'not (all) erased'}"]
     for x in r["samples"]:
@@ -132,10 +140,12 @@ def cmd_forget(args: argparse.Namespace) -> None:
 
     by_subject = args.subject is not None or args.subjects_file is not None
     ids, subjects = (None, _subjects(args)) if by_subject else (_ids(args), None)
+    if args.each and not (by_subject and args.no_wait):
+        raise runs.RunError("--each (one request per subject) needs --subject/--subjects-file and --no-wait; follow each "
+                       "request with `dpsisa request --id ID --wait`.")
     if args.no_wait:
-        submitted = runs.submit(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects)
-        _print(submitted, args.json, lambda r: f"request {r['request_id']}: {r['ids']} id(s) recorded as pending; "
-               f"follow it with `dpsisa request --run-dir {r['run_dir']} --id {r['request_id']} --wait`")
+        submitted = runs.submit(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects, each=args.each)
+        _print(submitted, args.json, _human_submitted)
         return
     result = runs.forget(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects)
     _print(result.to_dict(), args.json, _human_forget)
@@ -323,6 +333,8 @@ def parser() -> argparse.ArgumentParser:
     ids.add_argument("--subjects-file", help="file of subject ids, comma- or newline-separated")
     forget.add_argument("--no-wait", action="store_true",
                         help="return once the request is recorded (pending); `dpsisa request --id ID --wait` follows it")
+    forget.add_argument("--each", action="store_true",
+                        help="with --subject(s) and --no-wait: one request per subject, all recorded at once")
     request = add("request", cmd_request, "status (and receipt) of one forget request; --wait until it is done")
     request.add_argument("--id", required=True, help="the request id printed by forget")
     request.add_argument("--wait", action="store_true", help="wait until the request is done")

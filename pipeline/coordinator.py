@@ -249,20 +249,30 @@ class Coordinator:
     def submit(self, request_id: str, ids: list[int], logs: bool = False) -> dict:
         """Record a request durably (validated, in order); a retried submission of the same
         request id is recognised and not recorded twice. `logs`: as for `wait`."""
+        self.submit_batch({request_id: ids}, logs)
+        return {"request_id": request_id, "status": "pending"}
+
+    def submit_batch(self, requests: dict[str, list[int]], logs: bool = False) -> list[str]:
+        """Record several requests at once (one ledger write; all of them or none), so that an
+        idle shard sees them together and applies them in one replay."""
         self._last_contact = time.monotonic()
         self._ready()
         if logs:
-            self._waited.add(request_id)
+            self._waited.update(requests)
         with self._submit_lock:
             if self._closing:
                 raise _Closing()
-            if request_id not in self.ledger.request_ids():
+            new = {rid: ids for rid, ids in requests.items() if rid not in self.ledger.request_ids()}
+            if new:
                 with self.ledger.locked():
-                    self.ledger.validate(ids)
-                    self.ledger.append_request(ids, request_id)
-                self._accepted[request_id] = time.time()
+                    for ids in new.values():
+                        self.ledger.validate(ids)
+                    self.ledger.validate([i for ids in new.values() for i in ids])  # no id in two of them
+                    self.ledger.append_requests(new)
+                now = time.time()
+                self._accepted.update(dict.fromkeys(new, now))
         self.resume()
-        return {"request_id": request_id, "status": "pending"}
+        return list(requests)
 
     def resume(self) -> list[str]:
         """Apply whatever is pending (e.g. left by a crash); returns the pending request ids."""
@@ -465,16 +475,6 @@ def ensure(run: RunDir, config: Config, keep_alive: bool = False, log: Callable 
     ).remote(run.uri, keep_alive)
 
 
-def warm_up(run: RunDir, config: Config, log: Callable = print) -> None:
-    """Start the run's kept-alive coordinator and wait until its shard actors are loaded."""
-    handle = ensure(run, config, keep_alive=True, log=log)
-    try:
-        ray.get(handle.ready.remote())
-    except (RayActorError, RayTaskError) as exc:
-        ray.kill(handle, no_restart=True)
-        raise _unwrap(exc) from None
-
-
 def _unwrap(exc: Exception) -> Exception:
     """The user-facing error inside a Ray error (bad ids, a refused lease, a damaged checkpoint)."""
     cause = getattr(exc, "cause", None)
@@ -529,9 +529,13 @@ class Session:
 
     def submit(self, ids: list[int]) -> str:
         """Record a request durably and return its id at once (applied by the coordinator)."""
-        request_id = new_request_id()
-        self.call("submit", request_id, ids)
-        return request_id
+        return self.submit_batch([ids])[0]
+
+    def submit_batch(self, requests: list[list[int]]) -> list[str]:
+        """Record one request per id list, all in one durable write; their ids, at once."""
+        request_ids = [new_request_id() for _ in requests]
+        self.call("submit_batch", dict(zip(request_ids, requests)))
+        return request_ids
 
     def forget(self, ids: list[int], on_stage: OnStage | None = None) -> ForgetResult:
         """Submit and wait; stage records reach `on_stage` as shards finish them."""

@@ -220,14 +220,20 @@ class Ledger:
     def append_request(self, ids: list[int], request_id: str | None = None) -> str:
         """Record a request as `pending` (durably) before any work starts; returns its id
         (`request_id`, when the client chose one so that a retried submission is recognised)."""
+        request_id = request_id or new_request_id()
+        self.append_requests({request_id: ids})
+        return request_id
+
+    def append_requests(self, requests: dict[str, list[int]]) -> None:
+        """Record several requests (request id → its ids) as `pending` in one durable write."""
         table = self.assignments()
         known = table["sample_id"].to_numpy()
         order = np.argsort(known)
+        ids = [i for owned in requests.values() for i in owned]
         rows = order[np.searchsorted(known, np.asarray(ids, np.int64), sorter=order)]
-        request_id = request_id or new_request_id()
         now = datetime.now(timezone.utc)
         new = pa.table({
-            "request_id": [request_id] * len(ids),
+            "request_id": [rid for rid, owned in requests.items() for _ in owned],
             "sample_id": pa.array(ids, pa.int64()),
             "shard": table["shard"].take(rows).cast(pa.int32()),
             "slice": table["slice"].take(rows).cast(pa.int32()),
@@ -239,7 +245,6 @@ class Ledger:
                            else pa.nulls(len(ids), pa.string())),
         }, schema=REQUEST_SCHEMA)
         self._write(REQUESTS, pa.concat_tables([self.requests(), new]))
-        return request_id
 
     def request_ids(self) -> set[str]:
         return set(self.requests()["request_id"].to_pylist())

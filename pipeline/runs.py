@@ -215,7 +215,13 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
         run.write_recipes(recipes)
         run.write_config(config)
         registry.write_input_example(run, data.test.x)
-        ensemble = Ensemble.start(run, config, [r.to_dict() for r in recipes], placement=placement, log=log)
+        warm = keep_alive and placement is None
+        session = coordinator.Session(run, config, log, keep_alive=True).__enter__() if warm else None
+        if session is not None:  # train on the actors the run's coordinator keeps: no second start for warm forgets
+            ensemble = Ensemble.attached(run, config, session.actors)
+            log(f"started the run's coordinator and its {len(session.actors)} shard actors (kept alive)")
+        else:
+            ensemble = Ensemble.start(run, config, [r.to_dict() for r in recipes], placement=placement, log=log)
         try:
             fit_start = time.perf_counter()
             log(f"training {config.shards.count} shards × {config.shards.slices} slices "
@@ -226,10 +232,15 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
                 "full_train_seconds": full_train_seconds, "shard_seconds": [per_shard[s]["seconds"] for s in sorted(per_shard)],
                 "keep_alive": keep_alive, "pretrain": pretrain_info, "excluded_ids": excluded})
             metrics = evaluate.ensemble_metrics(ensemble, data)
+        except BaseException:
+            if session is not None:  # a run that did not train keeps no coordinator
+                coordinator.stop(run, config)
+            raise
         finally:
-            ensemble.shutdown()
-        if keep_alive and placement is None:
-            coordinator.warm_up(run, config, log=log)
+            ensemble.shutdown()  # (the coordinator's actors are not this ensemble's: they stay)
+            if session is not None:
+                session.__exit__(None, None, None)
+        if warm:
             log("the run's coordinator and its shard actors stay up (warm forgets); `dpsisa stop` releases them")
         summary = {"run_dir": run.uri, "full_train_seconds": full_train_seconds,
                    "total_seconds": time.perf_counter() - started, **metrics}
@@ -274,19 +285,32 @@ def _ids_of(run: RunDir, ids: list[int] | None, subjects: list[str] | None, log:
     return ids
 
 
-def submit(run_dir, ids: list[int] | None, log: Callable = print, subjects: list[str] | None = None) -> dict:
+def submit(run_dir, ids: list[int] | None, log: Callable = print, subjects: list[str] | None = None,
+           each: bool = False) -> dict:
     """`forget --no-wait`: record the request durably through the run's coordinator and return its
     id at once; the coordinator applies it (with whatever else is pending) and writes its receipt.
-    Follow it with `dpsisa request --run-dir R --id ID [--wait]`."""
+    With `each`, every subject is its own request, all recorded in one write (`requests` lists
+    them). Follow it with `dpsisa request --run-dir R --id ID [--wait]`."""
     run = resolve_run_dir(run_dir)
     config = run.config()
-    ids = _ids_of(run, ids, subjects, log)
+    if each:
+        if not subjects:
+            raise RunError("--each makes one request per data subject: give --subject or --subjects-file.")
+        owned = run.ledger().subjects_to_ids(subjects)
+        groups = [(s, sorted(owned[s])) for s in subjects]
+        run.ledger().validate([i for _, g in groups for i in g])  # fail fast; the coordinator re-checks
+        log(f"{len(groups)} subject(s), one request each: {sum(len(g) for _, g in groups)} sample(s)")
+    else:
+        groups = [(None, _ids_of(run, ids, subjects, log))]
     if cluster.connect(config.ray, log):
         log("warning: --no-wait on a Ray cluster this command started: it stops when the command exits, and the "
             "request stays pending until the run's next command (use `ray start --head` / RAY_ADDRESS=auto).")
     with coordinator.Session(run, config, log) as session:
-        request_id = session.submit(ids)
-    return {"run_dir": run.uri, "request_id": request_id, "status": "pending", "ids": len(ids),
+        request_ids = session.submit_batch([g for _, g in groups])
+    if each:
+        return {"run_dir": run.uri, "status": "pending", "ids": sum(len(g) for _, g in groups),
+                "requests": [{"request_id": rid, "subject": s, "ids": len(g)} for rid, (s, g) in zip(request_ids, groups)]}
+    return {"run_dir": run.uri, "request_id": request_ids[0], "status": "pending", "ids": len(groups[0][1]),
             "subjects": list(subjects or [])}
 
 

@@ -271,3 +271,41 @@ def test_predictions_come_wholly_from_live_versions_and_say_when_a_request_is_pe
     assert any(answer["pending_requests"] for _, answer in answers), summary  # made while a replay ran: it says so
     probs = np.asarray(answers[-1][1]["probabilities"])
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_one_request_per_subject_recorded_at_once_is_applied_by_one_replay_per_shard(run, capsys):
+    import json
+
+    from pipeline import cli
+
+    table = run.ledger().assignments().to_pandas()
+    taken = set(run.ledger().forgotten_ids(status=None))
+    free = table.groupby("subject_id").filter(lambda rows: not (set(rows["sample_id"]) & taken))
+    home = free.groupby("subject_id")["shard"].first()
+    by_shard = {0: sorted(home[home == 0].index)[:2], 1: sorted(home[home == 1].index)[:1]}
+    chosen = by_shard[0] + by_shard[1]
+    before = {s: run.shard(s).manifest().version for s in (0, 1)}
+    recorded = len(run.ledger().requests())
+
+    first = run.ledger().subjects_to_ids(chosen[:1])[chosen[0]]
+    with coordinator.Session(run, run.config(), lambda m: None) as session:  # checked together: all of them or none
+        with pytest.raises(ForgetRequestError, match="duplicate ids"):
+            session.submit_batch([first, first[:1]])
+    for bad in (["--subject", f"{chosen[0]},no-such-person", "--no-wait"], ["--subject", chosen[0]]):
+        with pytest.raises(SystemExit) as exit_info:  # an unknown subject; --each without --no-wait
+            cli.main(["forget", "--run-dir", run.uri, *bad, "--each", "--quiet"])
+        assert exit_info.value.code != 0
+    assert len(run.ledger().requests()) == recorded and "--each" in capsys.readouterr().err
+
+    cli.main(["forget", "--run-dir", run.uri, "--subject", ",".join(chosen), "--no-wait", "--each", "--json", "--quiet"])
+    submitted = json.loads(capsys.readouterr().out)
+    rid = {r["subject"]: r["request_id"] for r in submitted["requests"]}
+    assert sorted(rid) == sorted(chosen) and len(set(rid.values())) == 3
+    rows = run.ledger().requests().to_pandas()
+    assert rows[rows["request_id"].isin(rid.values())]["requested_at"].nunique() == 1  # one durable write
+    for request_id in rid.values():
+        assert runs.request_status(run, request_id, wait=True, log=lambda m: None)["status"] == "done"
+    assert {s: run.shard(s).manifest().version for s in (0, 1)} == {0: before[0] + 1, 1: before[1] + 1}
+    for shard, subjects in by_shard.items():  # one replay per shard applied that shard's requests together
+        batch = sorted(rid[s] for s in subjects)
+        assert all(sorted(run.read_json(f"receipts/{rid[s]}.json")["batch"]) == batch for s in subjects)

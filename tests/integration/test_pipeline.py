@@ -198,6 +198,8 @@ def test_keep_alive_leaves_a_warm_coordinator_whose_crashed_shard_is_restarted_b
     shards = ray_2cpu.get(handle.attach.remote())
     pids = [ray_2cpu.get(a.where.remote())["node"] for a in shards]
     assert all(pids)
+    # the coordinator keeps the very actors that trained (no second start): they hold the fit's stage records
+    assert all(len(ray_2cpu.get(a.progress.remote("fit"))) == config.shards.slices for a in shards)
     runs.forget(run, [int(Ledger(run).assignments()["sample_id"][0].as_py())], log=lambda m: None)
     assert coordinator.find(run, config) is not None  # kept alive: still there, same shard actors
     assert ray_2cpu.get(handle.attach.remote()) == shards
