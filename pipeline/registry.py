@@ -14,12 +14,17 @@ with that message. The run directory's `mlflow_registry.json` lists what was reg
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
+import re
+import sys
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -122,14 +127,43 @@ def _log_model(config: Config, run: RunDir, run_id: str, name: str, uri: str, ma
         erasure.write_text(json.dumps({"erased": False}))
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*type hints.*")  # tensors in, tensors out: no hints to add
+        with mlflow.start_run(run_id=run_id), quiet_registration():
             logged = mlflow.pyfunc.log_model(
                 name="ensemble", python_model=str(CODE), code_paths=[str(MODELS_CODE)],
                 artifacts={"weights": str(weights), "ensemble": str(meta), "erasure": str(erasure)},
                 signature=infer_signature(example, probs), input_example=example,
                 pip_requirements=_requirements(), registered_model_name=name)
     return int(logged.registered_model_version), logged.model_id
+
+
+# What MLflow prints on every registration, none of it news to our users: it advises type hints on
+# `predict` (tensors in, tensors out: there are none to add), and announces each registered version
+# on stderr, which the verb's own summary already reports.
+_ROUTINE = re.compile(r"(Successfully registered model '|Registered model '.*' already exists|Created version ')")
+
+
+@contextlib.contextmanager
+def quiet_registration() -> Iterator[None]:
+    """Log a model without MLflow's routine chatter; every other warning and stderr line still shows.
+    (MLflow wraps `log_model` in its own `simplefilter("once")`, which outranks an ignore filter set
+    outside it, so the type-hint advice is dropped where warnings are shown instead.)"""
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")  # "Validating input example against model signature"
+    level, shown, captured = pyfunc_log.level, warnings.showwarning, io.StringIO()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "type hints" not in str(message):
+            shown(message, category, filename, lineno, file, line)
+
+    try:
+        pyfunc_log.setLevel(logging.WARNING)
+        with warnings.catch_warnings(), contextlib.redirect_stderr(captured):
+            warnings.showwarning = show
+            yield
+    finally:
+        pyfunc_log.setLevel(level)
+        kept = [line for line in captured.getvalue().splitlines() if not _ROUTINE.match(line)]
+        if kept:
+            print("\n".join(kept), file=sys.stderr, flush=True)
 
 
 def _version_tags(run: RunDir, manifests: list, ids_digest: str, requests: list[str]) -> dict[str, str]:
