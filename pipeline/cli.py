@@ -85,11 +85,13 @@ def _human_forget(r: dict) -> str:
 
 
 def _human_submitted(r: dict) -> str:
-    follow = f"follow one with `dpsisa request --run-dir {r['run_dir']} --id ID --wait`"
+    def follow(request_id: str) -> str:
+        return f"`dpsisa request --run-dir {r['run_dir']} --id {request_id} --wait`"
+
     if "requests" in r:
-        return "\n".join([f"{len(r['requests'])} requests recorded as pending ({r['ids']} id(s)); {follow}",
+        return "\n".join([f"{len(r['requests'])} requests recorded as pending ({r['ids']} id(s)); follow one with {follow('ID')}",
                           *(f"  request {x['request_id']}: subject {x['subject']}, {x['ids']} id(s)" for x in r["requests"])])
-    return f"request {r['request_id']}: {r['ids']} id(s) recorded as pending; {follow.replace('ID', r['request_id'])}"
+    return f"request {r['request_id']}: {r['ids']} id(s) recorded as pending; follow it with {follow(r['request_id'])}"
 
 
 def _human_subject(r: dict) -> str:

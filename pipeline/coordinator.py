@@ -227,13 +227,6 @@ class Coordinator:
     def ping(self) -> dict:
         return {"cluster": self.lease.cluster_id, "keep_alive": self.keep_alive, "pid": os.getpid()}
 
-    def ready(self) -> int:
-        """Wait until the lease is held and every shard actor has loaded its model and data."""
-        self._last_contact = time.monotonic()
-        self._ready()
-        ray.get([actor.where.remote() for actor in self.ensemble.actors])
-        return len(self.ensemble.actors)
-
     def attach(self) -> list:
         """Register a client; returns the live shard actor handles (warm: reads go straight to them)."""
         self._last_contact = time.monotonic()
@@ -262,12 +255,14 @@ class Coordinator:
         with self._submit_lock:
             if self._closing:
                 raise _Closing()
-            new = {rid: ids for rid, ids in requests.items() if rid not in self.ledger.request_ids()}
+            known = self.ledger.request_ids()
+            new = {rid: ids for rid, ids in requests.items() if rid not in known}
             if new:
                 with self.ledger.locked():
                     for ids in new.values():
-                        self.ledger.validate(ids)
-                    self.ledger.validate([i for ids in new.values() for i in ids])  # no id in two of them
+                        if not ids:
+                            self.ledger.validate(ids)  # an empty request is refused by itself
+                    self.ledger.validate([i for ids in new.values() for i in ids])  # all at once: an id in two of them too
                     self.ledger.append_requests(new)
                 now = time.time()
                 self._accepted.update(dict.fromkeys(new, now))
@@ -526,10 +521,6 @@ class Session:
             return ray.get(getattr(self.handle, method).remote(*args))
         except (RayActorError, RayTaskError) as exc:
             raise _unwrap(exc) from None
-
-    def submit(self, ids: list[int]) -> str:
-        """Record a request durably and return its id at once (applied by the coordinator)."""
-        return self.submit_batch([ids])[0]
 
     def submit_batch(self, requests: list[list[int]]) -> list[str]:
         """Record one request per id list, all in one durable write; their ids, at once."""
