@@ -22,12 +22,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import attacks, finetune, privacy  # noqa: E402
 from pipeline import config as config_mod  # noqa: E402
+from pipeline.core import (
+    finetune,
+    privacy,  # noqa: E402
+)
+from pipeline.core.pretrain import pretrained_model  # noqa: E402
+from pipeline.core.train import ShardTrainer, predict_proba  # noqa: E402
 from pipeline.data import datasets  # noqa: E402
 from pipeline.data.partition import partition  # noqa: E402
-from pipeline.pretrain import pretrained_model  # noqa: E402
-from pipeline.train import ShardTrainer, predict_proba  # noqa: E402
+from pipeline.evaluation import attacks
 
 
 def ensemble(config, data, model, device) -> tuple[np.ndarray, np.ndarray]:

@@ -28,9 +28,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import cluster, runs  # noqa: E402
 from pipeline import config as config_mod  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.sisa import cluster
+from pipeline.storage.rundir import RunDir  # noqa: E402
+from pipeline.verbs import runs  # noqa: E402
 
 
 def log(message: str) -> None:

@@ -21,9 +21,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import finetune, models  # noqa: E402
-from pipeline.privacy import Recipe, schedule  # noqa: E402
-from pipeline.train import ShardTrainer  # noqa: E402
+from pipeline.core import (
+    finetune,
+    models,  # noqa: E402
+)
+from pipeline.core.privacy import Recipe, schedule  # noqa: E402
+from pipeline.core.train import ShardTrainer  # noqa: E402
 
 
 def measure(model, plan, slices, stages, batch, sigma, device="cpu", repeats=2) -> float:

@@ -36,8 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline import runs  # noqa: E402
-from pipeline.rundir import RunDir  # noqa: E402
+from pipeline.storage.rundir import RunDir  # noqa: E402
+from pipeline.verbs import runs  # noqa: E402
 
 TARGET_OVERHEAD_FRACTION = 0.30
 

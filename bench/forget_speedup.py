@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline import runs
-from pipeline.ledger import Ledger  # noqa: E402
+from pipeline.storage.ledger import Ledger  # noqa: E402
+from pipeline.verbs import runs
 
 
 def main() -> None:

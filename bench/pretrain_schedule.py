@@ -1,6 +1,6 @@
 """Public pretraining schedules against time: the public model's own test accuracy (the demo's
 DP-finetuned ensemble at ε=1 lands within a few tenths of a point of it) and the seconds each
-schedule takes, pretrained by the product's own loop (`pipeline.pretrain`), nothing cached.
+schedule takes, pretrained by the product's own loop (`pipeline.core.pretrain`), nothing cached.
 
     python bench/pretrain_schedule.py                                   # fmnist.yaml, the grid below
     python bench/pretrain_schedule.py --schedules 30x128,20x64 --config jobs/configs/digits.yaml
@@ -22,9 +22,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline import models, pretrain  # noqa: E402
+from pipeline.core import (
+    models,
+    pretrain,  # noqa: E402
+)
+from pipeline.core.train import predict_proba  # noqa: E402
 from pipeline.data import datasets  # noqa: E402
-from pipeline.train import predict_proba  # noqa: E402
 
 GRID = "30x128,20x128,20x64,15x64,15x32"
 

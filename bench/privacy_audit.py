@@ -22,8 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import audit, runs  # noqa: E402
 from pipeline import config as config_mod  # noqa: E402
+from pipeline.verbs import (
+    audit,
+    runs,  # noqa: E402
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 

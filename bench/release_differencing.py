@@ -28,11 +28,15 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline import finetune, models, privacy  # noqa: E402
-from pipeline.attacks import threshold_attack  # noqa: E402
+from pipeline.core import (
+    finetune,
+    models,
+    privacy,  # noqa: E402
+)
+from pipeline.core.train import ShardTrainer  # noqa: E402
 from pipeline.data import datasets  # noqa: E402
 from pipeline.data.partition import partition  # noqa: E402
-from pipeline.train import ShardTrainer  # noqa: E402
+from pipeline.evaluation.attacks import threshold_attack  # noqa: E402
 
 SLICES = 3
 

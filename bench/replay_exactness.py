@@ -22,10 +22,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import config as config_mod  # noqa: E402
-from pipeline import finetune, models, privacy
+from pipeline.core import finetune, models, privacy
+from pipeline.core.train import ShardTrainer  # noqa: E402
 from pipeline.data import datasets  # noqa: E402
 from pipeline.data.partition import partition  # noqa: E402
-from pipeline.train import ShardTrainer  # noqa: E402
 
 
 def main() -> None:

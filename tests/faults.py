@@ -7,7 +7,7 @@ import time
 
 import ray
 
-from pipeline import coordinator
+from pipeline.sisa import coordinator
 
 
 def kill_shard_while_pending(run, shard: int, timeout_s: float = 120.0) -> threading.Thread:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from pipeline.baselines.base import BaselineError, Method, Outcome, Problem, Recorder, batches, register, sgd, tensor_bytes
-from pipeline.models import Classifier
+from pipeline.core.models import Classifier
 
 PER_SAMPLE_FLOATS = 2 ** 24  # per-sample gradient elements materialised at once (chunk × M), 64 MiB
 

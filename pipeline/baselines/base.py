@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from pipeline.config import Config
+from pipeline.core.finetune import FinetunePlan
+from pipeline.core.models import Classifier
+from pipeline.core.privacy import Recipe
+from pipeline.core.train import ShardTrainer, StepHook
 from pipeline.errors import UserError
-from pipeline.finetune import FinetunePlan
-from pipeline.models import Classifier
-from pipeline.privacy import Recipe
-from pipeline.train import ShardTrainer, StepHook
 
 FAMILIES = ("exact", "certified", "approximate", "protection")
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.baselines.base import Method, Outcome, Problem, register
-from pipeline.models import Classifier
-from pipeline.train import FEATURE_CHUNK
+from pipeline.core.models import Classifier
+from pipeline.core.train import FEATURE_CHUNK
 
 
 @dataclass

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pipeline.baselines.base import Problem, register
 from pipeline.baselines.session import Approximate, Session, cosine, step
-from pipeline.models import Classifier, build
+from pipeline.core.models import Classifier, build
 
 
 def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

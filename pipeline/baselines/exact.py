@@ -12,13 +12,13 @@ import numpy as np
 
 from pipeline.baselines.base import Method, Outcome, Problem, register
 from pipeline.baselines.problem import original_config
-from pipeline.checkpoints import ShardStore
+from pipeline.core.checkpoints import ShardStore
+from pipeline.core.finetune import plan_for
+from pipeline.core.privacy import make_recipe
+from pipeline.core.train import ShardTrainer
 from pipeline.data.partition import partition
-from pipeline.finetune import plan_for
-from pipeline.ledger import Ledger
-from pipeline.privacy import make_recipe
-from pipeline.shard import Shard
-from pipeline.train import ShardTrainer
+from pipeline.sisa.shard import Shard
+from pipeline.storage.ledger import Ledger
 
 
 def _train(trainer: ShardTrainer, problem: Problem, ids: np.ndarray):

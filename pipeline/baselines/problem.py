@@ -15,11 +15,11 @@ import torch
 
 from pipeline.baselines.base import BaselineError, Problem, Recorder
 from pipeline.config import Config
+from pipeline.core.finetune import plan_for
+from pipeline.core.pretrain import pretrained_model
+from pipeline.core.privacy import make_recipe
 from pipeline.data import datasets
 from pipeline.data.partition import partition
-from pipeline.finetune import plan_for
-from pipeline.pretrain import pretrained_model
-from pipeline.privacy import make_recipe
 
 
 def original_config(config: Config) -> Config:

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline import tracking
-from pipeline.checkpoints import atomic_write, atomic_write_json
+from pipeline.core.checkpoints import atomic_write, atomic_write_json
+from pipeline.tracking import mlflow_runs as tracking
 
 COLUMNS = ("method", "family", "oracle", "forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc",
            "mia_tpr_at_1pct_fpr", "kl_to_oracle", "kl_to_oracle_forget", "l2_to_oracle", "score", "ulira_balanced_accuracy",

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import cluster, tracking
 from pipeline.baselines import METHODS, get
 from pipeline.baselines.base import BaselineError, Outcome, Problem
 from pipeline.baselines.problem import choose_forget, load_problem, train_original
 from pipeline.baselines.yardstick import Labels, Run, accuracies, compare, original_gap
 from pipeline.config import Config
-from pipeline.train import predict_proba
+from pipeline.core.train import predict_proba
+from pipeline.sisa import cluster
+from pipeline.tracking import mlflow_runs as tracking
 
 ORACLE = "retrain"
 RETAIN_SAMPLE = 2000

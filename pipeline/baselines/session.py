@@ -15,7 +15,7 @@ from torch import nn
 
 from pipeline.baselines.base import BaselineError, Method, Outcome, Problem, batches, sgd
 from pipeline.config import BaselinesConfig
-from pipeline.models import BasicBlock, Classifier
+from pipeline.core.models import BasicBlock, Classifier
 
 
 def blocks(model: Classifier) -> list[list[nn.Parameter]]:

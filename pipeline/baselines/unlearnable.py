@@ -23,9 +23,9 @@ from torch import nn
 
 from pipeline.baselines.base import BaselineError
 from pipeline.config import Config
+from pipeline.core.models import build
+from pipeline.core.train import resolve_device, stage_seed
 from pipeline.data import datasets
-from pipeline.models import build
-from pipeline.train import resolve_device, stage_seed
 
 DEFAULT_FRACTIONS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 STOP_ACCURACY = 0.99  # Huang et al.'s stop condition: error of the noise model on x + δ below 1%

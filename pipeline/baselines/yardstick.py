@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline import attacks, lira
-from pipeline.unlearning import (
+from pipeline.evaluation import attacks, lira
+from pipeline.evaluation.unlearning import (
     accuracy,
     logit_scaled_confidence,
     mean_kl_divergence,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.data.datasets import DataError, Split
+from pipeline.data.split import DataError, Split
 
 MIN_TEST_LEFT = 100  # test samples that must remain for evaluation after the pool is reserved
 INCLUSION_PROBABILITY = 0.5  # the one-run analysis assumes independent fair coins

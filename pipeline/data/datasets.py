@@ -12,15 +12,13 @@ import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.config import DataConfig
-from pipeline.errors import UserError
-
-if TYPE_CHECKING:
-    from pipeline.data.canaries import Canaries
+from pipeline.data import canaries
+from pipeline.data.canaries import Canaries
+from pipeline.data.split import DataError, Split
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FMNIST_FILES = {
@@ -35,17 +33,6 @@ NORMALISATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-
-
-class DataError(UserError, RuntimeError):
-    """The data set cannot be found or read; the message lists the ways to get it."""
-
-
-@dataclass(frozen=True)
-class Split:
-    x: np.ndarray  # float32 (N, C, H, W)
-    y: np.ndarray  # int64 (N,)
-    ids: np.ndarray  # int64 (N,), stable ids in the canonical training split
 
 
 @dataclass(frozen=True)
@@ -186,8 +173,6 @@ def load(config: DataConfig) -> Data:
     test = Split(x_test, y_test, np.arange(len(y_test), dtype=np.int64))
     canary_pool = None
     if config.canaries:  # audit canaries: the test split's tail, some appended to the private split
-        from pipeline.data import canaries  # imported here: canaries.py builds on this module's Split
-
         private, test, canary_pool = canaries.reserve(private, test, config.canaries, config.canary_seed, num_classes)
     if config.test_limit is not None:
         n = config.test_limit

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.data.id_lists import split_items
 from pipeline.errors import UserError
 
 
@@ -308,14 +309,12 @@ def partition_by_subject(ids: np.ndarray, subjects: np.ndarray, shards: int, sli
 def parse_subjects(text: str, source: str | None = None) -> list[str]:
     """'alice, bob' or one subject id per line → ['alice', 'bob']; an empty item is an error, nothing requested.
 
-    Like `pipeline.ledger.parse_ids` for text ids: items are separated by commas and newlines;
+    Like `pipeline.data.id_lists.parse_ids` for text ids: items are separated by commas and newlines;
     spaces around an item are stripped, and one final newline (how files end) is fine. An empty
     item — 'a,,b', a leading or trailing comma, a blank line — is an error, not something to skip:
     it is how an id lost by a script (an unset shell variable) shows. `source` names the input in
     messages, e.g. "--subject".
     """
-    from pipeline.ledger import split_items
-
     return split_items(text, source or "the subject list", SubjectError, "a lost subject id",
                        "pass subject ids like --subject subj-000012,subj-000907.",
                        "pass only subject ids, e.g. --subject subj-000012,subj-000907 or one per line.")

@@ -10,10 +10,10 @@ from typing import Any
 import pandas as pd
 from ray import tune
 
-from pipeline import tracking
-from pipeline.rundir import RunDir
+from pipeline.storage.rundir import RunDir
 from pipeline.sweep.spec import SweepSpec, trial_config, trial_dir
 from pipeline.sweep.trial import trial_metrics
+from pipeline.tracking import mlflow_runs as tracking
 
 
 def _param(value: Any) -> str:

@@ -15,7 +15,8 @@ import pandas as pd
 import ray
 from ray import tune
 
-from pipeline import cluster, plots
+from pipeline.evaluation import plots
+from pipeline.sisa import cluster
 from pipeline.sweep.mlflow_runs import ChildRunCallback, SweepTracking, open_parent
 from pipeline.sweep.spec import SweepError, SweepSpec, load_spec, trial_bundles, trial_config
 from pipeline.sweep.trial import run_trial, trial_metrics, trial_resources
@@ -35,8 +36,8 @@ def max_concurrent_trials(spec: SweepSpec, resources: dict[str, float]) -> int:
 
 def warm_pretrain_cache(spec: SweepSpec, log: Callable) -> None:
     """Pretrain each distinct public model once, here, so concurrent trials never train the same one twice."""
+    from pipeline.core.pretrain import pretrained_model
     from pipeline.data import datasets
-    from pipeline.pretrain import pretrained_model
 
     loaded, seen = {}, set()
     for point in spec.points():

@@ -11,9 +11,9 @@ from typing import Any
 import yaml
 
 from pipeline import config as config_mod
-from pipeline import runs
 from pipeline.config import Config, ConfigError
-from pipeline.driver import resource_share
+from pipeline.sisa.driver import resource_share
+from pipeline.verbs import runs
 
 TRAINABLE_CPUS = 0.01  # the trial's own process (bundle 0); the shards share the other bundles
 SPEC_KEYS = ("name", "base", "overrides", "grid", "num_samples", "forget_count", "max_concurrent_trials",
@@ -132,7 +132,7 @@ def trial_config(spec: SweepSpec, point: dict[str, Any]) -> Config:
 
 
 def _default_cache_root() -> Path:
-    from pipeline.pretrain import cache_dir
+    from pipeline.core.pretrain import cache_dir
 
     return cache_dir(Config()).parent
 

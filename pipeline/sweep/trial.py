@@ -11,9 +11,9 @@ from typing import Any
 import ray
 from ray import tune
 
-from pipeline import runs
-from pipeline.ledger import Ledger
+from pipeline.storage.ledger import Ledger
 from pipeline.sweep.spec import SweepSpec, trial_bundles, trial_config, trial_dir
+from pipeline.verbs import runs
 
 AFTER = "_after_forget"
 

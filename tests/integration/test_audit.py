@@ -14,7 +14,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import audit, runs
+from pipeline.verbs import audit, runs
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +122,7 @@ def test_lira_with_reference_models_finds_the_members_of_a_run_without_dp_and_re
     halves = [set(runs.trained_ids(target / "lira" / f"ref-{j}")[0].tolist()) for j in range(4)]
     assert not halves[0] & halves[1] and len(halves[0] | halves[1]) == 1038  # complementary halves of the pool
     assert runs.load_run_config(target / "lira" / "ref-2").seed == 10_002
-    from pipeline.rundir import open_run
+    from pipeline.storage.rundir import open_run
     same_public_model = {open_run(d).model_info()["sha256"] for d in [target, *(target / "lira" / f"ref-{j}" for j in range(4))]}
     assert len(same_public_model) == 1  # the references start from the target's pretrained model
 

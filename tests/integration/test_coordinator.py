@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from pipeline import coordinator, runs
-from pipeline.ledger import ForgetRequestError
-from pipeline.rundir import RunDir
+from pipeline.sisa import coordinator
+from pipeline.storage.ledger import ForgetRequestError
+from pipeline.storage.rundir import RunDir
+from pipeline.verbs import runs
 
 pytestmark = pytest.mark.slow
 

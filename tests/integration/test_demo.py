@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.demo import demo
+from pipeline.cli.demo import demo
 
 pytestmark = pytest.mark.slow
 

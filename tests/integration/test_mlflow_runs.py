@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import runs, tracking
-from pipeline.driver import PROGRESS_GROUP, Ensemble
-from pipeline.ledger import Ledger
-from pipeline.rundir import RunDir
-from pipeline.train import ids_digest
+from pipeline.core.train import ids_digest
+from pipeline.sisa.driver import PROGRESS_GROUP, Ensemble
+from pipeline.storage.ledger import Ledger
+from pipeline.storage.rundir import RunDir
+from pipeline.tracking import mlflow_runs as tracking
+from pipeline.verbs import runs
 
 KINDS = ["evaluate", "forget", "forget", "train", "verify"]  # the second forget: the --no-wait backlog
 
@@ -134,7 +135,7 @@ def test_requests_applied_while_nobody_waited_are_logged_once_in_one_batched_for
 def test_every_ensemble_version_is_registered_and_versions_that_saw_erased_data_lose_their_weights(session):
     import mlflow
 
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     run = RunDir(session["run_dir"])
     client, name = session["client"], registry.model_name(run.config(), run)
@@ -161,8 +162,8 @@ def test_every_ensemble_version_is_registered_and_versions_that_saw_erased_data_
 def test_the_live_registered_model_predicts_what_dpsisa_predict_serves(session):
     import mlflow
 
-    from pipeline import registry
     from pipeline.data import datasets
+    from pipeline.tracking import registry
 
     run = RunDir(session["run_dir"])
     config = run.config()

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from pipeline import runs
-from pipeline.rundir import RunDir
+from pipeline.storage.rundir import RunDir
+from pipeline.verbs import runs
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 from faults import kill_shard_while_pending
 
-from pipeline import cli, runs
-from pipeline.checkpoints import ShardStore
-from pipeline.driver import ShardFailure
-from pipeline.ledger import Ledger
-from pipeline.rundir import RunDir
+from pipeline import cli
+from pipeline.core.checkpoints import ShardStore
+from pipeline.sisa.driver import ShardFailure
+from pipeline.storage.ledger import Ledger
+from pipeline.storage.rundir import RunDir
+from pipeline.verbs import runs
 
 pytestmark = pytest.mark.slow
 
@@ -185,8 +186,8 @@ def test_mlflow_has_one_run_per_job_with_params_metrics_and_artifacts(trained):
 
 
 def test_keep_alive_leaves_a_warm_coordinator_whose_crashed_shard_is_restarted_by_ray(ray_2cpu, tmp_path, digits_config):
-    from pipeline import coordinator
-    from pipeline.rundir import RunDir
+    from pipeline.sisa import coordinator
+    from pipeline.storage.rundir import RunDir
 
     config = digits_config("shards.count=2", "train.epochs=1")
     run = RunDir(tmp_path / "warm")
@@ -213,7 +214,7 @@ def test_keep_alive_leaves_a_warm_coordinator_whose_crashed_shard_is_restarted_b
 
 
 def test_more_shards_than_the_cluster_holds_fails_fast(ray_2cpu, tmp_path, digits_config):
-    from pipeline.cluster import ClusterError
+    from pipeline.sisa.cluster import ClusterError
 
     config = digits_config("shards.count=4", "ray.cpus_per_shard=1")
     with pytest.raises(ClusterError, match="do not fit"):

@@ -10,10 +10,11 @@ import pyarrow.fs as pafs
 import pytest
 from faults import kill_shard_while_pending
 
-from pipeline import cli, runs
-from pipeline.coordinator import LEASE, Lease
-from pipeline.driver import ShardFailure
-from pipeline.rundir import RunDir, RunError
+from pipeline import cli
+from pipeline.sisa.coordinator import LEASE, Lease
+from pipeline.sisa.driver import ShardFailure
+from pipeline.storage.rundir import RunDir, RunError
+from pipeline.verbs import runs
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +121,7 @@ def test_concurrent_appends_and_marks_on_an_s3_ledger_lose_nothing(s3_store):
 
     import numpy as np
 
-    from pipeline.ledger import Ledger
+    from pipeline.storage.ledger import Ledger
 
     ledger = Ledger(RunDir(f"{s3_store.bucket_uri}/ledgers/{uuid.uuid4().hex[:8]}"))
     ids = np.arange(40, dtype=np.int64)

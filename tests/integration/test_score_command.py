@@ -6,9 +6,10 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline import cli, scoring
-from pipeline.ledger import Ledger
-from pipeline.unlearning import bucket_score
+from pipeline import cli
+from pipeline.evaluation.unlearning import bucket_score
+from pipeline.storage.ledger import Ledger
+from pipeline.verbs import scoring
 
 
 def test_scoring_requests_that_cannot_work_fail_before_training(digits_config, tmp_path):

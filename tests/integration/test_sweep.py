@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import plots, sweep, tracking
+from pipeline import sweep
 from pipeline.config import ConfigError
-from pipeline.rundir import RunDir
+from pipeline.evaluation import plots
+from pipeline.storage.rundir import RunDir
+from pipeline.tracking import mlflow_runs as tracking
 
 ROOT = Path(__file__).resolve().parents[2]
 DIGITS_SWEEP = ROOT / "jobs" / "configs" / "sweep_digits.yaml"

@@ -1,4 +1,4 @@
-"""Unit tests for pipeline.attacks: exact ROC/AUC with ties, attacks, Clopper-Pearson and the audit bound."""
+"""Unit tests for pipeline.evaluation.attacks: exact ROC/AUC with ties, attacks, Clopper-Pearson and the audit bound."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.attacks import (
+from pipeline.evaluation.attacks import (
     balanced_sample,
     clopper_pearson,
     epsilon_lower_bound,

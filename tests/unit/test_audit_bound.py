@@ -6,10 +6,11 @@ import pytest
 from scipy.special import expit
 from scipy.stats import binom
 
-from pipeline import audit, audit_bound
-from pipeline.audit_bound import best_bound, epsilon_lower_bound, guess_counts, p_value
 from pipeline.config import DataConfig
 from pipeline.data import canaries, datasets
+from pipeline.evaluation import audit_bound
+from pipeline.evaluation.audit_bound import best_bound, epsilon_lower_bound, guess_counts, p_value
+from pipeline.verbs import audit
 
 ALPHA = 0.05
 

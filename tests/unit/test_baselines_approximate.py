@@ -15,7 +15,7 @@ from pipeline.baselines.distill import soft_kl
 from pipeline.baselines.problem import load_problem, train_original
 from pipeline.baselines.session import Session, blocks, early_blocks, last_block
 from pipeline.baselines.sota import saliency_mask, wrong_labels
-from pipeline.models import build
+from pipeline.core.models import build
 
 DIGITS = os.path.join(os.path.dirname(__file__), "..", "..", "jobs", "configs", "digits.yaml")
 SMALL = ["train.epochs=10", "baselines.lr=0.01", "baselines.finetune_epochs=1", "baselines.neggrad_epochs=2",

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.checkpoints import CheckpointIntegrityError, Manifest, ShardStore, load_torch, save_torch, sha256_hex
-from pipeline.privacy import Recipe, Stage
+from pipeline.core.checkpoints import CheckpointIntegrityError, Manifest, ShardStore, load_torch, save_torch, sha256_hex
+from pipeline.core.privacy import Recipe, Stage
 
 
 class _RunsCode:
@@ -119,8 +119,8 @@ def test_truncated_file_without_hash_is_a_clear_error(tmp_path):
 
 
 def test_pretrained_model_load_refuses_code(tmp_path, digits_config):
-    from pipeline import models
-    from pipeline.rundir import RunDir
+    from pipeline.core import models
+    from pipeline.storage.rundir import RunDir
 
     config = digits_config()
     data = SimpleNamespace(input_shape=(1, 8, 8), num_classes=10)
@@ -140,7 +140,7 @@ def test_pretrained_model_load_refuses_code(tmp_path, digits_config):
     with pytest.raises(CheckpointIntegrityError, match="pretrained.pt holds non-tensor objects"):
         run.pretrained_model(config)
     with pytest.raises(CheckpointIntegrityError):
-        load_torch(tmp_path / "pretrained.pt")  # the pretrain cache (pipeline.pretrain) uses the same loader
+        load_torch(tmp_path / "pretrained.pt")  # the pretrain cache (pipeline.core.pretrain) uses the same loader
     assert not marker.exists()
 
 

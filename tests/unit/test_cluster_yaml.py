@@ -8,7 +8,7 @@ import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from pipeline.config import RayConfig, from_dict
-from pipeline.driver import shard_resources
+from pipeline.sisa.driver import shard_resources
 
 CLUSTER_YAML = Path(__file__).resolve().parents[2] / "cluster.yaml"
 
@@ -84,7 +84,7 @@ def test_shard_resources_fit_every_shard_on_the_cluster(shards, cluster, expecte
 
 
 def test_an_impossible_per_shard_request_is_refused():
-    from pipeline.cluster import ClusterError
+    from pipeline.sisa.cluster import ClusterError
 
     config = from_dict({"shards": {"count": 3}, "ray": {**RayConfig().__dict__, "cpus_per_shard": 1.0}})
     with pytest.raises(ClusterError, match="do not fit"):

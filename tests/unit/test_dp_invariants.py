@@ -3,10 +3,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.finetune import FinetunePlan
-from pipeline.models import Classifier
-from pipeline.privacy import Recipe, Stage
-from pipeline.train import ShardState, ShardTrainer
+from pipeline.core.finetune import FinetunePlan
+from pipeline.core.models import Classifier
+from pipeline.core.privacy import Recipe, Stage
+from pipeline.core.train import ShardState, ShardTrainer
 
 
 def _linear_model(features: int = 64, classes: int = 50) -> Classifier:

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.erasure_queue import ErasureQueue
+from pipeline.sisa.erasure_queue import ErasureQueue
 
 
 def _result(version):

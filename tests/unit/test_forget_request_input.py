@@ -7,7 +7,7 @@ import yaml
 
 from pipeline.cli import EXIT_INPUT, main
 from pipeline.config import Config
-from pipeline.ledger import ForgetRequestError, Ledger, parse_ids
+from pipeline.storage.ledger import ForgetRequestError, Ledger, parse_ids
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.ledger import ForgetRequestError, Ledger, parse_ids
+from pipeline.storage.ledger import ForgetRequestError, Ledger, parse_ids
 
 
 @pytest.fixture

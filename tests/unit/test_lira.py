@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import lira
+from pipeline.evaluation import lira
 
 
 def _population(k: int, n: int, shift: float, seed: int = 0):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from opacus.validators import ModuleValidator
 
-from pipeline import finetune, models
+from pipeline.core import finetune, models
 
 
 @pytest.mark.parametrize("name, shape", [

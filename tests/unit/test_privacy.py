@@ -1,7 +1,7 @@
 import pytest
 
 from pipeline import config as C
-from pipeline.privacy import Recipe, calibrate_noise, make_recipe, release_epsilon, schedule, spent_epsilon
+from pipeline.core.privacy import Recipe, calibrate_noise, make_recipe, release_epsilon, schedule, spent_epsilon
 
 
 def test_schedule_keeps_epochs_per_stage_and_rates_shrink_with_cumulative_data():

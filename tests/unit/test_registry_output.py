@@ -11,7 +11,7 @@ import pytest
 def test_registration_drops_mlflows_routine_chatter_and_keeps_every_other_warning_and_line(capsys):
     from mlflow.utils.warnings_utils import color_warning
 
-    from pipeline.registry import quiet_registration
+    from pipeline.tracking.registry import quiet_registration
 
     level = logging.getLogger("mlflow.pyfunc").level
     with pytest.warns(UserWarning, match="a real problem") as shown, quiet_registration():

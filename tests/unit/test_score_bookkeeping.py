@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import scoring
+from pipeline.verbs import scoring
 
 
 def group(forget_conf: list[list[float]], retain_acc_ok: bool = True) -> dict:

@@ -1,9 +1,9 @@
 """Per-shard Ray resources (issue 8): a layout that fits is never refused by rounding; one that does not fails fast."""
 import pytest
 
-from pipeline.cluster import ClusterError
 from pipeline.config import RayConfig, from_dict
-from pipeline.driver import RESOURCE_UNITS, Resources, resource_share, shard_resources
+from pipeline.sisa.cluster import ClusterError
+from pipeline.sisa.driver import RESOURCE_UNITS, Resources, resource_share, shard_resources
 
 
 def _config(shards: int, device: str = "auto", **ray):

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import finetune, models, privacy
+from pipeline.core import finetune, models, privacy
+from pipeline.core.train import ShardTrainer
 from pipeline.data import datasets
 from pipeline.data.partition import partition
-from pipeline.train import ShardTrainer
 
 SLICES = 3
 

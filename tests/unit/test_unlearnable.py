@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from pipeline.baselines.base import BaselineError
 from pipeline.baselines.unlearnable import check_fractions, error_minimizing_noise, run_unlearnable
+from pipeline.core.models import build
 from pipeline.data import datasets
-from pipeline.models import build
 
 EPS = 8 / 255
 TINY = ("data.private_limit=300", "data.test_limit=120", "model.width=8", "baselines.unlearnable_epochs=2",

@@ -1,4 +1,4 @@
-"""Unit tests for pipeline.unlearning: distances and the NeurIPS-2023 unlearning score."""
+"""Unit tests for pipeline.evaluation.unlearning: distances and the NeurIPS-2023 unlearning score."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.unlearning import (
+from pipeline.evaluation.unlearning import (
     accuracy,
     bucket_score,
     logit_scaled_confidence,
@@ -102,7 +102,7 @@ def test_unlearning_score_penalises_distinguishable_models():
 
 
 def test_permutation_null_calls_exchangeable_groups_chance_and_separated_groups_distinguishable():
-    from pipeline.unlearning import forgetting_quality, permutation_null
+    from pipeline.evaluation.unlearning import forgetting_quality, permutation_null
 
     rng = np.random.default_rng(0)
     same_u, same_r = rng.normal(size=(6, 40)), rng.normal(size=(6, 40))

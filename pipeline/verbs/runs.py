@@ -8,57 +8,32 @@ whose private run is driven directly.
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
 
-from pipeline import cluster, coordinator, evaluate, lira, receipts, references, registry, tracking
 from pipeline.config import Config
+from pipeline.core.pretrain import pretrained_model
+from pipeline.core.privacy import make_recipe
+from pipeline.core.train import ids_digest, resolve_device
 from pipeline.data import datasets, subjects
 from pipeline.data.partition import partition
-from pipeline.driver import Ensemble
-from pipeline.pretrain import pretrained_model
-from pipeline.privacy import make_recipe
-from pipeline.results import ForgetResult, ShardStatus
-from pipeline.rundir import RunDir, RunError, open_run
-from pipeline.storage import is_uri
-from pipeline.train import ids_digest, resolve_device
+from pipeline.evaluation import evaluate, lira
+from pipeline.sisa import cluster, coordinator
+from pipeline.sisa.driver import Ensemble
+from pipeline.sisa.results import ForgetResult, ShardStatus
+from pipeline.storage import receipts
+from pipeline.storage.paths import home, resolve_local_dir, resolve_run_dir  # noqa: F401  (runs.X kept for callers)
+from pipeline.storage.rundir import RunDir, RunError, open_run, trained_ids
+from pipeline.tracking import mlflow_runs as tracking
+from pipeline.tracking import registry
+from pipeline.verbs import references
 
 __all__ = ["RunError", "RunDir"]
-
-
-def home() -> Path:
-    """Where relative run dirs and the default MLflow store live: $DPSISA_HOME, else ~/dpsisa
-    inside a `ray job submit` entrypoint (its cwd is a temporary copy), else the cwd."""
-    if os.environ.get("DPSISA_HOME"):
-        return Path(os.environ["DPSISA_HOME"]).expanduser()
-    return Path.home() / "dpsisa" if cluster.in_ray_job() else Path.cwd()
-
-
-def resolve_local_dir(location: str | Path | None, config: Config | None = None) -> Path:
-    """A local output folder (relative: under $DPSISA_HOME or the cwd); None: a fresh name."""
-    if location is None:
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        location = Path("runs") / f"{stamp}-{config.data.name}-S{config.shards.count}R{config.shards.slices}"
-    if is_uri(location) and not str(location).startswith("file://"):
-        raise RunError(f"{location}: this command writes local folders only; pass a local path.")
-    path = Path(str(location).removeprefix("file://")).expanduser()
-    return (path if path.is_absolute() else home() / path).resolve()
-
-
-def resolve_run_dir(location: str | Path | RunDir | None, config: Config | None = None) -> RunDir:
-    """A run directory: a URI as given, a local path (relative: under $DPSISA_HOME or the cwd)."""
-    if isinstance(location, RunDir):
-        return location
-    if location is not None and is_uri(location):
-        return RunDir(str(location))
-    return RunDir(resolve_local_dir(location, config))
 
 
 def load_run_config(run_dir) -> Config:
@@ -80,15 +55,6 @@ class RunData:
         if self._data is None:
             self._data = datasets.load(self.config.data)
         return self._data
-
-
-def trained_ids(run_dir) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, labels) the live model version trained on: the ledger's assignments less done forgets."""
-    ledger = open_run(run_dir).ledger()
-    table = ledger.assignments()
-    ids, labels = table["sample_id"].to_numpy(), table["label"].to_numpy()
-    keep = ~np.isin(ids, np.fromiter(ledger.forgotten_ids(), np.int64))
-    return ids[keep], labels[keep]
 
 
 def _log_version(config: Config, run: RunDir, mlrun, requests: list[str]) -> dict | None:
@@ -390,7 +356,7 @@ def evaluate_run(run_dir, log: Callable = print, placement=None, probe_ids: list
     if reference_models is not None:
         references.check_count(reference_models)
     with tracking.verb_run("evaluate", run.config(), run) as mlrun:
-        refs = references.ensure(run, run.config(), reference_models, reference_dir, log) if reference_models else []
+        refs = references.ensure(run, run.config(), reference_models, reference_dir, log, train=train) if reference_models else []
         with opened(run, log, placement=placement) as (config, data, ensemble, _):
             metrics = evaluate.ensemble_metrics(ensemble, data.get())
             log("membership-inference attacks (members vs non-members, forgotten vs non-members) ...")

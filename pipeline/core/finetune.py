@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipeline.core.models import Classifier
 from pipeline.errors import UserError
-from pipeline.models import Classifier
 
 
 class FinetuneError(UserError, ValueError):

@@ -1,7 +1,7 @@
 """Every ensemble version in the MLflow Model Registry, with its erasure lineage.
 
 After `train` and after forget requests are applied, the driver (never an actor) logs the live
-ensemble as an MLflow pyfunc model (models-from-code: `ensemble_pyfunc.py`, weights read with
+ensemble as an MLflow pyfunc model (models-from-code: `pyfunc.py`, weights read with
 `weights_only`, pip requirements given explicitly so nothing is inferred in a subprocess) in
 the verb's child run and registers it under the run's registered-model name, moving the alias
 `live` to it. Version tags: requests applied, forgotten count, the digest of the ids it trained
@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.rundir import RunDir
-from pipeline.train import predict_proba, with_params
+from pipeline.core.train import predict_proba, with_params
+from pipeline.storage.rundir import RunDir
 
 STATE_FILE = "mlflow_registry.json"
 EXAMPLE_FILE = "registry/input_example.npy"  # test-set images (never private), written by train
-CODE = Path(__file__).with_name("ensemble_pyfunc.py")
-MODELS_CODE = Path(__file__).with_name("models.py")
+CODE = Path(__file__).with_name("pyfunc.py")
+MODELS_CODE = Path(__file__).parent.parent / "core" / "models.py"
 ALIAS = "live"
 _LOCK = threading.Lock()
 
@@ -83,7 +83,7 @@ def register_live(config: Config, run: RunDir, run_id: str | None, ids_digest: s
         return None
     from mlflow import MlflowClient
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.mlflow_runs import tracking_uri
 
     name, uri = model_name(config, run), tracking_uri(config)
     with _LOCK, run.file_lock(".registry.lock"):
@@ -216,7 +216,7 @@ def record_verify(config: Config, run: RunDir, exact: bool) -> None:
         return
     from mlflow import MlflowClient
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.tracking.mlflow_runs import tracking_uri
 
     state = _state(run)
     if not state["versions"]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import config as config_mod
-from pipeline import runs
+from pipeline.verbs import runs
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "fmnist.yaml"
 DEMO_DEFAULTS = ["partition.strategy=by_subject"]  # a person's samples in one shard and one slice
@@ -72,7 +72,7 @@ def demo(config_path: str | None, overrides: list[str], run_dir: str | None, log
     verified = runs.verify(path, log=log)
     epsilon = [s["epsilon"] for s in runs.status(path, log=lambda m: None)["shards"]]  # each shard's live version
     runs.stop(path, log=lambda m: None)
-    uri = __import__("pipeline.tracking", fromlist=["x"]).tracking_uri(config)
+    uri = __import__("pipeline.tracking.mlflow_runs", fromlist=["x"]).tracking_uri(config)
     print("\n".join([
         "",
         "dpsisa demo summary",

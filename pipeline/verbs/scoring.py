@@ -22,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import lira, runs, tracking
-from pipeline.checkpoints import atomic_write_json
 from pipeline.config import Config
+from pipeline.core.checkpoints import atomic_write_json
 from pipeline.data import datasets
 from pipeline.errors import UserError
-from pipeline.unlearning import accuracy, logit_scaled_confidence, permutation_null, unlearning_score
+from pipeline.evaluation import lira
+from pipeline.evaluation.unlearning import accuracy, logit_scaled_confidence, permutation_null, unlearning_score
+from pipeline.tracking import mlflow_runs as tracking
+from pipeline.verbs import runs
 
 RETAIN_SAMPLE = 2000  # retain-set accuracy on at most this many random retained ids
 

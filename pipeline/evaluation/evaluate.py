@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline import attacks, unlearning
 from pipeline.data.datasets import Data
-from pipeline.driver import Ensemble, aggregate
+from pipeline.evaluation import attacks, unlearning
+from pipeline.sisa.driver import Ensemble, aggregate
 
 MIA_SAMPLES = 2000  # members and non-members each (balanced)
 

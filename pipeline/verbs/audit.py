@@ -25,12 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import audit_bound, runs, tracking
-from pipeline.checkpoints import atomic_write_json
 from pipeline.config import Config
+from pipeline.core.checkpoints import atomic_write_json
 from pipeline.data import canaries as canaries_mod
 from pipeline.data import datasets
 from pipeline.errors import UserError
+from pipeline.evaluation import audit_bound
+from pipeline.tracking import mlflow_runs as tracking
+from pipeline.verbs import runs
 
 ATTACK = "loss"  # log-probability of the canary's wrong label under the mean-softmax ensemble
 CLEAN_RUN = "clean"  # sub-directory of the comparison run without canaries

@@ -8,15 +8,11 @@ import ray
 
 from pipeline.config import RayConfig
 from pipeline.errors import UserError
+from pipeline.storage.paths import in_ray_job  # noqa: F401  (cluster.in_ray_job kept for callers)
 
 
 class ClusterError(UserError, RuntimeError):
     """The Ray cluster cannot run this configuration; the message says what to change."""
-
-
-def in_ray_job() -> bool:
-    """True inside an entrypoint started by `ray job submit`."""
-    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
 
 
 def connect(config: RayConfig, log=print) -> bool:

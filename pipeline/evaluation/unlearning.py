@@ -9,6 +9,8 @@ import math
 
 import numpy as np
 
+from pipeline.core.checkpoints import parameter_l2_distance  # noqa: F401  (unlearning.X kept for callers)
+
 _CLIP = 1e-12
 
 
@@ -32,21 +34,6 @@ def mean_kl_divergence(p_probs: np.ndarray, q_probs: np.ndarray, eps: float = 1e
     log_ratio = np.log(np.clip(p, eps, 1.0)) - np.log(np.clip(q, eps, 1.0))
     rows = (p * log_ratio).sum(axis=1)
     return float(np.maximum(rows, 0.0).mean())  # clipping can leave tiny negatives; KL >= 0
-
-
-def parameter_l2_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    """Euclidean distance between two parameter dicts flattened; keys and shapes must match."""
-    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-    if only_a or only_b:
-        raise ValueError(f"parameter keys differ: only in a: {only_a}, only in b: {only_b}")
-    total = 0.0
-    for key in sorted(a):
-        x = np.asarray(a[key], dtype=np.float64)
-        y = np.asarray(b[key], dtype=np.float64)
-        if x.shape != y.shape:
-            raise ValueError(f"shape mismatch for parameter {key!r}: {x.shape} vs {y.shape}")
-        total += float(np.sum((x - y) ** 2))
-    return math.sqrt(total)
 
 
 def logit_scaled_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:

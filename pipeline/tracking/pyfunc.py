@@ -24,7 +24,7 @@ class ErasedModelError(RuntimeError):
 class EnsembleModel(PythonModel):
     def load_context(self, context) -> None:
         try:
-            from pipeline import models
+            from pipeline.core import models
         except ImportError:  # outside dpsisa's environment: the copy logged with the model (code_paths)
             import models  # type: ignore[no-redef]
 

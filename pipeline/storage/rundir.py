@@ -16,16 +16,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from pipeline import config as config_mod
-from pipeline.checkpoints import CheckpointIntegrityError, ShardStore, load_torch_bytes, sha256_hex, torch_bytes
 from pipeline.config import Config
+from pipeline.core.checkpoints import CheckpointIntegrityError, ShardStore, load_torch_bytes, sha256_hex, torch_bytes
+from pipeline.core.models import Classifier
+from pipeline.core.privacy import Recipe
 from pipeline.errors import UserError
-from pipeline.ledger import Ledger
-from pipeline.models import Classifier
-from pipeline.privacy import Recipe
-from pipeline.storage import Storage
+from pipeline.fs import Storage
+from pipeline.storage.ledger import Ledger
 
 CONFIG, RECIPES, MODEL, PRETRAINED, SUMMARY = "config.yaml", "recipes.json", "model.json", "pretrained.pt", "train_summary.json"
 
@@ -82,7 +83,7 @@ class RunDir(Storage):
 
     def pretrained_model(self, config: Config) -> Classifier:
         """The public model every shard starts from, rebuilt from the run's files (weights_only, hash-checked)."""
-        from pipeline import models
+        from pipeline.core import models
 
         info = self.model_info()
         model = models.build(config.model.name, tuple(info["input_shape"]), info["num_classes"], config.model.width, config.seed)
@@ -109,3 +110,12 @@ class RunDir(Storage):
 
 def open_run(location: str | os.PathLike | Storage) -> RunDir:
     return location if isinstance(location, RunDir) else RunDir(location)
+
+
+def trained_ids(run_dir) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, labels) the live model version trained on: the ledger's assignments less done forgets."""
+    ledger = open_run(run_dir).ledger()
+    table = ledger.assignments()
+    ids, labels = table["sample_id"].to_numpy(), table["label"].to_numpy()
+    keep = ~np.isin(ids, np.fromiter(ledger.forgotten_ids(), np.int64))
+    return ids[keep], labels[keep]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from pipeline.storage import Storage
+from pipeline.fs import Storage
 
 FOLDER = "receipts"
 BACKLOG = "mlflow_backlog"  # one marker per request applied while no client waited (forget --no-wait)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
-from pipeline import attacks
+from pipeline.evaluation import attacks
 
 GLOBAL_VARIANCE_BELOW = 64  # reference models (per side) below which one variance is used for all examples
 MIN_REFERENCES = 2  # offline LiRA: every pool example needs an "out" reference model

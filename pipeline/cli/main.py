@@ -24,7 +24,7 @@ def _log(quiet: bool) -> Callable[[str], None]:
 
 
 def _ids(args: argparse.Namespace) -> list[int]:
-    from pipeline.ledger import ForgetRequestError, parse_ids
+    from pipeline.storage.ledger import ForgetRequestError, parse_ids
 
     if args.ids_file:
         path = Path(args.ids_file)
@@ -127,7 +127,7 @@ def _human_status(s: dict) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from pipeline import runs
+    from pipeline.verbs import runs
 
     config = config_mod.load(args.config, args.overrides)
     run_dir = runs.resolve_run_dir(args.run_dir, config)
@@ -138,7 +138,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_forget(args: argparse.Namespace) -> None:
-    from pipeline import runs
+    from pipeline.verbs import runs
 
     by_subject = args.subject is not None or args.subjects_file is not None
     ids, subjects = (None, _subjects(args)) if by_subject else (_ids(args), None)
@@ -154,7 +154,7 @@ def cmd_forget(args: argparse.Namespace) -> None:
 
 
 def cmd_request(args: argparse.Namespace) -> None:
-    from pipeline import runs
+    from pipeline.verbs import runs
 
     result = runs.request_status(runs.resolve_run_dir(args.run_dir), args.id, wait=args.wait, log=_log(args.quiet))
     _print(result, args.json, lambda r: f"request {r['request_id']}: {r['status']} ({r['ids']} id(s))"
@@ -162,8 +162,8 @@ def cmd_request(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from pipeline import runs
     from pipeline.errors import UserError
+    from pipeline.verbs import runs
 
     if args.attack == "lira" and args.reference_models is None:
         raise UserError("--attack lira needs --reference-models K (K ≥ 2; online LiRA needs K ≥ 4).")
@@ -174,7 +174,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
-    from pipeline import runs
+    from pipeline.verbs import runs
 
     result = runs.verify(runs.resolve_run_dir(args.run_dir), args.all, _log(args.quiet))
     _print(result, args.json, _human_verify)
@@ -183,7 +183,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    from pipeline import runs
+    from pipeline.verbs import runs
 
     if args.subject is not None:
         from pipeline.data.subjects import parse_subjects
@@ -197,7 +197,7 @@ def cmd_status(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from pipeline import runs
+    from pipeline.verbs import runs
 
     path = Path(args.input)
     try:
@@ -212,7 +212,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_stop(args: argparse.Namespace) -> None:
-    from pipeline import runs
+    from pipeline.verbs import runs
 
     _print(runs.stop(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json,
            lambda r: f"stopped {r['actors_stopped']} actor(s) (coordinator and shards) of {r['run_dir']}")
@@ -246,7 +246,7 @@ def _human_score(r: dict) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from pipeline import runs, scoring
+    from pipeline.verbs import runs, scoring
 
     config = config_mod.load(args.config, args.overrides)
     out_dir = runs.resolve_local_dir(args.out_dir or f"scores/{runs.resolve_local_dir(None, config).name}")
@@ -257,8 +257,9 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_baselines(args: argparse.Namespace) -> None:
-    from pipeline import runs, tracking
     from pipeline.baselines import report, runner
+    from pipeline.tracking import mlflow_runs as tracking
+    from pipeline.verbs import runs
 
     config = config_mod.load(args.config, args.overrides)
     methods = runner.parse_methods(args.methods)
@@ -286,7 +287,7 @@ def cmd_unlearnable(args: argparse.Namespace) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from pipeline import audit, runs
+    from pipeline.verbs import audit, runs
 
     config = config_mod.load(args.config, args.overrides)
     run_dir = runs.resolve_local_dir(args.run_dir or f"audits/{runs.resolve_local_dir(None, config).name}")
@@ -303,7 +304,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from pipeline.demo import demo
+    from pipeline.cli.demo import demo
 
     demo(args.config, args.overrides, args.run_dir, _log(False))
 

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import models
-from pipeline.checkpoints import load_torch, save_torch
 from pipeline.config import Config, digest
+from pipeline.core import models
+from pipeline.core.checkpoints import load_torch, save_torch
 from pipeline.data.datasets import Data
 
 

@@ -22,9 +22,9 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from pipeline.finetune import FinetunePlan, apply_plan
-from pipeline.models import Classifier
-from pipeline.privacy import Recipe
+from pipeline.core.finetune import FinetunePlan, apply_plan
+from pipeline.core.models import Classifier
+from pipeline.core.privacy import Recipe
 
 FEATURE_CHUNK = 512
 # Opacus hooks the first trainable layer; when nothing below it trains, torch notes that its

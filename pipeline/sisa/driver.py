@@ -20,14 +20,15 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from pipeline import cluster, receipts
-from pipeline.checkpoints import CheckpointIntegrityError
 from pipeline.config import Config
-from pipeline.erasure_queue import job_name
+from pipeline.core.checkpoints import CheckpointIntegrityError
 from pipeline.errors import RecoverableError
-from pipeline.results import ForgetResult
-from pipeline.rundir import RunDir, open_run
-from pipeline.shard import Shard
+from pipeline.sisa import cluster
+from pipeline.sisa.erasure_queue import job_name
+from pipeline.sisa.results import ForgetResult
+from pipeline.sisa.shard import Shard
+from pipeline.storage import receipts
+from pipeline.storage.rundir import RunDir, open_run
 
 PLACEMENT_TIMEOUT_S = 60
 PROGRESS_GROUP = "progress"  # a second concurrency group per actor: `progress` answers while fit/forget runs

@@ -24,14 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline import attacks, lira, pretrain, registry
 from pipeline.config import Config
+from pipeline.core import pretrain
+from pipeline.core.train import predict_proba
 from pipeline.data import datasets
 from pipeline.data.datasets import Data
 from pipeline.errors import UserError
-from pipeline.rundir import RunDir
-from pipeline.train import predict_proba
-from pipeline.unlearning import logit_scaled_confidence
+from pipeline.evaluation import attacks, lira
+from pipeline.evaluation.unlearning import logit_scaled_confidence
+from pipeline.storage.rundir import RunDir, trained_ids
+from pipeline.tracking import registry
 
 SAMPLES = 2000  # members and non-members attacked (each side, at most)
 REFERENCE_SEED = 10_000  # reference j trains with seed config.seed + REFERENCE_SEED + j
@@ -59,9 +61,10 @@ def _matches(target: Config, reference: Config) -> list[str]:
     return sorted(k for k in set(a) | set(b) if k not in FREE_KEYS and a.get(k) != b.get(k))
 
 
-def ensure(run: RunDir, config: Config, k: int, reference_dir: str | None, log: Callable[[str], None]) -> list[RunDir]:
-    """The K reference runs: reused where `<reference_dir>/ref-<j>` holds a matching run, trained otherwise."""
-    from pipeline import runs  # runs imports this module's users; keep the import graph one way at load time
+def ensure(run: RunDir, config: Config, k: int, reference_dir: str | None, log: Callable[[str], None],
+           train: Callable[..., object]) -> list[RunDir]:
+    """The K reference runs: reused where `<reference_dir>/ref-<j>` holds a matching run, trained otherwise
+    with `train(config, run_dir, log=..., exclude_ids=...)` (the `train` verb, passed in by its caller)."""
 
     check_count(k)
     base = (reference_dir or default_dir(run)).rstrip("/")
@@ -83,7 +86,7 @@ def ensure(run: RunDir, config: Config, k: int, reference_dir: str | None, log: 
             ref_config = config.with_overrides({  # one public model for all; the evaluate run logs the attack
                 "seed": config.seed + REFERENCE_SEED + j, "pretrain.seed": pretrain.seed(config), "data.keep_half": None,
                 "tracking.enabled": False})
-            runs.train(ref_config, ref, log=log, exclude_ids=np.flatnonzero(~halves[j]).tolist())
+            train(ref_config, ref, log=log, exclude_ids=np.flatnonzero(~halves[j]).tolist())
         references.append(ref)
     return references
 
@@ -100,9 +103,7 @@ class Probe:
 
 def probe(run: RunDir, data: Data, seed: int, samples: int = SAMPLES) -> Probe:
     """Members: ids the live version trained on. Non-members: private ids it left out, else test ids."""
-    from pipeline import runs
-
-    members, _ = runs.trained_ids(run)
+    members, _ = trained_ids(run)
     assigned = run.ledger().assignments()["sample_id"].to_numpy()
     left_out = np.setdiff1d(data.private.ids, assigned)
     private = len(left_out) >= 2

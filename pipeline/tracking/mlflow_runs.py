@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.storage import Storage
+from pipeline.fs import Storage
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # else MLflow 3 opens a new experiment on its GenAI overview
@@ -44,7 +44,7 @@ def tracking_uri(config: Config) -> str:
         return config.tracking.uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    from pipeline.runs import home
+    from pipeline.storage.paths import home
 
     return f"sqlite:///{home() / 'mlflow.db'}"
 
@@ -179,7 +179,7 @@ class VerbRun(Untracked):
         from mlflow.exceptions import MlflowException
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        from pipeline.train import ids_digest
+        from pipeline.core.train import ids_digest
 
         digest = ids_digest(ids)
         with warnings.catch_warnings():  # a plain name resolves to more than one kind of source

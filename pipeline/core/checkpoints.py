@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.errors import UserError
-from pipeline.storage import Storage, atomic_write, atomic_write_json  # noqa: F401 - re-exported
+from pipeline.fs import Storage, atomic_write, atomic_write_json  # noqa: F401 - re-exported
 
 
 class CheckpointIntegrityError(UserError, RuntimeError):
@@ -211,3 +212,18 @@ class ShardStore:
         if self.storage.local:
             for stray in Path(self.storage.root).glob(".*.tmp"):
                 stray.unlink(missing_ok=True)
+
+
+def parameter_l2_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """Euclidean distance between two parameter dicts flattened; keys and shapes must match."""
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        raise ValueError(f"parameter keys differ: only in a: {only_a}, only in b: {only_b}")
+    total = 0.0
+    for key in sorted(a):
+        x = np.asarray(a[key], dtype=np.float64)
+        y = np.asarray(b[key], dtype=np.float64)
+        if x.shape != y.shape:
+            raise ValueError(f"shape mismatch for parameter {key!r}: {x.shape} vs {y.shape}")
+        total += float(np.sum((x - y) ** 2))
+    return math.sqrt(total)

@@ -36,14 +36,15 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from pipeline import cluster, receipts
-from pipeline.checkpoints import CheckpointIntegrityError
 from pipeline.config import Config
-from pipeline.driver import Ensemble, OnStage, ShardFailure, StageProgress, actor_name
-from pipeline.erasure_queue import Dispatch, ErasureQueue
-from pipeline.ledger import ForgetRequestError, new_request_id
-from pipeline.results import ForgetResult
-from pipeline.rundir import RunDir, RunError
+from pipeline.core.checkpoints import CheckpointIntegrityError
+from pipeline.sisa import cluster
+from pipeline.sisa.driver import Ensemble, OnStage, ShardFailure, StageProgress, actor_name
+from pipeline.sisa.erasure_queue import Dispatch, ErasureQueue
+from pipeline.sisa.results import ForgetResult
+from pipeline.storage import receipts
+from pipeline.storage.ledger import ForgetRequestError, new_request_id
+from pipeline.storage.rundir import RunDir, RunError
 
 LOG = logging.getLogger("dpsisa.coordinator")
 LEASE = "coordinator.lease"

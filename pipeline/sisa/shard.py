@@ -19,13 +19,12 @@ import time
 import numpy as np
 import torch
 
-from pipeline.checkpoints import INITIAL_DATA, Manifest, ShardStore, sha256_hex
-from pipeline.finetune import plan_for
-from pipeline.ledger import Ledger
-from pipeline.models import Classifier
-from pipeline.privacy import Recipe, release_epsilon, spent_epsilon
-from pipeline.train import ShardState, ShardTrainer, ids_digest, predict_proba, resolve_device
-from pipeline.unlearning import parameter_l2_distance
+from pipeline.core.checkpoints import INITIAL_DATA, Manifest, ShardStore, parameter_l2_distance, sha256_hex
+from pipeline.core.finetune import plan_for
+from pipeline.core.models import Classifier
+from pipeline.core.privacy import Recipe, release_epsilon, spent_epsilon
+from pipeline.core.train import ShardState, ShardTrainer, ids_digest, predict_proba, resolve_device
+from pipeline.storage.ledger import Ledger
 
 SAMPLED_ACCURACY_IDS = 256  # progress accuracy: the first ids of slice 0 (trained on at every stage)
 
@@ -34,7 +33,7 @@ class Shard:
     def __init__(self, run_dir: str, shard: int, config_dict: dict, recipe_dict: dict, threads: int = 1,
                  log_progress: bool = True, pretrained: Classifier | None = None):
         from pipeline.config import from_dict
-        from pipeline.rundir import RunDir
+        from pipeline.storage.rundir import RunDir
 
         torch.set_num_threads(threads)
         self.run = RunDir(run_dir)
