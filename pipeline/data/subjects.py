@@ -66,7 +66,7 @@ def _poisson_sizes(uniforms: np.ndarray) -> np.ndarray:
 
 def _subject_numbers(block: int, key: bytes) -> np.ndarray:
     """Subject number of each of the ids block·B … block·B + B − 1 (B = SYNTHETIC_BLOCK), in id order."""
-    from pipeline.data.partition import id_items, keyed_words
+    from pipeline.data.keyed import id_items, keyed_words
 
     members = block * SYNTHETIC_BLOCK + np.arange(SYNTHETIC_BLOCK, dtype=np.int64)
     deal = keyed_words(key, id_items(members), _ORDER_DOMAIN, words=1)[:, 0]
@@ -98,7 +98,7 @@ def synthetic_subjects(ids: np.ndarray, seed: int) -> np.ndarray:
 
     Returns an object array of str, same length and order as `ids`.
     """
-    from pipeline.data.partition import derive_key
+    from pipeline.data.keyed import derive_key
 
     ids = _unique_ids(ids, "the sample ids")
     if len(ids) == 0:
@@ -256,7 +256,7 @@ def partition_by_subject(ids: np.ndarray, subjects: np.ndarray, shards: int, sli
     there are fewer subjects than shards × slices, and `PartitionError` if the hash leaves a slice
     empty by chance.
     """
-    from pipeline.data.partition import check_cells, columns, partition_key, sample_words, subject_words
+    from pipeline.data.keyed import check_cells, columns, partition_key, sample_words, subject_words
 
     ids = _unique_ids(ids, "the sample ids")
     subjects = np.asarray(subjects, dtype=object)
