@@ -98,6 +98,7 @@ class RayConfig:
     max_restarts: int = 3  # a crashed shard actor (or its lost node) is restarted this often; its call retried
     lease_wait_s: float = 60.0  # how long a writer waits for another Ray cluster's hold on the run to end
     idle_close_s: float = 30.0  # a run's coordinator (without keep-alive) closes after this long without clients
+    wait_timeout_s: float = 900.0  # a waiting `forget` / `request --wait` gives up (exit 4, request kept) after this long
     max_parallel_shards: Optional[int] = None  # shards training/replaying/verifying at once; None: cluster CPUs // train.threads
 
 
@@ -318,6 +319,7 @@ def validate(config: Config) -> None:
     _check(config.ray.max_restarts >= 0, "ray.max_restarts", f"must be ≥ 0; got {config.ray.max_restarts}.")
     _check(config.ray.lease_wait_s >= 0, "ray.lease_wait_s", f"must be ≥ 0; got {config.ray.lease_wait_s}.")
     _check(config.ray.idle_close_s > 0, "ray.idle_close_s", f"must be > 0; got {config.ray.idle_close_s}.")
+    _check(config.ray.wait_timeout_s > 0, "ray.wait_timeout_s", f"must be > 0; got {config.ray.wait_timeout_s}.")
     _check(config.pretrain.epochs >= 0, "pretrain.epochs", "must be ≥ 0.")
     _check(config.data.public_size >= 1, "data.public_size", "must be ≥ 1.")
     _check(config.data.canaries >= 0, "data.canaries", f"must be ≥ 0 (0: no canaries); got {config.data.canaries}.")

@@ -17,6 +17,8 @@ from the environment of the node they run on.
 from __future__ import annotations
 
 import fcntl
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -27,13 +29,23 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.errors import UserError
+from pipeline.errors import RecoverableError, UserError
 
 URI_SCHEMES = ("s3://", "gs://", "gcs://", "file://", "hdfs://", "abfs://", "abfss://")
 
 
-class StorageError(UserError, RuntimeError):
-    """The run directory's storage cannot be reached or named; the message says what to fix."""
+class StorageError(RecoverableError, RuntimeError):
+    """The run directory's storage cannot be reached (exit 4: nothing recorded is lost; rerun later)."""
+
+
+class StorageNameError(StorageError, UserError):
+    """The run directory's location cannot be used as given (exit 3); the message says what to fix."""
+
+    exit_code = 3
+
+
+class PreconditionFailed(RecoverableError, RuntimeError):
+    """A conditional write found the object changed since it was read (another writer was first)."""
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -73,9 +85,13 @@ class Storage:
             try:
                 self.fs, root = pafs.FileSystem.from_uri(text)
             except (OSError, ValueError) as exc:
-                raise StorageError(f"cannot open run storage {text}: {exc}".split("\n")[0]) from None
+                raise StorageNameError(f"cannot open run storage {text}: {exc}".split("\n")[0]) from None
             self.local = isinstance(self.fs, pafs.LocalFileSystem)
             self.root = root.rstrip("/")
+            if not self.root:
+                scheme = text.split("://", 1)[0]
+                raise StorageNameError(f"{text} names no bucket or folder: pass {scheme}://BUCKET/PREFIX (e.g. "
+                                       f"{scheme}://my-bucket/runs/run-1).")
             self.uri = str(Path(self.root)) if self.local else text.rstrip("/")
         else:
             self.fs, self.local = pafs.LocalFileSystem(), True
@@ -147,6 +163,48 @@ class Storage:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
+    # -- conditional writes (fencing) -------------------------------------------------------
+    def read_tagged(self, rel: str) -> tuple[bytes, str]:
+        """The object and a tag that changes whenever it is replaced: its ETag on S3, else its sha256."""
+        if self._s3_location() is not None:
+            bucket, key = self._s3_location(rel)
+            try:
+                answer = _s3_client().get_object(Bucket=bucket, Key=key)
+            except Exception as exc:  # noqa: BLE001 - botocore's errors, mapped below
+                _raise_s3(exc, self, rel)
+            return answer["Body"].read(), answer["ETag"]
+        data = self.read_bytes(rel)
+        return data, hashlib.sha256(data).hexdigest()
+
+    def write_if(self, rel: str, data: bytes, tag: str | None) -> None:
+        """Replace `rel` only if it still carries `tag` (None: only if it does not exist yet), else
+        raise PreconditionFailed and change nothing. S3: a conditional PUT (If-Match / If-None-Match)
+        through boto3. Local disks: compare and write under an exclusive lock. Other stores: compare,
+        then write (not atomic; their writers are fenced by the lease's time limit instead)."""
+        location = self._s3_location(rel)
+        if location is not None:
+            condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+            try:
+                _s3_client().put_object(Bucket=location[0], Key=location[1], Body=data, **condition)
+            except Exception as exc:  # noqa: BLE001 - botocore's errors, mapped below
+                _raise_s3(exc, self, rel)
+            return
+        with self.file_lock(f".{rel.replace('/', '_')}.lock"):
+            try:
+                current = hashlib.sha256(self.read_bytes(rel)).hexdigest()
+            except FileNotFoundError:
+                current = None
+            if current != tag:
+                raise PreconditionFailed(f"{self.uri}/{rel} changed since it was read; not replaced")
+            self.write_bytes(rel, data)
+
+    def _s3_location(self, rel: str = "") -> tuple[str, str] | None:
+        """(bucket, key) when this folder is on S3, else None."""
+        if self.local or not self.uri.startswith("s3://"):
+            return None
+        bucket, _, key = self.key(rel).partition("/")
+        return bucket, key
+
     def write_json(self, rel: str, obj: Any) -> None:
         self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
 
@@ -164,6 +222,17 @@ class Storage:
         """Names of the objects directly inside folder `rel` (empty when it does not exist)."""
         selector = pafs.FileSelector(self.key(rel), allow_not_found=True, recursive=False)
         return sorted(info.base_name for info in self.fs.get_file_info(selector) if info.type == pafs.FileType.File)
+
+    def check_writable(self) -> None:
+        """Write and remove a small object: StorageError (naming the location) if this folder cannot be written."""
+        probe = ".dpsisa-write-check"
+        try:
+            self.write_bytes(probe, b"ok")
+            self.delete(probe)
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"cannot write to {self.uri}: {exc.__class__.__name__}: {exc}") from None
 
     def ensure(self) -> None:
         """Create the folder (a no-op on object stores, where folders are key prefixes)."""
@@ -186,3 +255,25 @@ class Storage:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _s3_client():
+    """boto3's S3 client, configured like pyarrow's (AWS_ENDPOINT_URL and the AWS_* variables)."""
+    return _s3_client_for(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"))
+
+
+@functools.lru_cache(maxsize=4)
+def _s3_client_for(endpoint: str | None, key_id: str | None):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint)
+
+
+def _raise_s3(exc: Exception, storage: Storage, rel: str) -> None:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+        raise PreconditionFailed(f"{storage.uri}/{rel} changed since it was read; not replaced") from None
+    if code in ("NoSuchKey", "404") or status == 404:
+        raise FileNotFoundError(storage.key(rel)) from None
+    raise StorageError(f"cannot reach {storage.uri}/{rel}: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None

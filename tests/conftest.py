@@ -32,7 +32,7 @@ def ray_2cpu():
     import ray
 
     os.environ.setdefault("DPSISA_CACHE", "/tmp/dpsisa-test-cache")
-    ray.init(num_cpus=2, include_dashboard=False, namespace="dpsisa", configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="dpsisa", configure_logging=False)
     yield ray
     ray.shutdown()
 

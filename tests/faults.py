@@ -42,3 +42,87 @@ def kill_shard_while_pending(run, shard: int, timeout_s: float = 120.0) -> threa
     thread.killed = done  # type: ignore[attr-defined]
     thread.start()
     return thread
+
+
+class SwitchableProxy:
+    """A TCP forwarder on 127.0.0.1 in front of a server (the object store): `off()` drops every
+    open connection and refuses new ones until `on()` — a storage outage the production code sees
+    as network errors, injected from the test side."""
+
+    def __init__(self, upstream_host: str, upstream_port: int):
+        import socket
+
+        self.upstream = (upstream_host, upstream_port)
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(64)
+        self.port = self._server.getsockname()[1]
+        self._up, self._open, self._lock, self._stop = True, set(), threading.Lock(), False
+        self.refused = 0
+        threading.Thread(target=self._accept, daemon=True, name="switchable-proxy").start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def off(self) -> None:
+        with self._lock:
+            self._up = False
+            for sock in list(self._open):
+                self._close(sock)
+
+    def on(self) -> None:
+        with self._lock:
+            self._up = True
+
+    def close(self) -> None:
+        self._stop = True
+        self.off()
+        self._server.close()
+
+    def _close(self, sock) -> None:
+        import socket
+
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+        self._open.discard(sock)
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._stop:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            with self._lock:
+                if not self._up:
+                    self.refused += 1
+                    client.close()
+                    continue
+                try:
+                    upstream = socket.create_connection(self.upstream, timeout=5)
+                except OSError:
+                    client.close()
+                    continue
+                self._open.update({client, upstream})
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source, target) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._close(source)
+                self._close(target)

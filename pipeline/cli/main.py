@@ -118,9 +118,13 @@ def _human_verify(v: dict) -> str:
 
 
 def _human_status(s: dict) -> str:
-    lines = [f"run {s['run_dir']}: {len(s['done'])} done, {len(s['pending'])} pending forget request(s)"]
+    applied = f", {len(s['applied'])} applied (registry pending)" if s.get("applied") else ""
+    lines = [f"run {s['run_dir']}: {len(s['done'])} done{applied}, {len(s['pending'])} pending forget request(s)"]
     for sh in s["shards"]:
-        eps = "no DP" if sh["epsilon"] is None else f"ε {sh['epsilon']:.3f} (cumulative {sh['epsilon_cumulative']:.3f})"
+        eps = "no DP" if sh["epsilon"] is None else (
+            f"ε {sh['epsilon']:.3f} per release (cumulative over its {sh['releases']} releases {sh['epsilon_cumulative']:.3f}"
+            + (": above the per-release target because each release is a new mechanism)"
+               if s["epsilon_target"] is not None and sh["epsilon_cumulative"] > s["epsilon_target"] else ")"))
         lines.append(f"  shard {sh['shard']}: v{sh['version']}, {sh['samples']} samples, "
                      f"{sh['forgotten']} forgotten, {eps}")
     return "\n".join(lines)
@@ -149,14 +153,15 @@ def cmd_forget(args: argparse.Namespace) -> None:
         submitted = runs.submit(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects, each=args.each)
         _print(submitted, args.json, _human_submitted)
         return
-    result = runs.forget(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects)
+    result = runs.forget(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects, timeout_s=args.timeout)
     _print(result.to_dict(), args.json, _human_forget)
 
 
 def cmd_request(args: argparse.Namespace) -> None:
     from pipeline.verbs import runs
 
-    result = runs.request_status(runs.resolve_run_dir(args.run_dir), args.id, wait=args.wait, log=_log(args.quiet))
+    result = runs.request_status(runs.resolve_run_dir(args.run_dir), args.id, wait=args.wait, log=_log(args.quiet),
+                                 timeout_s=args.timeout)
     _print(result, args.json, lambda r: f"request {r['request_id']}: {r['status']} ({r['ids']} id(s))"
            + (f"; new versions {({s: e['new_version'] for s, e in r['receipt']['shards'].items()})}" if r["receipt"] else ""))
 
@@ -206,9 +211,17 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise runs.RunError(f"--input {path} is not a readable .npy array ({exc}); save images with numpy.save.") from None
     result = runs.serve(runs.resolve_run_dir(args.run_dir), images, _log(args.quiet))
     counts = np.bincount(result["predictions"])
-    _print(result, args.json, lambda r: (f"{len(r['predictions'])} prediction(s) from shard versions {r['model_versions']}; "
-                                         f"per class {counts.tolist()}"
-                                         + (f"; pending requests {r['pending_requests']}" if r["pending_requests"] else "")))
+
+    def human(r: dict) -> str:
+        shown = 20
+        lines = [f"{len(r['predictions'])} prediction(s) from shard versions {r['model_versions']}"
+                 + (f"; pending requests {r['pending_requests']}" if r["pending_requests"] else "")]
+        lines += [f"  {i}: class {c} (p={r['probabilities'][i][c]:.3f})" for i, c in enumerate(r["predictions"][:shown])]
+        if len(r["predictions"]) > shown:
+            lines.append(f"  … {len(r['predictions']) - shown} more (--json prints all); per class {counts.tolist()}")
+        return "\n".join(lines)
+
+    _print(result, args.json, human)
 
 
 def cmd_stop(args: argparse.Namespace) -> None:
@@ -341,6 +354,9 @@ def parser() -> argparse.ArgumentParser:
     request = add("request", cmd_request, "status (and receipt) of one forget request; --wait until it is done")
     request.add_argument("--id", required=True, help="the request id printed by forget")
     request.add_argument("--wait", action="store_true", help="wait until the request is done")
+    for sp in (forget, request):
+        sp.add_argument("--timeout", type=float, default=None, metavar="S",
+                        help="give up waiting after S seconds (exit 4; the request stays recorded); default ray.wait_timeout_s")
     evaluate = add("evaluate", cmd_evaluate, "test accuracy and privacy of the live ensemble")
     evaluate.add_argument("--attack", choices=("population", "lira"), default="population",
                           help="population: posterior/loss/logistic attacks (always run); lira: also LiRA with reference models")

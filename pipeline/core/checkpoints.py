@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import pickle
 import re
@@ -31,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import UserError
-from pipeline.fs import Storage, atomic_write, atomic_write_json  # noqa: F401 - re-exported
+from pipeline.errors import RecoverableError, UserError
+from pipeline.fs import PreconditionFailed, Storage, atomic_write, atomic_write_json  # noqa: F401 - re-exported
 
 
 class CheckpointIntegrityError(UserError, RuntimeError):
@@ -105,6 +106,23 @@ class Manifest:
     def to_dict(self) -> dict:
         return self.__dict__.copy()
 
+    def release_without(self, ids: list[int]) -> dict | None:
+        """The release of the first version that excludes every id in `ids` (the one that applied
+        the last of them), from the ids each release records; None when a release predates that
+        record or some id was never applied."""
+        wanted, last = set(int(i) for i in ids), None
+        for release in self.releases[1:]:
+            if "ids" not in release:
+                return None
+            if wanted & set(release["ids"]):
+                wanted -= set(release["ids"])
+                last = release
+        return last if not wanted else None
+
+
+class StaleCommit(RecoverableError, RuntimeError):
+    """A replay's commit was fenced off: the manifest changed since the replay started (a second writer)."""
+
 
 INITIAL_DATA = "data.v0.npz"  # written by `dpsisa train` before the shard's first version exists
 
@@ -133,11 +151,17 @@ class ShardStore:
         return self.storage.exists("manifest.json")
 
     def manifest(self) -> Manifest:
+        return self.manifest_tagged()[0]
+
+    def manifest_tagged(self) -> tuple[Manifest, str]:
+        """The live manifest and its tag (S3 ETag, else sha256): a replay commits only if the tag
+        is unchanged at its end (`commit(..., expected=tag)`)."""
         try:
-            return Manifest(**self.storage.read_json("manifest.json"))
+            data, tag = self.storage.read_tagged("manifest.json")
         except FileNotFoundError:
             raise FileNotFoundError(f"shard {self.shard} has no committed checkpoints in {self.uri}; "
                                     "run `dpsisa train` first.") from None
+        return Manifest(**json.loads(data)), tag
 
     def load_stage(self, manifest: Manifest, stage: int) -> dict:
         """The stage's payload, after checking its bytes against the manifest's sha256.
@@ -164,19 +188,21 @@ class ShardStore:
                 bad.append(entry["file"])
         return bad
 
-    def write_stage(self, stage: int, version: int, payload: dict) -> dict:
-        """Write one stage file (not yet live) and return its manifest entry, with its sha256."""
-        name = f"stage_{stage}.v{version}.pt"
+    def write_stage(self, stage: int, version: int, payload: dict, writer: str = "") -> dict:
+        """Write one stage file (not yet live) and return its manifest entry, with its sha256.
+        `writer` (a replay's own token) makes the name fresh: two writers replaying the same version
+        never write the same object, so a stale one cannot touch the files another committed."""
+        name = f"stage_{stage}.v{version}{'.' + writer if writer else ''}.pt"
         data = torch_bytes(payload)
         self.storage.write_bytes(name, data)
         return {"file": name, "ids_digest": payload["ids_digest"], "samples": payload["samples"], "sha256": sha256_hex(data)}
 
     # -- the shard's copy of its training data ----------------------------------------------
-    def write_data(self, version: int, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> dict:
+    def write_data(self, version: int, ids: np.ndarray, x: np.ndarray, y: np.ndarray, writer: str = "") -> dict:
         """Write the shard's samples (not yet live unless version 0) and return the manifest entry."""
         buffer = io.BytesIO()
         np.savez(buffer, ids=np.asarray(ids, np.int64), x=np.ascontiguousarray(x), y=np.asarray(y))
-        name = INITIAL_DATA if version == 0 else f"data.v{version}.npz"
+        name = INITIAL_DATA if version == 0 else f"data.v{version}{'.' + writer if writer else ''}.npz"
         payload = buffer.getvalue()
         self.storage.write_bytes(name, payload)
         return {"file": name, "sha256": sha256_hex(payload), "samples": int(len(ids))}
@@ -199,10 +225,25 @@ class ShardStore:
         except Exception as exc:  # noqa: BLE001 - untrusted bytes
             raise CheckpointIntegrityError(f"shard data {self._where(name)} could not be read ({exc}); retrain the run.") from None
 
-    def commit(self, old: Manifest | None, new: Manifest) -> None:
+    def commit(self, old: Manifest | None, new: Manifest, expected: str | None = None) -> None:
         """Make `new` live (one write of manifest.json), then delete the stage and data files only
-        the old version used: an old checkpoint or data copy must not keep an erased sample."""
-        self.storage.write_json("manifest.json", new.to_dict())
+        the old version used: an old checkpoint or data copy must not keep an erased sample.
+        With `expected` (the tag `old` was read with), the write is fenced: if another writer
+        committed meanwhile, StaleCommit is raised, this writer's new files are removed and
+        nothing else changes."""
+        body = json.dumps(new.to_dict(), indent=2, sort_keys=True, default=str).encode()
+        if expected is None:
+            self.storage.write_bytes("manifest.json", body)
+        else:
+            try:
+                self.storage.write_if("manifest.json", body, expected)
+            except PreconditionFailed:
+                kept = {e["file"] for e in (old.stages if old else [])} | ({old.data["file"]} if old and old.data else set())
+                for name in [e["file"] for e in new.stages] + ([new.data["file"]] if new.data else []):
+                    if name not in kept:
+                        self.storage.delete(name)
+                raise StaleCommit(f"shard {self.shard}: another writer committed since this replay read version "
+                                  f"{old.version if old else 'none'}; this replay's version {new.version} was discarded") from None
         if old is not None:
             live = {s["file"] for s in new.stages} | ({new.data["file"]} if new.data else set())
             stale = [e["file"] for e in old.stages] + ([old.data["file"]] if old.data else [])

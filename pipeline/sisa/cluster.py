@@ -24,13 +24,34 @@ def connect(config: RayConfig, log=print) -> bool:
     address = config.address or os.environ.get("RAY_ADDRESS")
     common = {"namespace": config.namespace, "log_to_driver": True, "configure_logging": False}
     if address:
-        ray.init(address=address, **common)
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **common)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ClusterError(f"cannot connect to the Ray cluster at {address} ({exc.__class__.__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}); start one with `ray start --head` "
+                               "or unset RAY_ADDRESS / ray.address to run on a local one.") from None
         log(f"connected to Ray cluster at {address}")
         return False
     ray.init(num_cpus=config.num_cpus, include_dashboard=False, **common)
     log(f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
         f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast (instead of Ray's minutes of retries) when a host:port address has nothing listening."""
+    import socket
+
+    if "://" in address or address == "auto" or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"no Ray cluster at {address} ({exc.__class__.__name__}: {exc}); start one with "
+                           "`ray start --head` or unset RAY_ADDRESS / ray.address to run on a local one.") from None
 
 
 def named_actor(name: str, namespace: str):

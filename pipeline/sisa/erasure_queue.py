@@ -111,6 +111,18 @@ class ErasureQueue:
         request = self._requests.pop(request_id)
         return request.ids, dict(request.applied), list(request.batch), request.accepted_at
 
+    def owners(self, request_id: str) -> list[int]:
+        """The shards that own some of a queued request's ids."""
+        return sorted(self._requests[request_id].owners)
+
+    def empty(self) -> bool:
+        """No request queued at all (running, waiting or blocked)."""
+        return not self._requests
+
+    def blocked(self) -> bool:
+        """Some request waits only for a shard whose last replay failed (retried after `unblock`)."""
+        return any(r.waiting and r.waiting <= self._blocked for r in self._requests.values())
+
     def idle(self) -> bool:
         """Nothing running and nothing that could run now."""
         return not self._running and not any(r.waiting - self._blocked for r in self._requests.values())

@@ -34,7 +34,7 @@ class ForgetResult:
         """From the owning shards' forget results (`owners`: this request's shards within a batch)."""
         mine = {s: r for s, r in sorted(shard_results.items()) if owners is None or s in owners}
         return cls(request_id=request_id, ids=len(ids),
-                   shards_retrained=sorted(s for s, r in mine.items() if not r["already_applied"]),
+                   shards_retrained=sorted(s for s, r in mine.items() if r["from_stage"] is not None),
                    slices_retrained={str(s): r["stages_replayed"] for s, r in mine.items()},
                    from_stage={str(s): r["from_stage"] for s, r in mine.items()},
                    versions={str(s): r["version"] for s, r in mine.items()},

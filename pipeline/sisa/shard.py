@@ -15,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ class Shard:
                 "ids_digest": ids_digest(seen), "samples": int(len(seen)), "seed": self.config.seed,
                 "recipe": self.recipe.to_dict()}
 
-    def _train(self, slices, start: int, state: ShardState | None, version: int, job: str) -> list[dict]:
+    def _train(self, slices, start: int, state: ShardState | None, version: int, job: str, writer: str = "") -> list[dict]:
         """Train stages start.. and write each stage file (not yet live); returns manifest entries.
         Each finished stage also adds a progress record for `job` (see `progress`)."""
         entries: list[dict] = []
@@ -97,7 +98,7 @@ class Shard:
             self._progress = []
 
         def on_stage(j: int, s: ShardState) -> None:
-            entries.append({**self.store.write_stage(j, version, self._payload(j, s, slices, version)), "draw": version})
+            entries.append({**self.store.write_stage(j, version, self._payload(j, s, slices, version), writer), "draw": version})
             record = self._stage_record(job, j, s, slices[0], time.perf_counter() - started)
             with self._progress_lock:
                 self._progress.append(record)
@@ -157,9 +158,12 @@ class Shard:
         """Replay from the last stage that never saw `ids`; commit a new version atomically.
         Idempotent: a request already applied (crash after commit) is not retrained."""
         start = time.perf_counter()
-        manifest = self.store.manifest()
-        if set(ids) <= set(manifest.forgotten):
-            return {"shard": self.shard, "version": manifest.version, "from_stage": None, "stages_replayed": 0,
+        manifest, tag = self.store.manifest_tagged()  # the commit below is fenced on this tag
+        if set(ids) <= set(manifest.forgotten):  # applied before (a crash, or a restarted coordinator): report that replay
+            release = manifest.release_without(ids)
+            first = None if release is None else release["from_stage"]
+            return {"shard": self.shard, "version": manifest.version if release is None else release["version"],
+                    "from_stage": first, "stages_replayed": 0 if first is None else len(manifest.stages) - first,
                     "seconds": 0.0, "already_applied": True, "progress": []}
         forgotten = sorted(set(manifest.forgotten) | set(ids))
         all_slices = self._slices(set())
@@ -169,16 +173,17 @@ class Shard:
         version = manifest.version + 1
         state = self._state(manifest, first - 1) if first > 0 else None
         self._log(f"forget {len(ids)} id(s): replaying stages {first}..{len(slices) - 1} as version {version}")
-        entries = self._train(slices, first, state, version, request_id)
+        writer = uuid.uuid4().hex[:8]  # fresh file names: a second writer of this version never touches ours
+        entries = self._train(slices, first, state, version, request_id, writer)
         seconds = time.perf_counter() - start
         replays = [r["from_stage"] for r in manifest.releases[1:]] + [first]
-        release = {"version": version, "request_id": request_id, "from_stage": first, "seconds": seconds,
+        release = {"version": version, "request_id": request_id, "ids": fresh.tolist(), "from_stage": first, "seconds": seconds,
                    "epsilon": self.recipe.epsilon_spent, "epsilon_cumulative": release_epsilon(self.recipe, replays),
                    **self.where()}
         keep = ~np.isin(self.ids, np.asarray(forgotten, np.int64))  # our data copy drops the erased samples too
-        data = self.store.write_data(version, self.ids[keep], self.x[keep], self.y[keep])
+        data = self.store.write_data(version, self.ids[keep], self.x[keep], self.y[keep], writer)
         new = Manifest(self.shard, version, manifest.stages[:first] + entries, forgotten, manifest.releases + [release], data)
-        self.store.commit(manifest, new)
+        self.store.commit(manifest, new, expected=tag)
         self._set_data(self.ids[keep], self.x[keep], self.y[keep])
         return {"shard": self.shard, "version": version, "from_stage": first, "stages_replayed": len(slices) - first,
                 "seconds": time.perf_counter() - start, "replay_seconds": seconds, "already_applied": False,

@@ -36,7 +36,9 @@ REQUEST_SCHEMA = pa.schema([
     ("completed_at", pa.timestamp("us", tz="UTC")),
     ("model_version", pa.int32()),
     ("subject_id", pa.string()),
+    ("applied_at", pa.timestamp("us", tz="UTC")),  # every owning shard committed a version without the id
 ])
+STATUSES = ("pending", "applied", "done")  # recorded → shards clean (registry pending) → gone everywhere
 
 
 ASSIGNMENTS, REQUESTS = "assignments.parquet", "requests.parquet"
@@ -119,20 +121,36 @@ class Ledger:
                 table = table.append_column(name, pa.nulls(table.num_rows, REQUEST_SCHEMA.field(name).type))
         return table.select(REQUEST_SCHEMA.names).cast(REQUEST_SCHEMA)
 
-    def forgotten_ids(self, status: str | None = "done") -> set[int]:
+    def forgotten_ids(self, status: str | tuple[str, ...] | None = ("applied", "done")) -> set[int]:
+        """Ids of requests in `status` (default: every request whose shards no longer hold its ids)."""
         table = self.requests()
         if status is not None:
-            table = table.filter(pa.compute.equal(table["status"], status))
+            wanted = (status,) if isinstance(status, str) else status
+            table = table.filter(pa.compute.is_in(table["status"], value_set=pa.array(list(wanted), pa.string())))
         return set(table["sample_id"].to_pylist())
 
-    def pending(self) -> dict[str, list[int]]:
-        """request_id → ids of every request not yet done (a crash left it half-way)."""
+    def applied(self) -> dict[str, list[int]]:
+        """request_id → ids of every request whose shards are clean but that is not done yet
+        (its registry step and receipt are still to come)."""
+        return self._with_status("applied")
+
+    def status_of(self, request_id: str) -> str | None:
+        """A request's status: the least advanced of its ids' (None: no such request)."""
+        table = self.requests()
+        statuses = {st for rid, st in zip(table["request_id"].to_pylist(), table["status"].to_pylist()) if rid == request_id}
+        return next((st for st in STATUSES if st in statuses), None)
+
+    def _with_status(self, wanted: str) -> dict[str, list[int]]:
         table = self.requests()
         out: dict[str, list[int]] = {}
         for rid, sid, status in zip(table["request_id"].to_pylist(), table["sample_id"].to_pylist(), table["status"].to_pylist()):
-            if status == "pending":
+            if status == wanted:
                 out.setdefault(rid, []).append(sid)
         return out
+
+    def pending(self) -> dict[str, list[int]]:
+        """request_id → ids of every request recorded but not yet applied by its shards."""
+        return self._with_status("pending")
 
     def holders(self, ids: list[int]) -> dict[int, tuple[str, str]]:
         """id → (request_id, status) of the request that already holds it, for each given id that one does; sorted by id."""
@@ -193,6 +211,7 @@ class Ledger:
             "model_version": pa.nulls(len(ids), pa.int32()),
             "subject_id": (table["subject_id"].take(rows) if "subject_id" in table.column_names
                            else pa.nulls(len(ids), pa.string())),
+            "applied_at": pa.nulls(len(ids), pa.timestamp("us", tz="UTC")),
         }, schema=REQUEST_SCHEMA)
         self._write(REQUESTS, pa.concat_tables([self.requests(), new]))
 
@@ -219,6 +238,31 @@ class Ledger:
         table = table.set_column(table.schema.get_field_index("completed_at"), "completed_at",
                                  pa.array(done_at, pa.timestamp("us", tz="UTC")))
         table = table.set_column(table.schema.get_field_index("model_version"), "model_version", pa.array(version, pa.int32()))
+        self._write(REQUESTS, table)
+
+    def mark_applied_each(self, versions: dict[str, dict[int, int]]) -> None:
+        """Mark several requests `applied` in one write: every owning shard committed a version
+        without their ids (request id → shard → the first such version, stamped on each id)."""
+        self._update(versions, "applied", "applied_at", only_from=("pending",))
+
+    def mark_done_at(self, request_ids: list[str], at: datetime) -> None:
+        """Mark applied requests `done` in one write (their registry step and receipts are written), at `at`."""
+        self._update(dict.fromkeys(request_ids), "done", "completed_at", only_from=("applied",), at=at)
+
+    def _update(self, versions: dict[str, dict[int, int] | None], status: str, stamp: str, only_from: tuple[str, ...],
+                at: datetime | None = None) -> None:
+        table = self.requests()
+        rids, shards = table["request_id"].to_pylist(), table["shard"].to_pylist()
+        statuses, stamps, version = table["status"].to_pylist(), table[stamp].to_pylist(), table["model_version"].to_pylist()
+        at = at or datetime.now(timezone.utc)
+        for i, rid in enumerate(rids):
+            if rid in versions and statuses[i] in only_from:
+                statuses[i], stamps[i] = status, at
+                if versions[rid] is not None:
+                    version[i] = versions[rid][shards[i]]
+        for name, values, kind in (("status", statuses, pa.string()), (stamp, stamps, pa.timestamp("us", tz="UTC")),
+                                   ("model_version", version, pa.int32())):
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, kind))
         self._write(REQUESTS, table)
 
     def subjects_to_ids(self, subjects: list[str]) -> dict[str, list[int]]:

@@ -4,8 +4,9 @@ What an auditor asks after an erasure: which samples of which subject(s), which 
 from which stage, the new model versions (the first that exclude the samples), the versions that
 saw them and were retired (their checkpoint and data files are deleted by the commit), when it was
 requested and done, and — once `dpsisa verify` has run — whether retraining from scratch matched.
-Written by whoever applies the batch (the run's coordinator, or a Tune trial's driver), right
-after the ledger marks it done; `dpsisa forget` also logs its receipt to MLflow.
+Written by whoever applies the batch (the run's coordinator, or a Tune trial's driver): the
+coordinator writes it once the shards are clean and the registry is updated, just before the
+ledger marks the request done (a restarted coordinator writes any receipt a crash left missing).
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ FOLDER = "receipts"
 BACKLOG = "mlflow_backlog"  # one marker per request applied while no client waited (forget --no-wait)
 
 
-def build(ledger_rows: list[dict], shard_results: dict[int, dict], batch: list[str]) -> dict:
-    """The receipt of one request from its ledger rows (one per id, already `done`) and the
-    results of the shards that applied its batch."""
+def build(ledger_rows: list[dict], shard_results: dict[int, dict], batch: list[str], completed_at=None) -> dict:
+    """The receipt of one request from its ledger rows (one per id, `applied` or `done`) and the
+    results of the shards that applied its batch; `completed_at`: when it becomes done (default:
+    the ledger's time)."""
     first = ledger_rows[0]
     shards: dict[str, dict] = {}
     for row in sorted(ledger_rows, key=lambda r: (r["shard"], r["sample_id"])):
@@ -40,7 +42,8 @@ def build(ledger_rows: list[dict], shard_results: dict[int, dict], batch: list[s
         "shards": shards,
         "batch": list(batch),
         "requested_at": _iso(first["requested_at"]),
-        "completed_at": _iso(max(r["completed_at"] for r in ledger_rows)),
+        "applied_at": _iso(max((r["applied_at"] for r in ledger_rows if r.get("applied_at") is not None), default=None)),
+        "completed_at": _iso(completed_at if completed_at is not None else max(r["completed_at"] for r in ledger_rows)),
         "verify": None,
     }
 
@@ -51,7 +54,7 @@ def write(run: Storage, ledger, requests: list[str], shard_results: dict[int, di
 
 
 def write_each(run: Storage, ledger, applied: dict[str, tuple[dict[int, dict], list[str]]],
-               untracked: set[str] = frozenset()) -> list[dict]:
+               untracked: set[str] = frozenset(), completed_at=None) -> list[dict]:
     """Write the receipts of requests just marked done (request id → (results of the shards that
     applied it, the requests replayed with it)), reading the ledger once; returns them. Requests
     in `untracked` (no client waited for them, so none logs them to MLflow) also get a backlog
@@ -61,7 +64,7 @@ def write_each(run: Storage, ledger, applied: dict[str, tuple[dict[int, dict], l
     for request_id, (shard_results, batch) in applied.items():
         rows = [r for r in table if r["request_id"] == request_id]
         if rows:
-            receipt = build(rows, shard_results, batch)
+            receipt = build(rows, shard_results, batch, completed_at)
             run.write_json(f"{FOLDER}/{request_id}.json", receipt)
             if request_id in untracked:
                 run.write_json(f"{BACKLOG}/{request_id}", {})

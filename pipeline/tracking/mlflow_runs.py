@@ -239,8 +239,12 @@ def parent_run(client, experiment_id: str, config: Config, run_dir, new: bool = 
                 pass  # deleted from the store: start a new parent
     run_id = client.create_run(experiment_id, run_name=run.name, tags={
         "dpsisa.kind": "run", "dpsisa.run_dir": run.uri, **_group_parent(uri, experiment_id)}).info.run_id
-    client.log_batch(run_id, params=_params(config))
-    write_parent(run, run_id, experiment_id, uri)
+    try:
+        client.log_batch(run_id, params=_params(config))
+        write_parent(run, run_id, experiment_id, uri)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")  # never left RUNNING (e.g. the run's bucket does not exist)
+        raise
     return run_id
 
 
@@ -280,6 +284,9 @@ def verb_run(kind: str, config: Config, run_dir, tags: dict[str, str] | None = N
     finally:
         try:
             _log_run_files(client, run_id, run_dir)
+        except Exception as exc:  # noqa: BLE001 - never mask the verb's own outcome (e.g. storage down)
+            warnings.warn(f"MLflow: could not copy the run's files to run {run_id} ({exc.__class__.__name__}: {exc})",
+                          stacklevel=2)
         finally:
             client.set_terminated(run_id, status)
             if spans_verbs:

@@ -92,17 +92,52 @@ def register_live(config: Config, run: RunDir, run_id: str | None, ids_digest: s
         shard_versions = [m.version for m in manifests]
         if state["versions"] and state["versions"][-1]["shard_versions"] == shard_versions and state["name"] == name:
             return {"registered_model": name, "registered_version": state["versions"][-1]["version"]}
-        version, model_id = _log_model(config, run, run_id, name, uri, manifests)
-        state = {"name": name, "versions": [*(state["versions"] if state["name"] == name else []),
-                                             {"version": version, "model_id": model_id,
-                                              "shard_versions": shard_versions, "erased": False}]}
         client = MlflowClient(uri)
+        state = {"name": name, "versions": state["versions"] if state["name"] == name else [],
+                 "registering": {"run_id": run_id, "shard_versions": shard_versions}}
+        run.write_json(STATE_FILE, state)  # the intent first: a crash after registering cannot hide a version
+        version, model_id = _log_model(config, run, run_id, name, uri, manifests)
+        state = {"name": name, "versions": [*state["versions"], {"version": version, "model_id": model_id,
+                                                                 "shard_versions": shard_versions, "erased": False}]}
         client.set_registered_model_alias(name, ALIAS, str(version))
         for key, value in _version_tags(run, manifests, ids_digest, requests).items():
             client.set_model_version_tag(name, str(version), key, value)
         _erase_superseded(client, run, state)
         run.write_json(STATE_FILE, state)
     return {"registered_model": name, "registered_version": version}
+
+
+def _adopt_unlisted(client, state: dict) -> None:
+    """Registered versions the state file does not list (a crash between registering a version and
+    writing the file): adopted with the shard versions of the intent that made them, or, when
+    nothing says what they hold, with none known (so any erasure retires them)."""
+    intent = state.pop("registering", None)
+    listed = {int(e["version"]) for e in state["versions"]}
+    for found in client.search_model_versions(f"name='{state['name']}'"):
+        if int(found.version) in listed:
+            continue
+        made_here = intent is not None and found.run_id == intent["run_id"]
+        state["versions"].append({"version": int(found.version), "model_id": getattr(found, "model_id", None),
+                                  "shard_versions": intent["shard_versions"] if made_here else None,
+                                  "erased": found.tags.get("dpsisa.erased") == "true"})
+    state["versions"].sort(key=lambda e: e["version"])
+
+
+def erase_retired(config: Config, run: RunDir) -> None:
+    """Delete the weights of every registered version that holds data of an applied or done request
+    (the registry may lag a crash): what `register_live` does after registering, on its own."""
+    if not config.tracking.enabled or not run.exists(STATE_FILE):
+        return
+    from mlflow import MlflowClient
+
+    from pipeline.tracking.mlflow_runs import tracking_uri
+
+    with _LOCK, run.file_lock(".registry.lock"):
+        state = _state(run)
+        if state["name"]:
+            _erase_superseded(MlflowClient(tracking_uri(config)), run, state)
+            run.write_json(STATE_FILE, state)
+
 
 
 def _log_model(config: Config, run: RunDir, run_id: str, name: str, uri: str, manifests: list) -> tuple[int, str]:
@@ -187,17 +222,22 @@ def _erase_superseded(client, run: RunDir, state: dict) -> None:
     request retired (that version saw the erased samples); its registry entry and tags stay."""
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+    _adopt_unlisted(client, state)
     rows = run.ledger().requests().to_pandas()
-    done = rows[rows["status"] == "done"]
+    done = rows[rows["status"].isin(["applied", "done"])]  # the shards no longer hold these ids
     for entry in state["versions"]:
-        if entry["erased"]:
+        if entry["erased"] or done.empty:
             continue
-        saw = done[[int(v) < int(mv) for v, mv in zip(np.asarray(entry["shard_versions"])[done["shard"].to_numpy()],
-                                                      done["model_version"].to_numpy())]] if len(done) else done
+        if entry["shard_versions"] is None:  # what it holds is unknown: retire it with the oldest request
+            saw = done
+        else:
+            saw = done[[int(v) < int(mv) for v, mv in zip(np.asarray(entry["shard_versions"])[done["shard"].to_numpy()],
+                                                          done["model_version"].to_numpy())]]
         if saw.empty:
             continue
         erased_by = sorted(set(saw["request_id"]))
-        location = client.get_logged_model(entry["model_id"]).artifact_location
+        model_id = entry["model_id"] or client.get_model_version(state["name"], str(entry["version"])).model_id
+        location = client.get_logged_model(model_id).artifact_location
         repo = get_artifact_repository(location)
         repo.delete_artifacts("artifacts/weights")
         with tempfile.TemporaryDirectory() as tmp:

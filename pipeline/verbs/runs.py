@@ -27,10 +27,12 @@ from pipeline.sisa import cluster, coordinator
 from pipeline.sisa.driver import Ensemble
 from pipeline.sisa.results import ForgetResult, ShardStatus
 from pipeline.storage import receipts
+from pipeline.storage.ledger import STATUSES
 from pipeline.storage.paths import home, resolve_local_dir, resolve_run_dir  # noqa: F401  (runs.X kept for callers)
 from pipeline.storage.rundir import RunDir, RunError, open_run, trained_ids
 from pipeline.tracking import mlflow_runs as tracking
 from pipeline.tracking import registry
+from pipeline.tracking.release import RegistryObserver
 from pipeline.verbs import references
 
 __all__ = ["RunError", "RunDir"]
@@ -100,8 +102,8 @@ def log_backlog(config: Config, run: RunDir) -> int:
 
 
 @contextmanager
-def opened(run_dir, log: Callable = print, placement=None,
-           complete_pending: bool = True) -> Iterator[tuple[Config, RunData, Ensemble, coordinator.Session | None]]:
+def opened(run_dir, log: Callable = print, placement=None, complete_pending: bool = True,
+           timeout_s: float | None = None) -> Iterator[tuple[Config, RunData, Ensemble, coordinator.Session | None]]:
     """Config, lazily loaded data and the run's live ensemble: the coordinator's (warm when kept
     alive), or inside a Tune trial (`placement`) one driven directly. Pending requests a crash
     left are completed first (and logged to MLflow)."""
@@ -118,7 +120,7 @@ def opened(run_dir, log: Callable = print, placement=None,
         finally:
             ensemble.shutdown()
         return
-    with coordinator.Session(run, config, log) as session:
+    with coordinator.Session(run, config, log, observer=RegistryObserver(), timeout_s=timeout_s) as session:
         if complete_pending:
             _log_completed(config, run, session.complete_pending())
         log_backlog(config, run)
@@ -145,6 +147,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
     if run.is_run():
         raise RunError(f"run directory {run.uri} already holds a run; choose a new --run-dir.")
     run.ensure()
+    run.check_writable()  # a missing bucket or a read-only folder fails here, before any MLflow run exists
     with tracking.verb_run("train", config, run) as mlrun:
         started = time.perf_counter()
         local = cluster.connect(config.ray, log)
@@ -182,7 +185,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
         run.write_config(config)
         registry.write_input_example(run, data.test.x)
         warm = keep_alive and placement is None
-        session = coordinator.Session(run, config, log, keep_alive=True).__enter__() if warm else None
+        session = coordinator.Session(run, config, log, keep_alive=True, observer=RegistryObserver()).__enter__() if warm else None
         if session is not None:  # train on the actors the run's coordinator keeps: no second start for warm forgets
             ensemble = Ensemble.attached(run, config, session.actors)
             log(f"started the run's coordinator and its {len(session.actors)} shard actors (kept alive)")
@@ -216,14 +219,14 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
 
 
 def forget(run_dir, ids: list[int] | None, log: Callable = print, placement=None,
-           subjects: list[str] | None = None) -> ForgetResult:
+           subjects: list[str] | None = None, timeout_s: float | None = None) -> ForgetResult:
     """Submit a forget request to the run's coordinator and wait until it is applied. With
     `subjects`, the request is every sample those data subjects own."""
     run = resolve_run_dir(run_dir)
     config = run.config()
     ids = _ids_of(run, ids, subjects, log)
     with tracking.verb_run("forget", config, run) as mlrun:
-        with opened(run, log, placement=placement) as (config, data, ensemble, session):
+        with opened(run, log, placement=placement, timeout_s=timeout_s) as (config, data, ensemble, session):
             if session is None:
                 result = ensemble.forget(ids, log, on_stage=mlrun.log_stage)
             else:
@@ -236,8 +239,10 @@ def forget(run_dir, ids: list[int] | None, log: Callable = print, placement=None
         result.receipt = receipts.read(run, result.request_id)
         if result.receipt is not None:
             mlrun.log_json(f"{receipts.FOLDER}/{result.request_id}.json", result.receipt)
-        registered = _log_version(config, run, mlrun, [result.request_id]) or {}
-        result.registered_model, result.registered_version = registered.get("registered_model"), registered.get("registered_version")
+        if session is None:  # a Tune trial's run: registered here (a coordinator registers its own batches)
+            registered = _log_version(config, run, mlrun, [result.request_id]) or {}
+            result.registered_model = registered.get("registered_model")
+            result.registered_version = registered.get("registered_version")
         mlrun.log_summary(result.to_dict())
     return result
 
@@ -271,7 +276,7 @@ def submit(run_dir, ids: list[int] | None, log: Callable = print, subjects: list
     if cluster.connect(config.ray, log):
         log("warning: --no-wait on a Ray cluster this command started: it stops when the command exits, and the "
             "request stays pending until the run's next command (use `ray start --head` / RAY_ADDRESS=auto).")
-    with coordinator.Session(run, config, log) as session:
+    with coordinator.Session(run, config, log, observer=RegistryObserver()) as session:
         request_ids = session.submit_batch([g for _, g in groups])
     if each:
         return {"run_dir": run.uri, "status": "pending", "ids": sum(len(g) for _, g in groups),
@@ -280,7 +285,7 @@ def submit(run_dir, ids: list[int] | None, log: Callable = print, subjects: list
             "subjects": list(subjects or [])}
 
 
-def request_status(run_dir, request_id: str, wait: bool = False, log: Callable = print) -> dict:
+def request_status(run_dir, request_id: str, wait: bool = False, log: Callable = print, timeout_s: float | None = None) -> dict:
     """A request's status from the ledger and its receipt once done; with `wait`, until it is done
     (the run's coordinator is started if needed, and applies it)."""
     run = resolve_run_dir(run_dir)
@@ -288,15 +293,15 @@ def request_status(run_dir, request_id: str, wait: bool = False, log: Callable =
     rows = rows[rows["request_id"] == request_id]
     if rows.empty:
         raise RunError(f"no forget request {request_id} in {run.uri}; `dpsisa status --run-dir ... --json` lists them.")
-    if wait and (rows["status"] == "pending").any():
+    if wait and not (rows["status"] == "done").all():
         config = run.config()
         cluster.connect(config.ray, log)
-        with coordinator.Session(run, config, log) as session:
+        with coordinator.Session(run, config, log, observer=RegistryObserver(), timeout_s=timeout_s) as session:
             session.call("resume")
             session.wait(request_id, rows["sample_id"].tolist(), time.perf_counter())
         rows = run.ledger().requests().to_pandas()
         rows = rows[rows["request_id"] == request_id]
-    status = "done" if (rows["status"] == "done").all() else "pending"
+    status = next(st for st in STATUSES if (rows["status"] == st).any())  # the least advanced of its ids
     log_backlog(run.config(), run)
     return {"run_dir": run.uri, "request_id": request_id, "status": status, "ids": int(len(rows)),
             "requested_at": str(rows["requested_at"].min()), "receipt": receipts.read(run, request_id)}
@@ -327,8 +332,8 @@ def serve(run_dir, images: np.ndarray, log: Callable = print) -> dict:
     answers from its live version (a replay in progress commits first), and the answer lists the
     requests that were pending while it was made."""
     run = resolve_run_dir(run_dir)
+    x = prepare_input(run.config().data.name, images, tuple(run.model_info()["input_shape"]))  # before any actor starts
     with opened(run, log, complete_pending=False) as (config, _, ensemble, _):
-        x = prepare_input(config.data.name, images, tuple(run.model_info()["input_shape"]))
         pending = set(run.ledger().pending())
         probs, versions = ensemble.predict_live(x)
         pending |= set(run.ledger().pending())
@@ -401,7 +406,7 @@ def status(run_dir, log: Callable = print) -> dict:
     ledger = run.ledger()
     live: dict[int, dict] = {}
     cluster.connect(config.ray, log)
-    if ledger.pending() or coordinator.find(run, config) is not None:
+    if ledger.pending() or ledger.applied() or coordinator.find(run, config) is not None:
         with opened(run, log) as (_, _, ensemble, _):
             live = ensemble.status()
     requests = ledger.requests()
@@ -420,6 +425,7 @@ def status(run_dir, log: Callable = print) -> dict:
             live=s in live))
     return {"run_dir": run.uri, "shards": [s.to_dict() for s in shards],
             "pending": [r for r in by_request.values() if r["status"] == "pending"],
+            "applied": [r for r in by_request.values() if r["status"] == "applied"],
             "done": [r for r in by_request.values() if r["status"] == "done"],
             "epsilon_target": config.privacy.epsilon, "delta": config.privacy.delta,
             "coordinator": "warm" if live else "stopped"}
@@ -442,6 +448,8 @@ def subject_status(run_dir, subject: str) -> dict:
             state, request, first_without = "trained on by the live version", None, None
         elif row["status"] == "pending":
             state, request, first_without = "erasure pending", row["request_id"], None
+        elif row["status"] == "applied":
+            state, request, first_without = "erased from the shards; registry pending", row["request_id"], int(row["model_version"])
         else:
             state, request, first_without = "erased", row["request_id"], int(row["model_version"])
         saw = list(range(first_without if first_without is not None else live[shard] + 1))

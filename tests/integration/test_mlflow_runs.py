@@ -18,7 +18,9 @@ from pipeline.storage.rundir import RunDir
 from pipeline.tracking import mlflow_runs as tracking
 from pipeline.verbs import runs
 
-KINDS = ["evaluate", "forget", "forget", "train", "verify"]  # the second forget: the --no-wait backlog
+# the waited forget's own run, then one run per applied batch by the run's coordinator (it registers
+# the batch's model version): the waited forget's batch and the two --no-wait requests
+KINDS = ["evaluate", "forget", "forget", "forget", "forget", "train", "verify"]
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +41,13 @@ def session(ray_2cpu, tmp_path_factory):
     targets = [int(i) for i in table[(table["shard"] == 1) & (table["slice"] == 2)]["sample_id"].iloc[:2]]
     forgot = runs.forget(run_dir, targets, log=lambda m: None)
     later = [int(i) for i in table[(table["shard"] == 0) & (table["slice"] == 2)]["sample_id"].iloc[:2]]
-    no_wait = [runs.submit(run_dir, [i], log=lambda m: None)["request_id"] for i in later]  # forget --no-wait
-    deadline = time.monotonic() + 120
-    while Ledger(run_dir).pending() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    runs.evaluate_run(run_dir, log=lambda m: None)  # the run's next command logs them to MLflow
+    no_wait = []
+    for i in later:  # forget --no-wait, one after the other: each is done (registered) with no further command
+        no_wait.append(runs.submit(run_dir, [i], log=lambda m: None)["request_id"])
+        deadline = time.monotonic() + 120
+        while Ledger(run_dir).status_of(no_wait[-1]) != "done" and time.monotonic() < deadline:
+            time.sleep(0.1)
+    runs.evaluate_run(run_dir, log=lambda m: None)
     verified = runs.verify(run_dir, log=lambda m: None)
     runs.stop(run_dir, log=lambda m: None)
     client = MlflowClient(uri)
@@ -55,7 +59,8 @@ def session(ray_2cpu, tmp_path_factory):
 
 
 def _child(session, kind):
-    (run,) = [r for r in session["runs"] if r.data.tags["dpsisa.kind"] == kind and "dpsisa.no_wait" not in r.data.tags]
+    """The verb's own run (not the coordinator's release runs)."""
+    (run,) = [r for r in session["runs"] if r.data.tags["dpsisa.kind"] == kind and "dpsisa.writer" not in r.data.tags]
     return run
 
 
@@ -119,13 +124,15 @@ def test_verify_stays_exact_with_live_progress(session):
 
 
 @pytest.mark.slow
-def test_requests_applied_while_nobody_waited_are_logged_once_in_one_batched_forget_run(session):
-    (backlog,) = [r for r in session["runs"] if r.data.tags.get("dpsisa.no_wait") == "true"]
-    assert backlog.data.tags["dpsisa.kind"] == "forget" and backlog.data.tags["dpsisa.requests"] == "2"
-    assert backlog.data.metrics["requests"] == 2 and backlog.data.metrics["ids"] == 2
-    logged = {a.path for a in session["client"].list_artifacts(backlog.info.run_id, "receipts")}
-    assert logged == {f"receipts/{rid}.json" for rid in session["no_wait"]}
-    assert not list((session["run_dir"] / "mlflow_backlog").glob("*"))  # verify did not log them again
+def test_every_applied_batch_is_released_by_the_coordinator_in_its_own_forget_run_with_its_receipts(session):
+    released = sorted((r for r in session["runs"] if r.data.tags.get("dpsisa.writer") == "coordinator"),
+                      key=lambda r: r.info.start_time)
+    assert [r.data.tags["dpsisa.kind"] for r in released] == ["forget"] * 3
+    assert all(r.data.tags["dpsisa.requests"] == "1" for r in released)
+    logged = [{a.path for a in session["client"].list_artifacts(r.info.run_id, "receipts")} for r in released]
+    assert logged == [{f"receipts/{rid}.json"} for rid in [session["forgot"].request_id, *session["no_wait"]]]
+    assert [r.data.metrics["registered_version"] for r in released] == [2, 3, 4]
+    assert not (session["run_dir"] / "mlflow_backlog").exists()  # nothing is left for a later command to log
     waited = _child(session, "forget")
     assert {a.path for a in session["client"].list_artifacts(waited.info.run_id, "receipts")} == {
         f"receipts/{session['forgot'].request_id}.json"}
@@ -140,17 +147,18 @@ def test_every_ensemble_version_is_registered_and_versions_that_saw_erased_data_
     run = RunDir(session["run_dir"])
     client, name = session["client"], registry.model_name(run.config(), run)
     versions = {int(v.version): v for v in client.search_model_versions(f"name='{name}'")}
-    assert sorted(versions) == [1, 2, 3]  # after train, after the forget, after the --no-wait requests
+    assert sorted(versions) == [1, 2, 3, 4]  # after train, after the forget, after each --no-wait request
     assert session["trained"]["registered_model"] == name and session["trained"]["registered_version"] == 1
     assert session["forgot"].registered_model == name and session["forgot"].registered_version == 2
-    assert int(client.get_model_version_by_alias(name, "live").version) == 3
+    assert int(client.get_model_version_by_alias(name, "live").version) == 4
     tags = {k: client.get_model_version(name, str(k)).tags for k in versions}
     assert tags[1]["dpsisa.erased"] == "true" and session["forgot"].request_id in tags[1]["dpsisa.erased_by"]
-    assert tags[2]["dpsisa.erased"] == "true" and set(tags[2]["dpsisa.erased_by"].split(",")) == set(session["no_wait"])
-    assert "dpsisa.erased" not in tags[3] and tags[3]["dpsisa.verify"] == "exact"
-    assert tags[3]["dpsisa.forgotten"] == "4" and set(tags[3]["dpsisa.requests"].split(",")) == set(session["no_wait"])
-    assert json.loads(tags[3]["dpsisa.shard_versions"]) == [run.shard(s).manifest().version for s in (0, 1)]
-    assert len(json.loads(tags[3]["dpsisa.epsilon_per_shard"])) == 2 and tags[2]["dpsisa.requests"] == session["forgot"].request_id
+    for k, rid in ((2, session["no_wait"][0]), (3, session["no_wait"][1])):
+        assert tags[k]["dpsisa.erased"] == "true" and tags[k]["dpsisa.erased_by"] == rid
+    assert "dpsisa.erased" not in tags[4] and tags[4]["dpsisa.verify"] == "exact"
+    assert tags[4]["dpsisa.forgotten"] == "4" and tags[4]["dpsisa.requests"] == session["no_wait"][1]
+    assert json.loads(tags[4]["dpsisa.shard_versions"]) == [run.shard(s).manifest().version for s in (0, 1)]
+    assert len(json.loads(tags[4]["dpsisa.epsilon_per_shard"])) == 2 and tags[2]["dpsisa.requests"] == session["forgot"].request_id
     with pytest.raises(Exception, match="saw data erased later"):
         mlflow.pyfunc.load_model(f"models:/{name}/1")
     model_id = run.read_json(registry.STATE_FILE)["versions"][0]["model_id"]

@@ -4,6 +4,7 @@ crash mid-forget that leaves the old version live, and the lease that keeps othe
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 import pyarrow.fs as pafs
@@ -63,8 +64,11 @@ def test_an_s3_run_trains_forgets_verifies_evaluates_and_reports_status_through_
     forgot = _cli_json(capsys, "forget", "--run-dir", run.uri, "--ids", str(target))
     assert forgot["shards_retrained"] == [1] and forgot["from_stage"] == {"1": 2} and forgot["versions"] == {"1": 1}
     objects = _objects(run)
-    assert "shards/shard_001/stage_2.v1.pt" in objects and "shards/shard_001/stage_2.v0.pt" not in objects
-    assert "shards/shard_001/data.v1.npz" in objects and "shards/shard_001/data.v0.npz" not in objects
+    live = run.shard(1).manifest()  # version 1's files carry its replay's token: fresh names, never overwritten
+    assert re.fullmatch(r"stage_2\.v1\.[0-9a-f]{8}\.pt", live.stages[2]["file"])
+    assert re.fullmatch(r"data\.v1\.[0-9a-f]{8}\.npz", live.data["file"])
+    assert f"shards/shard_001/{live.stages[2]['file']}" in objects and "shards/shard_001/stage_2.v0.pt" not in objects
+    assert f"shards/shard_001/{live.data['file']}" in objects and "shards/shard_001/data.v0.npz" not in objects
     ids, _, _ = run.shard(1).load_data(run.shard(1).manifest().data)
     assert target not in set(ids.tolist())  # the erased sample left our copy of the data too
 

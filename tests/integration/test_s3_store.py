@@ -4,6 +4,7 @@ from __future__ import annotations
 import uuid
 
 import pyarrow.fs as pafs
+import pytest
 
 
 def test_from_uri_alone_writes_lists_overwrites_and_deletes_objects_in_fixture_bucket(s3_store):
@@ -29,3 +30,30 @@ def test_from_uri_alone_writes_lists_overwrites_and_deletes_objects_in_fixture_b
     fs.delete_file(key)
     assert fs.get_file_info(key).type == pafs.FileType.NotFound
     assert fs.get_file_info(pafs.FileSelector(prefix, allow_not_found=True)) == []
+
+
+def test_a_stale_writer_cannot_commit_a_shard_manifest_on_s3(s3_store):
+    """The fenced commit on S3: a conditional PUT (If-Match on the ETag the replay read) through boto3.
+    moto does not make check-and-write atomic across its threads, so the stale commit is ordered after
+    the winning one here."""
+    from pipeline.core.checkpoints import Manifest, ShardStore, StaleCommit
+    from pipeline.fs import PreconditionFailed, Storage
+
+    store = ShardStore(Storage(f"{s3_store.bucket_uri}/{uuid.uuid4().hex}"), 0)
+
+    def version(old, number: int, writer: str) -> Manifest:
+        entries = [store.write_stage(0, number, {"ids_digest": "d", "samples": 1, "w": number}, writer)]
+        data = store.write_data(number, [1], [[0.0]], [0], writer)
+        return Manifest(0, number, entries, [], (old.releases if old else []) + [{"version": number}], data)
+
+    store.commit(None, version(None, 0, ""))
+    (read_a, tag_a), (read_b, tag_b) = store.manifest_tagged(), store.manifest_tagged()
+    assert tag_a == tag_b and tag_a.startswith('"')  # an S3 ETag
+    a = version(read_a, 1, "aaaaaaaa")
+    store.commit(read_a, a, expected=tag_a)
+    objects = set(store.storage.list())
+    with pytest.raises(StaleCommit):
+        store.commit(read_b, version(read_b, 1, "bbbbbbbb"), expected=tag_b)
+    assert store.manifest().to_dict() == a.to_dict() and set(store.storage.list()) == objects
+    with pytest.raises(PreconditionFailed):  # create-only (If-None-Match: *) refuses an existing object
+        store.storage.write_if("manifest.json", b"{}", None)

@@ -166,7 +166,7 @@ def test_plots_and_best_strategy_from_a_summary_table(tmp_path):
 def ray_2cpu():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="dpsisa-test-sweep")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="dpsisa-test-sweep")
     yield
     ray.shutdown()
 

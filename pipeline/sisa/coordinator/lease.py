@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import time
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import ray
 
+from pipeline.fs import PreconditionFailed
 from pipeline.storage.rundir import RunDir, RunError
 
 LEASE = "coordinator.lease"
@@ -26,10 +28,10 @@ class Lease:
     """Which Ray cluster may write a run. Local disks: an exclusive `flock` held by the holder's
     process (`coordinator.lease.lock`) plus the lease object for error messages. Object storage:
     the lease object alone, {cluster, expires_at}, renewed every LEASE_RENEW_S; an expired lease
-    or one of the same cluster (a restarted coordinator) is taken over. Object stores have no
-    compare-and-swap here: two clusters starting within the same second could both write it; the
-    holder re-reads after writing and gives up if it lost, which narrows but does not close that
-    window. Bucket write access should be limited to the cluster anyway (see the README)."""
+    or one of the same cluster (a restarted coordinator) is taken over. On S3 taking or renewing
+    it is a conditional PUT on the ETag just read (If-None-Match when there is none), so of two
+    clusters racing for it one wins; on other object stores the holder re-reads after writing,
+    which narrows but does not close that window (see docs/cluster.md)."""
 
     def __init__(self, run: RunDir, cluster_id: str):
         self.run, self.cluster_id = run, cluster_id
@@ -64,17 +66,28 @@ class Lease:
                 self._handle = handle
             self._write()
             return None
-        foreign = self._foreign()
-        if foreign is not None:
-            return foreign
-        self._write()
+        try:
+            data, tag = self.run.read_tagged(LEASE)
+            held = json.loads(data)
+        except (FileNotFoundError, ValueError):
+            held, tag = None, None
+        if held is not None and held.get("cluster") != self.cluster_id and \
+                datetime.fromisoformat(held["expires_at"]) >= datetime.now(timezone.utc):
+            return held  # another cluster's, not expired
+        try:
+            self.run.write_if(LEASE, self._body(), tag)
+        except PreconditionFailed:  # someone wrote it since we read it: theirs now
+            return self.holder() or {"cluster": "another cluster"}
         held = self.holder()
         return None if held and held.get("cluster") == self.cluster_id else held
 
-    def _write(self) -> None:
+    def _body(self) -> bytes:
         now = datetime.now(timezone.utc)
-        self.run.write_json(LEASE, {"cluster": self.cluster_id, "pid": os.getpid(), "renewed_at": now.isoformat(),
-                                    "expires_at": (now + timedelta(seconds=LEASE_TTL_S)).isoformat()})
+        return json.dumps({"cluster": self.cluster_id, "pid": os.getpid(), "renewed_at": now.isoformat(),
+                           "expires_at": (now + timedelta(seconds=LEASE_TTL_S)).isoformat()}, indent=2, sort_keys=True).encode()
+
+    def _write(self) -> None:
+        self.run.write_bytes(LEASE, self._body())
 
     def acquire(self, wait_s: float, log: Callable = print) -> None:
         """Take the lease, waiting up to `wait_s` for another cluster's; then refuse (RunError)."""

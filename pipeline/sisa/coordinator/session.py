@@ -9,9 +9,11 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from pipeline.config import Config
 from pipeline.core.checkpoints import CheckpointIntegrityError
+from pipeline.errors import RecoverableError
 from pipeline.sisa import cluster
 from pipeline.sisa.coordinator.actor import WAIT_POLL_S, Coordinator, _Closing
 from pipeline.sisa.coordinator.lease import Lease, cluster_identity
+from pipeline.sisa.coordinator.release import ReleaseObserver
 from pipeline.sisa.driver import OnStage, ShardFailure, actor_name
 from pipeline.sisa.results import ForgetResult
 from pipeline.storage import receipts
@@ -28,8 +30,10 @@ def find(run: RunDir, config: Config):
     return cluster.named_actor(actor_name(run, "coordinator"), config.ray.namespace)
 
 
-def ensure(run: RunDir, config: Config, keep_alive: bool = False, log: Callable = print):
-    """The run's coordinator, started if none is alive (waiting for another cluster's lease first)."""
+def ensure(run: RunDir, config: Config, keep_alive: bool = False, log: Callable = print,
+           observer: ReleaseObserver | None = None):
+    """The run's coordinator, started if none is alive (waiting for another cluster's lease first);
+    `observer` is what the new one tells MLflow when requests are applied (see release.py)."""
     handle = find(run, config)
     if handle is not None:
         return handle
@@ -37,7 +41,7 @@ def ensure(run: RunDir, config: Config, keep_alive: bool = False, log: Callable 
     return _remote().options(
         name=actor_name(run, "coordinator"), namespace=config.ray.namespace, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_task_retries=-1, max_concurrency=64, num_cpus=0,
-    ).remote(run.uri, keep_alive)
+    ).remote(run.uri, keep_alive, observer)
 
 
 def _unwrap(exc: Exception) -> Exception:
@@ -52,16 +56,26 @@ def _unwrap(exc: Exception) -> Exception:
     return ShardFailure(f"the run's coordinator failed: {cause!r}" if cause else f"the run's coordinator died: {exc}")
 
 
+class RequestTimeout(RecoverableError, TimeoutError):
+    """A waiting client gave up; the request stays recorded and the coordinator keeps working on it."""
+
+
+CLOSING_TRIES = 10  # `_Closing` answers (0.5 s apart) before a client replaces a coordinator stuck closing
+
+
 class Session:
     """A client's use of the run's coordinator: attach → (submit, wait)* → release."""
 
-    def __init__(self, run: RunDir, config: Config, log: Callable = print, keep_alive: bool = False):
-        self.run, self.config, self.log, self.keep_alive = run, config, log, keep_alive
+    def __init__(self, run: RunDir, config: Config, log: Callable = print, keep_alive: bool = False,
+                 observer: ReleaseObserver | None = None, timeout_s: float | None = None):
+        self.run, self.config, self.log, self.keep_alive, self.observer = run, config, log, keep_alive, observer
+        self.timeout_s = timeout_s if timeout_s is not None else config.ray.wait_timeout_s
         self.handle, self.actors = None, []
 
     def __enter__(self) -> Session:
-        for _ in range(20):
-            self.handle = ensure(self.run, self.config, self.keep_alive, self.log)
+        closing = 0
+        for _ in range(20 + CLOSING_TRIES):
+            self.handle = ensure(self.run, self.config, self.keep_alive, self.log, self.observer)
             try:
                 self.actors = ray.get(self.handle.attach.remote())
                 return self
@@ -74,8 +88,13 @@ class Session:
                     ray.kill(self.handle, no_restart=True)  # it could not open the run: the next command starts afresh
                     self.handle = None
                     raise error from None
+                closing += 1
+                if closing >= CLOSING_TRIES:  # stuck closing (its closer died): replace it
+                    self.log(f"the run's coordinator has been closing for {closing * 0.5:g}s: replacing it")
+                    ray.kill(self.handle, no_restart=True)
+                    closing = 0
                 time.sleep(0.5)  # another client is closing it: wait for the name to be free
-        raise ShardFailure(f"could not attach to the coordinator of {self.run.uri}")
+        raise ShardFailure(f"could not attach to the coordinator of {self.run.uri}; check the Ray cluster (`ray status`)")
 
     def __exit__(self, *exc_info) -> None:
         if self.handle is None:
@@ -108,24 +127,48 @@ class Session:
 
     def wait(self, request_id: str, ids: list[int], start: float, on_stage: OnStage | None = None,
              logs: bool = False) -> ForgetResult:
-        """Follow a request until done (`logs`: this client logs it to MLflow)."""
-        seen = 0
+        """Follow a request until done. What the coordinator is retrying meanwhile is printed once;
+        after `timeout_s` (ray.wait_timeout_s) a RequestTimeout names the request and how to follow it."""
+        seen, shown, lost = 0, None, 0
+        deadline = time.monotonic() + self.timeout_s
         while True:
-            answer = self.call("wait", request_id, WAIT_POLL_S, seen, logs)
+            try:
+                answer = self.call("wait", request_id, WAIT_POLL_S, seen, logs)
+            except ShardFailure as exc:  # the coordinator is gone for good: start a new one, which resumes the request
+                lost += 1
+                if lost > 3 or time.monotonic() >= deadline:
+                    raise ShardFailure(f"{exc}; request {request_id} stays recorded: follow it with "
+                                       f"`dpsisa request --run-dir {self.run.uri} --id {request_id} --wait`") from None
+                self.log(f"the run's coordinator is gone ({exc}); starting a new one to finish request {request_id}")
+                self.__enter__()
+                self.call("resume")
+                continue
             seen += len(answer["records"])
-            for record in answer["records"]:
+            for record in answer["records"]:  # every waiting client sees its replays' progress, not only the first
+                loss = "" if record.get("loss") is None else f"loss {record['loss']:.4f}, "
+                self.log(f"request {request_id}: shard {record['shard']} replayed stage {record['stage']} "
+                         f"({loss}{record.get('seconds', 0.0):.1f}s)")
                 if on_stage is not None:
                     on_stage(record["shard"], {k: v for k, v in record.items() if k != "shard"})
             if answer["status"] == "failed":
                 if answer["kind"] == "integrity":
                     raise CheckpointIntegrityError(answer["error"])
-                raise ShardFailure(f"{answer['error']} (request {request_id} stays pending; the next command completes it)")
+                raise ShardFailure(f"{answer['error']} (request {request_id} stays pending; follow it with "
+                                   f"`dpsisa request --run-dir {self.run.uri} --id {request_id} --wait`)")
             if answer["status"] == "done":
                 result = ForgetResult(**answer["result"]) if answer["result"] else self._from_receipt(request_id, ids)
                 result.seconds = time.perf_counter() - start
                 return result
             if answer["status"] == "unknown":
                 raise ShardFailure(f"the coordinator does not know request {request_id}")
+            if answer.get("error") and answer["error"] != shown:
+                shown = answer["error"]
+                self.log(f"request {request_id} is {answer['status']}; the run's coordinator is retrying: {shown}")
+            if time.monotonic() >= deadline:
+                raise RequestTimeout(
+                    f"request {request_id} is not done after {self.timeout_s:g}s (it stays recorded as {answer['status']} and "
+                    f"the coordinator keeps working on it); follow it with "
+                    f"`dpsisa request --run-dir {self.run.uri} --id {request_id} --wait`")
 
     def _from_receipt(self, request_id: str, ids: list[int]) -> ForgetResult:
         """A request applied by an earlier coordinator instance (it was restarted meanwhile): its receipt says what happened."""
@@ -141,7 +184,8 @@ class Session:
 
     def complete_pending(self, on_stage: OnStage | None = None) -> dict[str, ForgetResult]:
         """Have the coordinator finish requests a crash left pending; wait for them."""
-        pending = self.run.ledger().pending()
+        ledger = self.run.ledger()
+        pending = {**ledger.pending(), **ledger.applied()}
         if not pending:
             return {}
         self.log(f"completing {len(pending)} pending forget request(s) through the run's coordinator")

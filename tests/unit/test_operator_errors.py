@@ -1,0 +1,42 @@
+"""Operator errors get one line naming the cause and the fix, and the right exit code, before any
+cluster or actor starts (issue 17). No Ray here: each is refused first."""
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from pipeline import cli
+from pipeline.config import RayConfig
+from pipeline.fs import Storage, StorageError, StorageNameError
+from pipeline.sisa import cluster
+
+
+def _exit_and_stderr(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as caught:
+        cli.main(argv)
+    return caught.value.code, capsys.readouterr().err.strip()
+
+
+def test_a_run_dir_naming_no_bucket_is_one_line_exit_3(capsys):
+    code, err = _exit_and_stderr(["status", "--run-dir", "s3://"], capsys)
+    assert code == 3 and len(err.splitlines()) == 1 and "s3://BUCKET/PREFIX" in err
+
+
+def test_an_address_with_no_ray_cluster_behind_it_fails_fast_naming_the_fix():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(cluster.ClusterError, match=r"no Ray cluster at 127\.0\.0\.1:\d+ .*ray start --head"):
+        cluster.connect(RayConfig(address=f"127.0.0.1:{port}"))
+    assert time.monotonic() - started < 10
+
+
+def test_storage_that_cannot_be_written_is_a_failure_not_bad_input(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    with pytest.raises(StorageError) as caught:
+        Storage(blocked / "run").check_writable()  # a folder under a file cannot be created
+    assert caught.value.exit_code == 4 and not isinstance(caught.value, StorageNameError)
