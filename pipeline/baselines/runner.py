@@ -20,7 +20,7 @@ from pipeline.baselines.base import BaselineError, Outcome, Problem
 from pipeline.baselines.problem import choose_forget, load_problem, train_original
 from pipeline.baselines.yardstick import Labels, Run, accuracies, compare, original_gap
 from pipeline.config import Config
-from pipeline.core.train import predict_proba
+from pipeline.core.train import predict_logits, predict_proba
 from pipeline.sisa import cluster
 from pipeline.tracking import mlflow_runs as tracking
 
@@ -66,7 +66,8 @@ def _params(models: list[torch.nn.Module]) -> list[dict[str, np.ndarray]]:
 
 
 def _pack(models: list[torch.nn.Module], seconds: float, inputs: dict[str, torch.Tensor]) -> Run:
-    return Run(_predictions(models, inputs), _params(models), seconds)
+    forget_logits = np.stack([predict_logits(m, inputs["forget"]).numpy() for m in models])  # float64: LiRA's φ
+    return Run(_predictions(models, inputs), _params(models), seconds, forget_logits)
 
 
 def run_method(problem: Problem, name: str, seed: int, record, retain_rows: np.ndarray) -> dict:

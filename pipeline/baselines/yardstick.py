@@ -14,7 +14,7 @@ import numpy as np
 from pipeline.evaluation import attacks, lira
 from pipeline.evaluation.unlearning import (
     accuracy,
-    logit_scaled_confidence,
+    logit_confidence_from_logits,
     mean_kl_divergence,
     parameter_l2_distance,
     permutation_null,
@@ -36,11 +36,17 @@ class Labels:
 
 @dataclass(frozen=True)
 class Run:
-    """One (method or oracle, seed) result: mean-softmax predictions per split and member parameters."""
+    """One (method or oracle, seed) result: mean-softmax predictions per split, member parameters, and the
+    members' forget-set logits (S, |F|, C) in float64, from which the score's φ is computed."""
 
     probs: dict[str, np.ndarray]
     params: list[dict[str, np.ndarray]]
     seconds: float
+    forget_logits: np.ndarray
+
+    def forget_phi(self, labels: np.ndarray) -> np.ndarray:
+        """φ per forget example of the (mean-softmax) ensemble, from logits: no float32 saturation."""
+        return logit_confidence_from_logits(self.forget_logits, labels)
 
 
 def mia(probs: dict[str, np.ndarray], labels: Labels) -> dict[str, float]:
@@ -81,8 +87,8 @@ def compare(runs: list[Run], oracles: list[Run], labels: Labels, seed: int, perm
 
 def score(runs: list[Run], oracles: list[Run], labels: Labels, permutations: int, seed: int) -> dict:
     """NeurIPS-2023 score of K runs vs K oracles (forget-set logit confidences), with the permutation baseline."""
-    u = np.stack([logit_scaled_confidence(r.probs["forget"], labels.forget) for r in runs])
-    o = np.stack([logit_scaled_confidence(r.probs["forget"], labels.forget) for r in oracles])
+    u = np.stack([r.forget_phi(labels.forget) for r in runs])
+    o = np.stack([r.forget_phi(labels.forget) for r in oracles])
     mean = {g: {s: float(np.mean([accuracy(r.probs[s], getattr(labels, s)) for r in group])) for s in ("retain", "test")}
             for g, group in (("u", runs), ("o", oracles))}
     result = unlearning_score(u, o, mean["u"]["retain"], mean["o"]["retain"], mean["u"]["test"], mean["o"]["test"])

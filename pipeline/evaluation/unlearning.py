@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import logsumexp
 
 from pipeline.core.checkpoints import parameter_l2_distance  # noqa: F401  (unlearning.X kept for callers)
 
@@ -37,13 +38,37 @@ def mean_kl_divergence(p_probs: np.ndarray, q_probs: np.ndarray, eps: float = 1e
 
 
 def logit_scaled_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """log(p / (1 - p)) of the true-class probability p (clipped to [1e-12, 1 - 1e-12]); the challenge's score."""
+    """log(p / (1 - p)) of the true-class probability p (clipped to [1e-12, 1 - 1e-12]); the challenge's score, for
+    callers that only have probabilities. From float32 probabilities it saturates at ≈16.6 (p rounds to 1): where
+    logits are at hand use `logit_confidence_from_logits`."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64).ravel()
     if probs.ndim != 2 or probs.shape[0] != labels.size:
         raise ValueError(f"probs must be (N, C) matching labels (N,); got {probs.shape}, {labels.shape}")
     p = np.clip(probs[np.arange(labels.size), labels], _CLIP, 1.0 - _CLIP)
     return np.log(p) - np.log1p(-p)
+
+
+def logit_confidence_from_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """φ = log(p / (1 − p)) of the true-class probability, computed from logits in float64 without
+    forming p: for one model, φ = z_y − logsumexp_{j≠y} z_j. `logits` is (N, C) for one model or
+    (S, N, C) for an ensemble of S members whose output is their mean softmax; then
+    φ = logsumexp_s(z_sy − lse_s) − logsumexp_s(lse_{s,j≠y} − lse_s), lse_s = logsumexp_j z_sj.
+    Unlike `logit_scaled_confidence` on float32 probabilities (which round to 1 and saturate φ at
+    ≈16.6), it keeps ranking memorised examples: LiRA's and U-LiRA's score."""
+    z = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    if z.ndim == 2:
+        z = z[None]
+    if z.ndim != 3 or z.shape[1] != labels.size or z.shape[2] < 2:
+        raise ValueError(f"logits must be (N, C) or (S, N, C) with C ≥ 2 matching labels (N,); got {np.shape(logits)}, {labels.shape}")
+    rows = np.arange(labels.size)
+    true = z[:, rows, labels]  # (S, N)
+    others = z.copy()
+    others[:, rows, labels] = -np.inf
+    lse_all = logsumexp(z, axis=2)
+    lse_others = logsumexp(others, axis=2)
+    return logsumexp(true - lse_all, axis=0) - logsumexp(lse_others - lse_all, axis=0)
 
 
 def _interval_rates(unlearned: np.ndarray, retrained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
