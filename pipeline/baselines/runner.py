@@ -18,7 +18,7 @@ import torch
 from pipeline.baselines import METHODS, get
 from pipeline.baselines.base import BaselineError, Outcome, Problem
 from pipeline.baselines.problem import choose_forget, load_problem, train_original
-from pipeline.baselines.yardstick import Labels, Run, accuracies, compare, original_gap
+from pipeline.baselines.yardstick import DEPRECATED_KEYS, SCORE_DEFINITION, Labels, Run, accuracies, compare, original_gap
 from pipeline.config import Config
 from pipeline.core.train import predict_logits, predict_proba
 from pipeline.sisa import cluster
@@ -185,6 +185,9 @@ def run_comparison(config: Config, out_dir: Path, methods: list[str], *, count: 
             "oracle": {"name": ORACLE, **oracle},
             "forget": {"count": int(len(problem.forget_ids)), "fraction": fraction, "class": forget_class},
             "k": k, "seeds": seeds, "methods": methods, "curve": curve, "out_dir": str(out_dir),
+            "neurips2023_score": {"definition": SCORE_DEFINITION, "delta": 1e-5, "rate_clip": f"1/(2K) = {1 / (2 * k):g}",
+                                  "permutations": permutations if k > 1 else 0},
+            "deprecated_keys": {f"rows.{old}": f"rows.{new} (kept for one release)" for old, new in DEPRECATED_KEYS.items()},
             "dataset": config.data.name, "private_samples": int(len(problem.train_order)),
             "test_samples": int(len(problem.y_test)), "retain_sample": int(len(retain_rows)),
             "total_seconds": time.perf_counter() - started}

@@ -161,6 +161,46 @@ def permutation_null(unlearned_forget_scores: np.ndarray, retrained_forget_score
             "p_value": float((1 + np.sum(null <= observed + 1e-12)) / (1 + permutations))}
 
 
+def score_permutation_null(unlearned_forget_scores: np.ndarray, retrained_forget_scores: np.ndarray,
+                           retain_acc_unlearned: np.ndarray, retain_acc_retrained: np.ndarray,
+                           test_acc_unlearned: np.ndarray, test_acc_retrained: np.ndarray, delta: float = 1e-5,
+                           permutations: int = 200, seed: int = 0) -> dict[str, float]:
+    """The permutation baseline of the whole score (F × accuracy ratios), not only of F: the 2K models are
+    relabelled at random, each keeping its forget-set scores and its own retain and test accuracies (arrays of
+    K per group), and the score is recomputed. A method that *is* retraining in distribution scores like a
+    random relabelling: its score lies in the null's central 95% (`null_p025`..`null_p975`) about 95% of the
+    time; a score above the band is too close to its oracle to be an independent retraining (e.g. a model
+    compared with itself), one below it is distinguishable. `p_value`: the share of relabellings scoring ≤ the
+    observed score (observed labelling counted). Same relabellings as `permutation_null` at the same seed, whose
+    F baseline is returned too (`forgetting_quality_null_mean`, `forgetting_quality_p_value`)."""
+    u = np.asarray(unlearned_forget_scores, dtype=np.float64)
+    r = np.asarray(retrained_forget_scores, dtype=np.float64)
+    accs = [np.asarray(a, dtype=np.float64).ravel() for a in (retain_acc_unlearned, retain_acc_retrained,
+                                                               test_acc_unlearned, test_acc_retrained)]
+    k = len(u)
+    if any(a.size != n for a, n in zip(accs, (k, len(r), k, len(r)))):
+        raise ValueError("give one retain and one test accuracy per model of each group")
+    if permutations < 1:
+        raise ValueError("need at least one permutation")
+    retain, test = np.concatenate(accs[:2]), np.concatenate(accs[2:])
+    pooled = np.concatenate([u, r])
+
+    def score_of(rows_u: np.ndarray, rows_r: np.ndarray) -> tuple[float, float]:
+        f, _ = forgetting_quality(pooled[rows_u], pooled[rows_r], delta)
+        ratio = (retain[rows_u].mean() / retain[rows_r].mean()) * (test[rows_u].mean() / test[rows_r].mean())
+        return f, f * ratio
+
+    f_observed, observed = score_of(np.arange(k), np.arange(k, len(pooled)))
+    rng = np.random.default_rng(seed)
+    null = np.array([score_of(order[:k], order[k:]) for order in (rng.permutation(len(pooled)) for _ in range(permutations))])
+    f_null, s_null = null[:, 0], null[:, 1]
+    return {"null_mean": float(s_null.mean()), "null_p025": float(np.quantile(s_null, 0.025)),
+            "null_p975": float(np.quantile(s_null, 0.975)),
+            "p_value": float((1 + np.sum(s_null <= observed + 1e-12)) / (1 + permutations)),
+            "forgetting_quality_null_mean": float(f_null.mean()),
+            "forgetting_quality_p_value": float((1 + np.sum(f_null <= f_observed + 1e-12)) / (1 + permutations))}
+
+
 def unlearning_score(
     unlearned_forget_scores: np.ndarray,
     retrained_forget_scores: np.ndarray,

@@ -124,6 +124,23 @@ def test_the_comparison_prints_the_json_table_writes_plots_and_logs_one_parent_w
 
 
 @pytest.mark.slow
+def test_exact_rows_score_inside_the_permutation_null_band_of_independently_seeded_oracles(ray_2cpu, tmp_path, capsys):
+    # K=8: with fewer models per side a group compared with itself still sits inside the band (at K ≤ 6 a
+    # quarter or more of the relabellings pair every model with its twin, scoring 1 like the self-comparison)
+    cli.main(["baselines", CONFIG, "--forget", "10", "--k", "8", "--methods", "retrain,sisa", "--out-dir", "exact",
+              "--json", "--quiet"])
+    result = json.loads(capsys.readouterr().out)
+    rows = {r["method"]: r for r in result["rows"]}
+    for name, row in rows.items():
+        band = (row["neurips2023_score_null_p025"], row["neurips2023_score_null_p975"])
+        assert band[0] <= row["neurips2023_score"] <= band[1], f"{name}: score {row['neurips2023_score']} outside {band}"
+        assert row["kl_to_oracle"] > 0 and row["l2_to_oracle"] > 0  # another seed's retraining, not the run itself
+    assert not set(result["seeds"]) & set(result["oracle_seeds"]) and len(result["oracle_seeds"]) == 8
+    assert rows["sisa"]["oracle"] == "sisa_retrain" and rows["sisa"]["details"]["replay_equals_same_seed_retrain"]
+    assert "NeurIPS-2023" in result["neurips2023_score"]["definition"] and result["deprecated_keys"]["rows.score"]
+
+
+@pytest.mark.slow
 def test_class_forgetting_oracle_is_near_zero_on_the_class_and_rows_say_how_close_methods_get(ray_2cpu, tmp_path, capsys):
     cli.main(["baselines", CONFIG, "--forget-class", "3", "--methods", "finetune,salun", "--k", "1",
               "--out-dir", "cls", "--json", "--quiet"])

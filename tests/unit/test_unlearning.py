@@ -153,3 +153,22 @@ def test_phi_from_logits_equals_the_log_odds_of_the_mean_softmax_for_an_ensemble
     assert logit_confidence_from_logits(single, labels) == pytest.approx(single[rows, labels] - logsumexp(others, axis=1))
     with pytest.raises(ValueError):
         logit_confidence_from_logits(logits[:, :, :1], labels)
+
+
+def test_score_null_band_holds_an_independent_retraining_but_not_a_model_group_compared_with_itself():
+    from pipeline.evaluation.unlearning import permutation_null, score_permutation_null
+
+    rng = np.random.default_rng(3)
+    k, n = 8, 10
+    u, r = rng.normal(size=(k, n)), rng.normal(size=(k, n))  # two independent draws of "retraining"
+    acc = lambda: rng.uniform(0.95, 0.97, k)  # noqa: E731
+    ru, rr, tu, tr = acc(), acc(), acc(), acc()
+    observed = unlearning_score(u, r, ru.mean(), rr.mean(), tu.mean(), tr.mean())["score"]
+    null = score_permutation_null(u, r, ru, rr, tu, tr, permutations=300, seed=1)
+    assert null["null_p025"] <= observed <= null["null_p975"] and null["p_value"] > 0.025
+    f_null = permutation_null(u, r, permutations=300, seed=1)  # same relabellings: F's baseline is unchanged
+    assert null["forgetting_quality_null_mean"] == f_null["null_mean"] and null["forgetting_quality_p_value"] == f_null["p_value"]
+    # the old baselines' exact rows: each run scored against itself (the same K models on both sides)
+    itself = unlearning_score(u, u, ru.mean(), ru.mean(), tu.mean(), tu.mean())["score"]
+    self_null = score_permutation_null(u, u, ru, ru, tu, tu, permutations=300, seed=1)
+    assert itself == 1.0 and itself > self_null["null_p975"]
