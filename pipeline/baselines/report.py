@@ -75,8 +75,8 @@ def format_table(result: dict) -> str:
         lines += ["notes:", *notes]
     lines.append("forget/retain/test: accuracy; MIA: loss-attack AUC forget set vs test non-members; KL/L2: to the row's "
                  "oracle (test outputs / parameters); score: the NeurIPS-2023 challenge formula (interval attacks on φ, "
-                 "rates clipped at 1/(2K), δ=1e-5), K runs vs K oracle runs, [the central 95% of its "
-                 "permutation null: a score inside it is what retraining itself scores]; "
+                 "rates clipped at 1/(2K), δ=1e-5), K runs vs K oracle runs (exact rows: their own procedure at K other "
+                 "seeds) [the central 95% of its permutation null: a score inside it is what retraining itself scores]; "
                  "U-LiRA: balanced accuracy of the per-example likelihood-ratio attack telling the K runs from the K oracles "
                  "(leave-one-out) / the same at chance (models relabelled at random); ×: speed-up vs the oracle")
     return "\n".join(lines)
