@@ -5,7 +5,9 @@ trains, e.g. amnesiac unlearning's stored updates) and an unlearning-time part (
 the original model, the forget ids and a seed, return the unlearned model). Rows whose training
 differs from the shared original (`sisa`, `dp_nothing`, `deltagrad`) train their own original
 inside `unlearn` and return their own oracle (that procedure retrained without the forget set);
-the others are compared with the shared `retrain` oracle. Everything here is plain torch: the
+the others are compared with the shared `retrain` oracle. Exact rows (`retrain`, `sisa`) define
+`oracle(problem, seed)` and are scored against it at independent seeds: compared with their own
+seeds they would equal their oracle by construction. Everything here is plain torch: the
 runner makes each (method, seed) a Ray task.
 """
 from __future__ import annotations
@@ -84,7 +86,8 @@ class Outcome:
     members (mean softmax). `seconds` is the unlearning wall time; `storage_bytes` the extra
     bytes the method keeps for unlearning (stored updates, histories, checkpoints); `details`
     method-specific facts (JSON-able). Rows with their own training also return their own
-    `oracle` (same length as `models`), its name, how long it took, and their own original."""
+    `oracle` (same length as `models`; for `sisa` the same-seed retrain with the replay's draws, an
+    exactness check, not its yardstick), its name, how long it took, and their own original."""
 
     models: list[Classifier]
     seconds: float
@@ -110,6 +113,13 @@ class Method:
 
     def unlearn(self, problem: Problem, seed: int, record: Any | None = None) -> Outcome:
         raise NotImplementedError
+
+    def oracle(self, problem: Problem, seed: int) -> Outcome | None:
+        """Exact rows: this row's procedure retrained from scratch without the forget set with `seed`. The
+        runner calls it with seeds s+K … s+2K−1, none of the row's own, so an exact row is scored against
+        independently seeded oracles (as `dpsisa score` does) rather than against itself. None (default):
+        the row is compared with the oracle its `unlearn` returns, else with the shared `retrain` runs."""
+        return None
 
 
 class Recorder(StepHook):

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 
 from pipeline.baselines import METHODS, get
-from pipeline.baselines.base import BaselineError, Outcome, Problem
+from pipeline.baselines.base import BaselineError, Method, Outcome, Problem
 from pipeline.baselines.problem import choose_forget, load_problem, train_original
-from pipeline.baselines.yardstick import Labels, Run, accuracies, compare, original_gap
+from pipeline.baselines.yardstick import DEPRECATED_KEYS, SCORE_DEFINITION, Labels, Run, accuracies, compare, original_gap
 from pipeline.config import Config
-from pipeline.core.train import predict_proba
+from pipeline.core.train import predict_logits, predict_proba
 from pipeline.sisa import cluster
 from pipeline.tracking import mlflow_runs as tracking
 
@@ -66,19 +66,27 @@ def _params(models: list[torch.nn.Module]) -> list[dict[str, np.ndarray]]:
 
 
 def _pack(models: list[torch.nn.Module], seconds: float, inputs: dict[str, torch.Tensor]) -> Run:
-    return Run(_predictions(models, inputs), _params(models), seconds)
+    forget_logits = np.stack([predict_logits(m, inputs["forget"]).numpy() for m in models])  # float64: LiRA's φ
+    return Run(_predictions(models, inputs), _params(models), seconds, forget_logits)
 
 
-def run_method(problem: Problem, name: str, seed: int, record, retain_rows: np.ndarray) -> dict:
-    """One (method, seed): unlearn, then predict on the forget set, a retain sample and the test set."""
+def independent(name: str) -> bool:
+    """Whether the method is scored against its own `oracle` at independent seeds (the exact rows)."""
+    return type(get(name)).oracle is not Method.oracle
+
+
+def run_method(problem: Problem, name: str, seed: int, record, retain_rows: np.ndarray, role: str = "method") -> dict:
+    """One (method, seed): unlearn (role "method"), or train the method's independently seeded oracle (role
+    "oracle"), then predict on the forget set, a retain sample and the test set."""
     torch.set_num_threads(1)  # bitwise reproducible, and one core per task
-    out: Outcome = get(name).unlearn(problem, seed, record)
+    method = get(name)
+    out: Outcome = method.unlearn(problem, seed, record) if role == "method" else method.oracle(problem, seed)
     inputs = {"forget": torch.from_numpy(np.array(problem.x[problem.forget_ids])),
               "retain": torch.from_numpy(np.array(problem.x[retain_rows])),
               "test": torch.from_numpy(np.array(problem.x_test))}
-    result = {"method": name, "seed": seed, "run": _pack(out.models, out.seconds, inputs),
+    result = {"method": name, "seed": seed, "role": role, "run": _pack(out.models, out.seconds, inputs),
               "storage_bytes": int(out.storage_bytes), "details": out.details, "oracle_name": out.oracle_name}
-    if out.oracle is not None:
+    if out.oracle is not None and role == "method" and not independent(name):
         result["oracle"] = _pack(out.oracle, out.oracle_seconds or 0.0, inputs)
     return result
 
@@ -106,9 +114,20 @@ class _Tasks:
         self.remote = ray.remote(num_cpus=1, max_retries=0)(run_method)
         self.pending: dict = {}
 
-    def submit(self, problem_ref, name: str, seed: int, record_ref, retain_rows: np.ndarray, tag: str = "") -> None:
-        ref = self.remote.remote(problem_ref, name, seed, record_ref, retain_rows)
+    def submit(self, problem_ref, name: str, seed: int, record_ref, retain_rows: np.ndarray, tag: str = "",
+               role: str = "method") -> None:
+        ref = self.remote.remote(problem_ref, name, seed, record_ref, retain_rows, role)
         self.pending[ref] = (name, seed, tag, time.perf_counter())
+
+    def submit_rows(self, problem_ref, names: list[str], seeds: list[int], oracle_seeds: list[int], record_refs: dict,
+                    retain_rows: np.ndarray, tag: str = "") -> None:
+        """Every (method, seed), the shared `retrain` oracle's seeds, and the exact rows' oracles at `oracle_seeds`."""
+        for name in dict.fromkeys([ORACLE, *names]):
+            for s in seeds:
+                self.submit(problem_ref, name, s, record_refs[name], retain_rows, tag)
+        for name in (n for n in names if independent(n)):
+            for s in oracle_seeds:
+                self.submit(problem_ref, name, s, None, retain_rows, tag, role="oracle")
 
     def gather(self) -> list[dict]:
         results, total = [], len(self.pending)
@@ -118,18 +137,27 @@ class _Tasks:
             result = self.ray.get(done[0])
             result["tag"] = tag
             results.append(result)
-            self.log(f"  [{len(results)}/{total}] {name}{tag} seed {seed}: unlearned in {result['run'].seconds:.1f}s")
+            what = "unlearned" if result["role"] == "method" else "oracle trained"
+            self.log(f"  [{len(results)}/{total}] {name}{tag} seed {seed}: {what} in {result['run'].seconds:.1f}s")
         return results
+
+
+def oracle_seeds_for(seeds: list[int]) -> list[int]:
+    """The exact rows' oracle seeds: the next K after the runs' seeds s … s+K−1 (as `dpsisa score`)."""
+    return [max(seeds) + 1 + i for i in range(len(seeds))]
 
 
 def _rows(results: list[dict], methods: list[str], seeds: list[int], labels: Labels, seed: int,
           permutations: int) -> list[dict]:
-    by = {(r["method"], r["seed"]): r for r in results}
-    shared = [by[(ORACLE, s)]["run"] for s in seeds]
+    by = {(r["role"], r["method"], r["seed"]): r for r in results}
+    shared = [by[("method", ORACLE, s)]["run"] for s in seeds]
     rows = []
     for name in methods:
-        mine = [by[(name, s)] for s in seeds]
-        oracles = [m["oracle"] for m in mine] if "oracle" in mine[0] else shared
+        mine = [by[("method", name, s)] for s in seeds]
+        if independent(name):  # exact rows: their procedure retrained at other seeds, never the runs themselves
+            oracles = [by[("oracle", name, s)]["run"] for s in oracle_seeds_for(seeds)]
+        else:
+            oracles = [m["oracle"] for m in mine] if "oracle" in mine[0] else shared
         row = compare([m["run"] for m in mine], oracles, labels, seed, permutations)
         method = METHODS[name]
         rows.append({"method": name, "family": method.family, "oracle": mine[0]["oracle_name"],
@@ -170,20 +198,25 @@ def run_comparison(config: Config, out_dir: Path, methods: list[str], *, count: 
     problem_ref = ray.put(problem)
     record_refs = {n: ray.put(records.get(n)) for n in set(methods) | {ORACLE}}
     seeds = [config.seed + i for i in range(k)]
+    oracle_seeds = oracle_seeds_for(seeds)
+    exact = [n for n in methods if independent(n)]
     tasks = _Tasks(log)
-    log(f"running {len(methods)} method(s) × {k} seed(s) + {k} oracle retrain(s) as Ray tasks ...")
-    for name in dict.fromkeys([ORACLE, *methods]):
-        for s in seeds:
-            tasks.submit(problem_ref, name, s, record_refs[name], retain_rows)
+    log(f"running {len(methods)} method(s) × {k} seed(s) + {k} oracle retrain(s) + {len(exact)} exact row oracle(s) "
+        f"× {k} independent seed(s) as Ray tasks ...")
+    tasks.submit_rows(problem_ref, methods, seeds, oracle_seeds, record_refs, retain_rows)
     results = tasks.gather()
     rows = _rows(results, methods, seeds, labels, config.seed, permutations)
-    oracle = {key: float(np.mean([accuracies(r["run"].probs, labels)[key] for r in results if r["method"] == ORACLE]))
+    shared = [r for r in results if r["method"] == ORACLE and r["role"] == "method"]
+    oracle = {key: float(np.mean([accuracies(r["run"].probs, labels)[key] for r in shared]))
               for key in ("forget_accuracy", "retain_accuracy", "test_accuracy")}
     curve = _curve(problem, methods, fractions, record_refs, log) if fractions else []
     return {"rows": rows, "original": {**original, **original_info, "samples": int(len(problem.train_order))},
             "oracle": {"name": ORACLE, **oracle},
             "forget": {"count": int(len(problem.forget_ids)), "fraction": fraction, "class": forget_class},
-            "k": k, "seeds": seeds, "methods": methods, "curve": curve, "out_dir": str(out_dir),
+            "k": k, "seeds": seeds, "oracle_seeds": oracle_seeds, "methods": methods, "curve": curve, "out_dir": str(out_dir),
+            "neurips2023_score": {"definition": SCORE_DEFINITION, "delta": 1e-5, "rate_clip": f"1/(2K) = {1 / (2 * k):g}",
+                                  "permutations": permutations if k > 1 else 0},
+            "deprecated_keys": {f"rows.{old}": f"rows.{new} (kept for one release)" for old, new in DEPRECATED_KEYS.items()},
             "dataset": config.data.name, "private_samples": int(len(problem.train_order)),
             "test_samples": int(len(problem.y_test)), "retain_sample": int(len(retain_rows)),
             "total_seconds": time.perf_counter() - started}
@@ -203,9 +236,8 @@ def _curve(problem: Problem, methods: list[str], fractions: list[float], record_
         variant = dataclasses.replace(problem, forget_ids=forget)
         rows = _retain_rows(variant)
         labels[f] = _labels(variant, rows)
-        ref = ray.put(variant)
-        for name in dict.fromkeys([ORACLE, *curve_methods]):
-            tasks.submit(ref, name, seed, record_refs[name], rows, tag=f" @{f:g}")  # records put once, reused
+        ref = ray.put(variant)  # records put once, reused
+        tasks.submit_rows(ref, curve_methods, [seed], oracle_seeds_for([seed]), record_refs, rows, tag=f" @{f:g}")
     results = tasks.gather()
     points = []
     for f in fractions:

@@ -3,7 +3,8 @@
 Pure numpy over predictions made in the method tasks: forget / retain / test accuracy, MIA on the
 forget set vs test non-members (same class for class forgetting), KL to the oracle's outputs on
 the test and forget sets, parameter L2 to the oracle (per ensemble member), and the NeurIPS-2023
-score of K method runs against K oracle runs (`unlearning.unlearning_score`).
+score of K method runs against K oracle runs (`unlearning.unlearning_score`, `SCORE_DEFINITION`) next to
+its permutation baseline (`unlearning.score_permutation_null`).
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import numpy as np
 from pipeline.evaluation import attacks, lira
 from pipeline.evaluation.unlearning import (
     accuracy,
-    logit_scaled_confidence,
+    logit_confidence_from_logits,
     mean_kl_divergence,
     parameter_l2_distance,
-    permutation_null,
+    score_permutation_null,
     unlearning_score,
 )
 
@@ -36,11 +37,17 @@ class Labels:
 
 @dataclass(frozen=True)
 class Run:
-    """One (method or oracle, seed) result: mean-softmax predictions per split and member parameters."""
+    """One (method or oracle, seed) result: mean-softmax predictions per split, member parameters, and the
+    members' forget-set logits (S, |F|, C) in float64, from which the score's φ is computed."""
 
     probs: dict[str, np.ndarray]
     params: list[dict[str, np.ndarray]]
     seconds: float
+    forget_logits: np.ndarray
+
+    def forget_phi(self, labels: np.ndarray) -> np.ndarray:
+        """φ per forget example of the (mean-softmax) ensemble, from logits: no float32 saturation."""
+        return logit_confidence_from_logits(self.forget_logits, labels)
 
 
 def mia(probs: dict[str, np.ndarray], labels: Labels) -> dict[str, float]:
@@ -79,17 +86,37 @@ def compare(runs: list[Run], oracles: list[Run], labels: Labels, seed: int, perm
     return row
 
 
+SCORE_DEFINITION = (
+    "NeurIPS-2023 machine-unlearning challenge score: per forget example, every interval attack (\"unlearned iff "
+    "a <= φ <= b\", and its complement; single thresholds included) on φ, the logit-scaled true-class confidence of "
+    "K method runs vs K oracle runs, gives FPR and FNR, each clipped to at least 1/(2K); ε = max log((1 − δ − FPR) / "
+    "FNR), log((1 − δ − FNR) / FPR) (δ = 1e-5); bucket credit 2^−⌊ε/0.5⌋; F = mean credit over the forget set; "
+    "score = F × (retain accuracy ratio) × (test accuracy ratio), runs over oracles. Permutation baseline: the "
+    "score of random relabellings of the 2K models (mean, 2.5% and 97.5% quantiles, p = share ≤ observed)")
+# Old row keys → their new names, kept in every row for one release, then removed (same numbers; `score_at_chance`
+# and `score_p_value` were F's permutation baseline, not the score's).
+DEPRECATED_KEYS = {"score": "neurips2023_score", "forgetting_quality": "neurips2023_forgetting_quality",
+                   "score_at_chance": "neurips2023_forgetting_quality_null_mean",
+                   "score_p_value": "neurips2023_forgetting_quality_p_value"}
+
+
 def score(runs: list[Run], oracles: list[Run], labels: Labels, permutations: int, seed: int) -> dict:
-    """NeurIPS-2023 score of K runs vs K oracles (forget-set logit confidences), with the permutation baseline."""
-    u = np.stack([logit_scaled_confidence(r.probs["forget"], labels.forget) for r in runs])
-    o = np.stack([logit_scaled_confidence(r.probs["forget"], labels.forget) for r in oracles])
-    mean = {g: {s: float(np.mean([accuracy(r.probs[s], getattr(labels, s)) for r in group])) for s in ("retain", "test")}
-            for g, group in (("u", runs), ("o", oracles))}
-    result = unlearning_score(u, o, mean["u"]["retain"], mean["o"]["retain"], mean["u"]["test"], mean["o"]["test"])
-    out = {"score": result["score"], "forgetting_quality": result["forgetting_quality"]}
+    """NeurIPS-2023 score of K runs vs K oracles (forget-set φ from logits), with its permutation baseline
+    (`SCORE_DEFINITION`), and U-LiRA on the same φ."""
+    u = np.stack([r.forget_phi(labels.forget) for r in runs])
+    o = np.stack([r.forget_phi(labels.forget) for r in oracles])
+    acc = {g: {s: np.array([accuracy(r.probs[s], getattr(labels, s)) for r in group]) for s in ("retain", "test")}
+           for g, group in (("u", runs), ("o", oracles))}
+    result = unlearning_score(u, o, acc["u"]["retain"].mean(), acc["o"]["retain"].mean(), acc["u"]["test"].mean(),
+                              acc["o"]["test"].mean())
+    out = {"neurips2023_score": result["score"], "neurips2023_forgetting_quality": result["forgetting_quality"]}
     if permutations and len(runs) > 1:
-        null = permutation_null(u, o, permutations=permutations, seed=seed)
-        out.update(score_at_chance=null["null_mean"], score_p_value=null["p_value"])
+        null = score_permutation_null(u, o, acc["u"]["retain"], acc["o"]["retain"], acc["u"]["test"], acc["o"]["test"],
+                                      permutations=permutations, seed=seed)
+        out.update({f"neurips2023_score_{k}": null[k] for k in ("null_mean", "null_p025", "null_p975", "p_value")},
+                   neurips2023_forgetting_quality_null_mean=null["forgetting_quality_null_mean"],
+                   neurips2023_forgetting_quality_p_value=null["forgetting_quality_p_value"])
+    out.update({old: out[new] for old, new in DEPRECATED_KEYS.items() if new in out})
     if len(runs) > 1:  # U-LiRA (leave-one-out) needs two models per group
         found = lira.ulira(u, o, permutations=permutations, seed=seed)
         out.update(ulira_tpr_at_1pct_fpr=found["tpr_at_1pct_fpr"], ulira_tpr_at_0_1pct_fpr=found["tpr_at_0_1pct_fpr"],

@@ -97,6 +97,15 @@ def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> t
     return torch.cat([F.softmax(model(x[i: i + batch_size]), dim=1) for i in range(0, len(x), batch_size)])
 
 
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """Raw class scores (pre-softmax logits), batched like `predict_proba`, returned as float64: what
+    LiRA's φ is computed from (`unlearning.logit_confidence_from_logits`), since float32 softmax
+    outputs round to 1 and saturate φ at ≈16.6 for memorised examples."""
+    model.eval()
+    return torch.cat([model(x[i: i + batch_size]) for i in range(0, len(x), batch_size)]).double()
+
+
 class ShardTrainer:
     """Trains one shard's constituent model stage by stage from a pretrained model."""
 

@@ -56,10 +56,13 @@ def membership_inference(ensemble: Ensemble, data: Data, forgotten: set[int], se
                          samples: int = MIA_SAMPLES, probe_ids: list[int] | None = None) -> dict:
     """Posterior, loss and logistic attacks on the mean-softmax ensemble: live training members
     vs test non-members (balanced), and forgotten ids vs non-members (should be at chance).
-    `probe_ids` replaces the forgotten ids in that last attack — ids about to be forgotten give
-    the "before" measurement. The posterior attack's Clopper–Pearson ε lower bound audits ε."""
+    Members are the ids the live version trained on: the ledger's assignments less the forgotten
+    ids (a `data.keep_half` run never trained on the other half of the pool, a run trained with
+    `exclude_ids` never on those). `probe_ids` replaces the forgotten ids in the last attack —
+    ids about to be forgotten give the "before" measurement. The posterior attack's
+    Clopper–Pearson ε lower bound audits ε."""
     forgotten_arr = np.fromiter(sorted(forgotten), np.int64, len(forgotten))
-    live = np.setdiff1d(data.private.ids, forgotten_arr)
+    live = np.setdiff1d(ensemble.ledger.assignments()["sample_id"].to_numpy(), forgotten_arr)
     members, nonmembers = attacks.balanced_sample(live, data.test.ids, min(samples, len(live), len(data.test.ids)), seed)
     member_probs, nonmember_probs = ensemble.predict_mean(data.private.x[members]), ensemble.predict_mean(data.test.x[nonmembers])
     member_y, nonmember_y = data.private.y[members], data.test.y[nonmembers]

@@ -1,7 +1,9 @@
 """Per-example likelihood-ratio attacks: LiRA (Carlini et al. 2022) and U-LiRA (Hayes et al. 2024).
 
 Pure numpy/scipy. Every model is summarised per example by φ = log(p / (1 − p)) of the probability
-p its (mean-softmax ensemble) output gives the example's label (`unlearning.logit_scaled_confidence`).
+p its (mean-softmax ensemble) output gives the example's label, computed from the members' logits in
+float64 (`unlearning.logit_confidence_from_logits`): from float32 probabilities φ saturates at ≈16.6
+and memorised examples all tie.
 
 LiRA: K reference models, each trained on a known random half of a common pool, give per example
 the distribution of φ when it was in training ("in") and when it was not ("out"). The target's φ is

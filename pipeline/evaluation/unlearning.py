@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.special import logsumexp
 
 from pipeline.core.checkpoints import parameter_l2_distance  # noqa: F401  (unlearning.X kept for callers)
 
@@ -37,13 +38,37 @@ def mean_kl_divergence(p_probs: np.ndarray, q_probs: np.ndarray, eps: float = 1e
 
 
 def logit_scaled_confidence(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """log(p / (1 - p)) of the true-class probability p (clipped to [1e-12, 1 - 1e-12]); the challenge's score."""
+    """log(p / (1 - p)) of the true-class probability p (clipped to [1e-12, 1 - 1e-12]); the challenge's score, for
+    callers that only have probabilities. From float32 probabilities it saturates at ≈16.6 (p rounds to 1): where
+    logits are at hand use `logit_confidence_from_logits`."""
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels).astype(np.int64).ravel()
     if probs.ndim != 2 or probs.shape[0] != labels.size:
         raise ValueError(f"probs must be (N, C) matching labels (N,); got {probs.shape}, {labels.shape}")
     p = np.clip(probs[np.arange(labels.size), labels], _CLIP, 1.0 - _CLIP)
     return np.log(p) - np.log1p(-p)
+
+
+def logit_confidence_from_logits(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """φ = log(p / (1 − p)) of the true-class probability, computed from logits in float64 without
+    forming p: for one model, φ = z_y − logsumexp_{j≠y} z_j. `logits` is (N, C) for one model or
+    (S, N, C) for an ensemble of S members whose output is their mean softmax; then
+    φ = logsumexp_s(z_sy − lse_s) − logsumexp_s(lse_{s,j≠y} − lse_s), lse_s = logsumexp_j z_sj.
+    Unlike `logit_scaled_confidence` on float32 probabilities (which round to 1 and saturate φ at
+    ≈16.6), it keeps ranking memorised examples: LiRA's and U-LiRA's score."""
+    z = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels).astype(np.int64).ravel()
+    if z.ndim == 2:
+        z = z[None]
+    if z.ndim != 3 or z.shape[1] != labels.size or z.shape[2] < 2:
+        raise ValueError(f"logits must be (N, C) or (S, N, C) with C ≥ 2 matching labels (N,); got {np.shape(logits)}, {labels.shape}")
+    rows = np.arange(labels.size)
+    true = z[:, rows, labels]  # (S, N)
+    others = z.copy()
+    others[:, rows, labels] = -np.inf
+    lse_all = logsumexp(z, axis=2)
+    lse_others = logsumexp(others, axis=2)
+    return logsumexp(true - lse_all, axis=0) - logsumexp(lse_others - lse_all, axis=0)
 
 
 def _interval_rates(unlearned: np.ndarray, retrained: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,6 +159,46 @@ def permutation_null(unlearned_forget_scores: np.ndarray, retrained_forget_score
                      for order in (rng.permutation(len(pooled)) for _ in range(permutations))])
     return {"null_mean": float(null.mean()), "null_p05": float(np.quantile(null, 0.05)),
             "p_value": float((1 + np.sum(null <= observed + 1e-12)) / (1 + permutations))}
+
+
+def score_permutation_null(unlearned_forget_scores: np.ndarray, retrained_forget_scores: np.ndarray,
+                           retain_acc_unlearned: np.ndarray, retain_acc_retrained: np.ndarray,
+                           test_acc_unlearned: np.ndarray, test_acc_retrained: np.ndarray, delta: float = 1e-5,
+                           permutations: int = 200, seed: int = 0) -> dict[str, float]:
+    """The permutation baseline of the whole score (F × accuracy ratios), not only of F: the 2K models are
+    relabelled at random, each keeping its forget-set scores and its own retain and test accuracies (arrays of
+    K per group), and the score is recomputed. A method that *is* retraining in distribution scores like a
+    random relabelling: its score lies in the null's central 95% (`null_p025`..`null_p975`) about 95% of the
+    time; a score above the band is too close to its oracle to be an independent retraining (e.g. a model
+    compared with itself), one below it is distinguishable. `p_value`: the share of relabellings scoring ≤ the
+    observed score (observed labelling counted). Same relabellings as `permutation_null` at the same seed, whose
+    F baseline is returned too (`forgetting_quality_null_mean`, `forgetting_quality_p_value`)."""
+    u = np.asarray(unlearned_forget_scores, dtype=np.float64)
+    r = np.asarray(retrained_forget_scores, dtype=np.float64)
+    accs = [np.asarray(a, dtype=np.float64).ravel() for a in (retain_acc_unlearned, retain_acc_retrained,
+                                                               test_acc_unlearned, test_acc_retrained)]
+    k = len(u)
+    if any(a.size != n for a, n in zip(accs, (k, len(r), k, len(r)))):
+        raise ValueError("give one retain and one test accuracy per model of each group")
+    if permutations < 1:
+        raise ValueError("need at least one permutation")
+    retain, test = np.concatenate(accs[:2]), np.concatenate(accs[2:])
+    pooled = np.concatenate([u, r])
+
+    def score_of(rows_u: np.ndarray, rows_r: np.ndarray) -> tuple[float, float]:
+        f, _ = forgetting_quality(pooled[rows_u], pooled[rows_r], delta)
+        ratio = (retain[rows_u].mean() / retain[rows_r].mean()) * (test[rows_u].mean() / test[rows_r].mean())
+        return f, f * ratio
+
+    f_observed, observed = score_of(np.arange(k), np.arange(k, len(pooled)))
+    rng = np.random.default_rng(seed)
+    null = np.array([score_of(order[:k], order[k:]) for order in (rng.permutation(len(pooled)) for _ in range(permutations))])
+    f_null, s_null = null[:, 0], null[:, 1]
+    return {"null_mean": float(s_null.mean()), "null_p025": float(np.quantile(s_null, 0.025)),
+            "null_p975": float(np.quantile(s_null, 0.975)),
+            "p_value": float((1 + np.sum(s_null <= observed + 1e-12)) / (1 + permutations)),
+            "forgetting_quality_null_mean": float(f_null.mean()),
+            "forgetting_quality_p_value": float((1 + np.sum(f_null <= f_observed + 1e-12)) / (1 + permutations))}
 
 
 def unlearning_score(

@@ -26,12 +26,12 @@ import torch
 
 from pipeline.config import Config
 from pipeline.core import pretrain
-from pipeline.core.train import predict_proba
+from pipeline.core.train import predict_logits
 from pipeline.data import datasets
 from pipeline.data.datasets import Data
 from pipeline.errors import UserError
 from pipeline.evaluation import attacks, lira
-from pipeline.evaluation.unlearning import logit_scaled_confidence
+from pipeline.evaluation.unlearning import logit_confidence_from_logits
 from pipeline.storage.rundir import RunDir, trained_ids
 from pipeline.tracking import registry
 
@@ -116,23 +116,23 @@ def probe(run: RunDir, data: Data, seed: int, samples: int = SAMPLES) -> Probe:
                  is_member=np.r_[np.ones(len(members), bool), np.zeros(len(nonmembers), bool)], private=private)
 
 
-def reference_probs(ref: RunDir, x: np.ndarray) -> np.ndarray:
-    """Mean-softmax output of a reference run's committed models, computed in this process (pure torch):
-    a reference is never served or forgotten from, so its actors need not start and the cluster's CPUs stay free."""
-    members = registry.live_members(ref.config(), ref)
+def live_logits(run: RunDir, x: np.ndarray) -> np.ndarray:
+    """(S, N, C) float64 logits of a run's committed (live) shard models, computed in this process (pure torch):
+    no actor needs to start, and φ comes from logits, not from float32 probabilities that saturate."""
+    members = registry.live_members(run.config(), run)
     inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    with torch.no_grad():
-        return np.mean([predict_proba(m, inputs).double().numpy() for m in members], axis=0)
+    return np.stack([predict_logits(m, inputs).numpy() for m in members])
 
 
-def attack(target: Probe, target_probs: np.ndarray, references: list[RunDir], log: Callable[[str], None]) -> dict:
-    """Offline (and, for a `data.keep_half` target with K ≥ 4, online) LiRA on the target's outputs
-    `target_probs` for `target`'s examples."""
-    phi = logit_scaled_confidence(target_probs, target.y)
+def attack(target: Probe, target_run: RunDir, references: list[RunDir], log: Callable[[str], None]) -> dict:
+    """Offline (and, for a `data.keep_half` target with K ≥ 4, online) LiRA on the live ensemble of `target_run`
+    for `target`'s examples. Every model's φ (target and references) is the mean-softmax ensemble's log-odds of
+    the label, computed from logits in float64 (`unlearning.logit_confidence_from_logits`)."""
+    phi = logit_confidence_from_logits(live_logits(target_run, target.x), target.y)
     ref_phi, ref_in = [], []
     for j, ref in enumerate(references):
         log(f"LiRA: scoring {len(target.ids)} examples with reference model {j + 1}/{len(references)}")
-        ref_phi.append(logit_scaled_confidence(reference_probs(ref, target.x), target.y))
+        ref_phi.append(logit_confidence_from_logits(live_logits(ref, target.x), target.y))
         trained = ref.ledger().assignments()["sample_id"].to_numpy()
         ref_in.append((target.is_member | target.private) & np.isin(target.ids, trained))  # test ids: never trained on
     ref_phi, ref_in = np.stack(ref_phi), np.stack(ref_in)

@@ -369,9 +369,8 @@ def evaluate_run(run_dir, log: Callable = print, placement=None, probe_ids: list
                                                          probe_ids=probe_ids))
             if refs:
                 probe = references.probe(run, data.get(), config.seed)
-                probe_probs = ensemble.predict_mean(probe.x)
-        if refs:  # the target's actors are released first; the references predict in this process
-            metrics["lira"] = references.attack(probe, probe_probs, refs, log)
+        if refs:  # the target's actors are released first; target and references predict logits in this process
+            metrics["lira"] = references.attack(probe, run, refs, log)
         mlrun.log_summary(metrics)
     return metrics
 

@@ -3,7 +3,7 @@
 K "unlearned" ensembles (seeds s..s+K-1) are trained on all private data and then forget a random
 forget set F through the product's forget path; K "retrained" ensembles (seeds s+K..s+2K-1) are
 trained from scratch without F (`runs.train(exclude_ids=F)`). Per forget example, threshold
-attacks on the logit-scaled true-class confidence separate the two groups; their ε are bucketed
+attacks on the logit-scaled true-class confidence φ (from logits, in float64) separate the two groups; their ε are bucketed
 and averaged (`unlearning.unlearning_score`). The unlearned ensembles *before* forgetting give the
 control: the score of doing nothing, which a method must beat for the score to mean anything.
 
@@ -21,15 +21,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 from pipeline.config import Config
 from pipeline.core.checkpoints import atomic_write_json
 from pipeline.data import datasets
 from pipeline.errors import UserError
 from pipeline.evaluation import lira
-from pipeline.evaluation.unlearning import accuracy, logit_scaled_confidence, permutation_null, unlearning_score
+from pipeline.evaluation.unlearning import accuracy, logit_confidence_from_logits, permutation_null, unlearning_score
+from pipeline.storage.paths import resolve_run_dir
 from pipeline.tracking import mlflow_runs as tracking
-from pipeline.verbs import runs
+from pipeline.verbs import references, runs
 
 RETAIN_SAMPLE = 2000  # retain-set accuracy on at most this many random retained ids
 
@@ -49,10 +51,12 @@ def choose_ids(n_private: int, forget_count: int, seed: int) -> tuple[list[int],
     return forget, retain
 
 
-def _group_summary(probs: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray]) -> dict:
-    """Mean accuracies over the K models of a group, and the (K, |F|) forget-set confidence scores."""
-    return {"forget_scores": np.stack([logit_scaled_confidence(p, labels["forget"]) for p in probs["forget"]]),
-            **{f"{split}_accuracy": float(np.mean([accuracy(p, labels[split]) for p in probs[split]]))
+def _group_summary(logits: dict[str, list[np.ndarray]], labels: dict[str, np.ndarray]) -> dict:
+    """Mean accuracies (of each ensemble's mean softmax) over the K models of a group, and the (K, |F|)
+    forget-set confidence scores φ, computed from the members' logits in float64 (no saturation)."""
+    return {"forget_scores": np.stack([logit_confidence_from_logits(z, labels["forget"]) for z in logits["forget"]]),
+            **{f"{split}_accuracy": float(np.mean([accuracy(softmax(z, axis=2).mean(axis=0), labels[split])
+                                                   for z in logits[split]]))
                for split in ("forget", "retain", "test")}}
 
 
@@ -88,9 +92,9 @@ def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20,
     labels = {"forget": data.private.y[forget], "retain": data.private.y[retain], "test": data.test.y}
     groups: dict[str, dict[str, list[np.ndarray]]] = {g: {s: [] for s in inputs} for g in ("original", "unlearned", "retrained")}
 
-    def predict_into(group: str, run_dir: Path) -> None:
-        for split, probs in runs.predict(run_dir, inputs, log=lambda _: None).items():
-            groups[group][split].append(probs)
+    def predict_into(group: str, run_dir: Path) -> None:  # the live ensemble's (S, N, C) logits, in this process
+        for split, x in inputs.items():
+            groups[group][split].append(references.live_logits(resolve_run_dir(run_dir), x))
 
     forget_seconds = []
     for i in range(k):

@@ -8,13 +8,14 @@ from pipeline.verbs import scoring
 
 
 def group(forget_conf: list[list[float]], retain_acc_ok: bool = True) -> dict:
-    """K models' probabilities on 3 forget, 2 retain and 2 test examples (2 classes, label 0)."""
-    def probs(p0: float) -> np.ndarray:
-        return np.array([p0, 1.0 - p0])
+    """K one-member ensembles' logits (1, N, 2) on 3 forget, 2 retain and 2 test examples (label 0), given as the
+    probabilities they put on class 0 (logits log p: their softmax is p)."""
+    def logits(*p0: float) -> np.ndarray:
+        return np.log(np.array([[p, 1.0 - p] for p in p0]))[None]
 
-    return {"forget": [np.stack([probs(c) for c in row]) for row in forget_conf],
-            "retain": [np.stack([probs(0.9), probs(0.9 if retain_acc_ok else 0.1)]) for _ in forget_conf],
-            "test": [np.stack([probs(0.8), probs(0.3)]) for _ in forget_conf]}
+    return {"forget": [logits(*row) for row in forget_conf],
+            "retain": [logits(0.9, 0.9 if retain_acc_ok else 0.1) for _ in forget_conf],
+            "test": [logits(0.8, 0.3) for _ in forget_conf]}
 
 
 LABELS = {"forget": np.zeros(3, int), "retain": np.zeros(2, int), "test": np.zeros(2, int)}

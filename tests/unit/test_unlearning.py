@@ -5,10 +5,14 @@ import math
 
 import numpy as np
 import pytest
+import torch
+from scipy.special import logsumexp
 
+from pipeline.core.train import predict_logits, predict_proba
 from pipeline.evaluation.unlearning import (
     accuracy,
     bucket_score,
+    logit_confidence_from_logits,
     logit_scaled_confidence,
     mean_kl_divergence,
     parameter_l2_distance,
@@ -113,3 +117,58 @@ def test_permutation_null_calls_exchangeable_groups_chance_and_separated_groups_
     far = permutation_null(same_u + 5.0, same_r, permutations=300, seed=1)  # remembered: every example separated
     assert far["p_value"] == pytest.approx(1 / 301) and far["null_p05"] > forgetting_quality(same_u + 5.0, same_r)[0]
     assert permutation_null(same_u, same_r, permutations=300, seed=1) == null  # seeded
+
+
+def _linear_with_logits(rows: list[list[float]]) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A real torch model whose logits on inputs e_0..e_{N-1} are the given rows (bias 0)."""
+    logits = torch.tensor(rows, dtype=torch.float32)
+    model = torch.nn.Linear(len(rows), logits.shape[1], bias=False)
+    with torch.no_grad():
+        model.weight.copy_(logits.T)
+    return model, torch.eye(len(rows))
+
+
+def test_phi_from_float32_probabilities_saturates_on_confident_examples_but_phi_from_logits_does_not():
+    # margins 20 and 40 between the true class and the others: both memorised, one far more than the other
+    model, x = _linear_with_logits([[20.0, 0.0, 0.0], [40.0, 0.0, 0.0]])
+    labels = np.array([0, 0])
+    old = logit_scaled_confidence(predict_proba(model, x).numpy(), labels)
+    new = logit_confidence_from_logits(predict_logits(model, x).numpy(), labels)
+    assert predict_logits(model, x).dtype == torch.float64
+    # p rounds to 1 in float32 (φ ≈ 16.6 at the last float below 1, the 1e-12 clip beyond): a ceiling, not the model
+    assert old[0] == old[1] and old[1] < 28
+    expected = np.array([20.0, 40.0]) - np.log(2.0)  # z_y − logsumexp(0, 0)
+    assert new == pytest.approx(expected, rel=1e-12)
+
+
+def test_phi_from_logits_equals_the_log_odds_of_the_mean_softmax_for_an_ensemble():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(3, 50, 10))  # 3 members, moderate logits: the float64 probability path is exact
+    labels = rng.integers(0, 10, 50)
+    mean = np.mean(np.exp(logits - logsumexp(logits, axis=2, keepdims=True)), axis=0)
+    assert logit_confidence_from_logits(logits, labels) == pytest.approx(logit_scaled_confidence(mean, labels), rel=1e-9)
+    single = logits[0]
+    rows = np.arange(50)
+    others = np.where(np.eye(10, dtype=bool)[labels], -np.inf, single)
+    assert logit_confidence_from_logits(single, labels) == pytest.approx(single[rows, labels] - logsumexp(others, axis=1))
+    with pytest.raises(ValueError):
+        logit_confidence_from_logits(logits[:, :, :1], labels)
+
+
+def test_score_null_band_holds_an_independent_retraining_but_not_a_model_group_compared_with_itself():
+    from pipeline.evaluation.unlearning import permutation_null, score_permutation_null
+
+    rng = np.random.default_rng(3)
+    k, n = 8, 10
+    u, r = rng.normal(size=(k, n)), rng.normal(size=(k, n))  # two independent draws of "retraining"
+    acc = lambda: rng.uniform(0.95, 0.97, k)  # noqa: E731
+    ru, rr, tu, tr = acc(), acc(), acc(), acc()
+    observed = unlearning_score(u, r, ru.mean(), rr.mean(), tu.mean(), tr.mean())["score"]
+    null = score_permutation_null(u, r, ru, rr, tu, tr, permutations=300, seed=1)
+    assert null["null_p025"] <= observed <= null["null_p975"] and null["p_value"] > 0.025
+    f_null = permutation_null(u, r, permutations=300, seed=1)  # same relabellings: F's baseline is unchanged
+    assert null["forgetting_quality_null_mean"] == f_null["null_mean"] and null["forgetting_quality_p_value"] == f_null["p_value"]
+    # the old baselines' exact rows: each run scored against itself (the same K models on both sides)
+    itself = unlearning_score(u, u, ru.mean(), ru.mean(), tu.mean(), tu.mean())["score"]
+    self_null = score_permutation_null(u, u, ru, ru, tu, tu, permutations=300, seed=1)
+    assert itself == 1.0 and itself > self_null["null_p975"]
