@@ -59,7 +59,7 @@ class SwitchableProxy:
         self._server.listen(64)
         self.port = self._server.getsockname()[1]
         self._up, self._open, self._lock, self._stop = True, set(), threading.Lock(), False
-        self.refused = 0
+        self.refused, self._fail, self._rng = 0, 0.0, None
         threading.Thread(target=self._accept, daemon=True, name="switchable-proxy").start()
 
     @property
@@ -74,7 +74,15 @@ class SwitchableProxy:
 
     def on(self) -> None:
         with self._lock:
-            self._up = True
+            self._up, self._fail = True, 0.0
+
+    def flaky(self, fraction: float, rng) -> None:
+        """Refuse each new connection with probability `fraction` (seeded by `rng`) until `on()`;
+        open connections are dropped so that clients reconnect through the lottery."""
+        with self._lock:
+            self._fail, self._rng = fraction, rng
+            for sock in list(self._open):
+                self._close(sock)
 
     def close(self) -> None:
         self._stop = True
@@ -100,7 +108,7 @@ class SwitchableProxy:
             except OSError:
                 return
             with self._lock:
-                if not self._up:
+                if not self._up or (self._fail and self._rng.random() < self._fail):
                     self.refused += 1
                     client.close()
                     continue

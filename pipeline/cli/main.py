@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pipeline.cli.formatters as formatters  # (not `from pipeline.cli import`: that is the package, which imports this module)
 from pipeline import config as config_mod
 
 EXIT_USAGE, EXIT_INPUT, EXIT_FAILURE = 2, 3, 4
@@ -49,87 +50,6 @@ def _print(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
     print(json.dumps(result, default=str) if as_json else human(result))
 
 
-def _fmt_eps(values: list) -> str:
-    return "no DP" if not values or values[0] is None else f"{min(values):.3f}..{max(values):.3f}"
-
-
-def _human_eval(m: dict) -> str:
-    text = (f"accuracy {m['accuracy']:.4f} (vote {m['vote_accuracy']:.4f}); shards "
-            f"{', '.join(f'{a:.3f}' for a in m['shard_accuracy'])}; ε spent {_fmt_eps(m['epsilon_spent'])} "
-            f"(target {m['epsilon_target']}, δ={m['delta']})")
-    if "mia" in m:
-        post = m["mia"]["posterior"]
-        text += (f"\nMIA (posterior) members vs non-members: AUC {post['auc']:.3f}, advantage {post['advantage']:.3f}; "
-                 f"empirical ε lower bound {m['epsilon_lower_bound']:.3f}")
-    if m.get("lira"):
-        lr = m["lira"]
-        for variant in ("offline", "online"):
-            if lr.get(variant):
-                v = lr[variant]
-                text += (f"\nLiRA {variant} (K={lr['reference_models']}, non-members from {lr['nonmembers_from']}): "
-                         f"AUC {v['auc']:.3f} ({v['auc_ci'][0]:.3f}..{v['auc_ci'][1]:.3f}), TPR {v['tpr_at_1pct_fpr']:.3f} "
-                         f"at 1% FPR, {v['tpr_at_0_1pct_fpr']:.4f} at 0.1% FPR")
-        if lr.get("online_skipped"):
-            text += f"\n  ({lr['online_skipped']})"
-    if "mia_forgotten" in m:
-        gone = m["mia_forgotten"]["posterior"]
-        text += (f"\nMIA (posterior) forgotten vs non-members: accuracy {gone['accuracy']:.3f} "
-                 f"(95% CI {gone['accuracy_ci'][0]:.3f}..{gone['accuracy_ci'][1]:.3f}), AUC {gone['auc']:.3f}")
-    return text
-
-
-def _human_forget(r: dict) -> str:
-    return (f"request {r['request_id']}: forgot {r['ids']} id(s); retrained shard(s) {r['shards_retrained']} "
-            f"(stages replayed {r['slices_retrained']}) in {r['seconds']:.1f}s vs full training "
-            f"{r['full_train_seconds']:.1f}s (speed-up ×{r['speedup']:.1f}; {r['work_fraction']:.0%} of the training work replayed)")
-
-
-def _human_submitted(r: dict) -> str:
-    def follow(request_id: str) -> str:
-        return f"`dpsisa request --run-dir {r['run_dir']} --id {request_id} --wait`"
-
-    if "requests" in r:
-        return "\n".join([f"{len(r['requests'])} requests recorded as pending ({r['ids']} id(s)); follow one with {follow('ID')}",
-                          *(f"  request {x['request_id']}: subject {x['subject']}, {x['ids']} id(s)" for x in r["requests"])])
-    return f"request {r['request_id']}: {r['ids']} id(s) recorded as pending; follow it with {follow(r['request_id'])}"
-
-
-def _human_subject(r: dict) -> str:
-    lines = [f"subject {r['subject']}: {len(r['samples'])} sample(s), {'all erased' if r['erased'] else 'not (all) erased'}"]
-    for x in r["samples"]:
-        saw = x["versions_that_saw_it"]
-        lines.append(f"  id {x['sample_id']}: shard {x['shard']} slice {x['slice']}, {x['status']}"
-                     + (f" (request {x['request_id']})" if x["request_id"] else "")
-                     + f"; versions that saw it: {saw[0]}..{saw[-1]}; live version {x['live_version']}")
-    return "\n".join(lines)
-
-
-def _human_verify(v: dict) -> str:
-    lines = [f"{'EXACT' if v['exact'] else 'NOT EXACT'}: shard(s) {v['shards_checked']} equal a from-scratch "
-             "retraining without the forgotten ids" + ("" if v["exact"] else " — MISMATCH")]
-    lines += [f"  shard {s['shard']} v{s['version']}: exact={s['exact']} ({s['forgotten']} forgotten)"
-              + (f" mismatches {s['mismatches'][:3]}" if s["mismatches"] else "") for s in v["shards"]]
-    u = v.get("unlearning")
-    if u:
-        forget = "n/a" if u["forget_accuracy"] is None else f"{u['forget_accuracy']:.3f}"
-        lines.append(f"  yardstick: forget-set accuracy {forget}, retain {u['retain_accuracy']:.3f}, test {u['test_accuracy']:.4f} "
-                     f"(oracle {u['oracle_test_accuracy']:.4f}), KL(live ‖ oracle) {u['kl_to_oracle']:.3g}")
-    return "\n".join(lines)
-
-
-def _human_status(s: dict) -> str:
-    applied = f", {len(s['applied'])} applied (registry pending)" if s.get("applied") else ""
-    lines = [f"run {s['run_dir']}: {len(s['done'])} done{applied}, {len(s['pending'])} pending forget request(s)"]
-    for sh in s["shards"]:
-        eps = "no DP" if sh["epsilon"] is None else (
-            f"ε {sh['epsilon']:.3f} per release (cumulative over its {sh['releases']} releases {sh['epsilon_cumulative']:.3f}"
-            + (": above the per-release target because each release is a new mechanism)"
-               if s["epsilon_target"] is not None and sh["epsilon_cumulative"] > s["epsilon_target"] else ")"))
-        lines.append(f"  shard {sh['shard']}: v{sh['version']}, {sh['samples']} samples, "
-                     f"{sh['forgotten']} forgotten, {eps}")
-    return "\n".join(lines)
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     from pipeline.verbs import runs
 
@@ -138,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     log = _log(args.quiet)
     log(f"run directory: {run_dir}")
     summary = runs.train(config, run_dir, keep_alive=args.keep_alive, log=log)
-    _print(summary, args.json, lambda m: f"trained {run_dir} in {m['full_train_seconds']:.1f}s: " + _human_eval(m))
+    _print(summary, args.json, lambda m: f"trained {run_dir} in {m['full_train_seconds']:.1f}s: " + formatters.human_eval(m))
 
 
 def cmd_forget(args: argparse.Namespace) -> None:
@@ -151,10 +71,10 @@ def cmd_forget(args: argparse.Namespace) -> None:
                        "request with `dpsisa request --id ID --wait`.")
     if args.no_wait:
         submitted = runs.submit(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects, each=args.each)
-        _print(submitted, args.json, _human_submitted)
+        _print(submitted, args.json, formatters.human_submitted)
         return
     result = runs.forget(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects, timeout_s=args.timeout)
-    _print(result.to_dict(), args.json, _human_forget)
+    _print(result.to_dict(), args.json, formatters.human_forget)
 
 
 def cmd_request(args: argparse.Namespace) -> None:
@@ -175,14 +95,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.attack != "lira" and (args.reference_models is not None or args.reference_dir is not None):
         raise UserError("--reference-models and --reference-dir go with --attack lira.")
     _print(runs.evaluate_run(runs.resolve_run_dir(args.run_dir), _log(args.quiet), reference_models=args.reference_models,
-                             reference_dir=args.reference_dir), args.json, _human_eval)
+                             reference_dir=args.reference_dir), args.json, formatters.human_eval)
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
     from pipeline.verbs import runs
 
     result = runs.verify(runs.resolve_run_dir(args.run_dir), args.all, _log(args.quiet))
-    _print(result, args.json, _human_verify)
+    _print(result, args.json, formatters.human_verify)
     if not result["exact"]:
         sys.exit(EXIT_FAILURE)
 
@@ -194,9 +114,9 @@ def cmd_status(args: argparse.Namespace) -> None:
         from pipeline.data.subjects import parse_subjects
 
         (subject,) = parse_subjects(args.subject, source="--subject")[:1]
-        _print(runs.subject_status(runs.resolve_run_dir(args.run_dir), subject), args.json, _human_subject)
+        _print(runs.subject_status(runs.resolve_run_dir(args.run_dir), subject), args.json, formatters.human_subject)
         return
-    _print(runs.status(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json, _human_status)
+    _print(runs.status(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json, formatters.human_status)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -231,33 +151,6 @@ def cmd_stop(args: argparse.Namespace) -> None:
            lambda r: f"stopped {r['actors_stopped']} actor(s) (coordinator and shards) of {r['run_dir']}")
 
 
-def _human_score(r: dict) -> str:
-    retrained = r["retrained"]
-
-    def line(name: str, part: dict) -> str:
-        null = (f"; at chance {part['forgetting_quality_null_mean']:.3f}, p={part['forgetting_quality_p_value']:.3f}"
-                if "forgetting_quality_p_value" in part else "")
-        return (f"  {name:<24}score {part['score']:.3f} (forgetting quality {part['forgetting_quality']:.3f}{null}; "
-                f"mean per-example ε {part['epsilon_mean']:.2f}); forget/retain/test accuracy "
-                f"{part['forget_accuracy']:.3f}/{part['retain_accuracy']:.3f}/{part['test_accuracy']:.3f}" + ulira(part))
-
-    def ulira(part: dict) -> str:
-        u = part.get("ulira")
-        if not u:
-            return ""
-        chance = (f" (at chance {u['balanced_accuracy_null_mean']:.3f}, p={u['p_value']:.3f})"
-                  if "p_value" in u else "")
-        return (f"\n  {'':<24}U-LiRA: balanced accuracy {u['balanced_accuracy']:.3f}{chance}, "
-                f"TPR {u['tpr_at_1pct_fpr']:.3f} at 1% FPR, {u['tpr_at_0_1pct_fpr']:.3f} at 0.1% FPR")
-
-    return "\n".join([
-        f"NeurIPS-2023 unlearning score, K={r['k']} models per group, {r['forget_count']} forgotten ids (δ={r['delta']}):",
-        line("SISA forget", r["sisa"]), line("control: no unlearning", r["control_no_unlearning"]),
-        f"  retrained oracle        forget/retain/test accuracy {retrained['forget_accuracy']:.3f}/"
-        f"{retrained['retain_accuracy']:.3f}/{retrained['test_accuracy']:.3f}",
-        f"  {r['out_dir']} ({r['total_seconds']:.0f}s)"])
-
-
 def cmd_score(args: argparse.Namespace) -> None:
     from pipeline.verbs import runs, scoring
 
@@ -266,7 +159,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     log = _log(args.quiet)
     log(f"scoring SISA unlearning in {out_dir}")
     _print(scoring.run_score(config, out_dir, args.k, args.forget_count, permutations=args.permutations, log=log),
-           args.json, _human_score)
+           args.json, formatters.human_score)
 
 
 def cmd_baselines(args: argparse.Namespace) -> None:
