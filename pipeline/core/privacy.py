@@ -20,6 +20,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from pipeline.config import Config, privacy_unit
@@ -102,7 +103,8 @@ def spent_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, a
         steps[(sigma, rate)] = steps.get((sigma, rate), 0) + int(count)
     acc = ACCOUNTANTS[accountant]()
     acc.history = [(sigma, rate, count) for (sigma, rate), count in steps.items()]
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q): -inf at q = 1 (no subsampling), which it handles
+        return float(acc.get_epsilon(delta=delta))
 
 
 def _history(stages: tuple[Stage, ...], sigma: float, first: int = 0) -> tuple[tuple[float, float, int], ...]:
