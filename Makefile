@@ -36,10 +36,11 @@ run: install data
 	$(BIN)/dpsisa demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
+# Unit tests only: pure, no Ray cluster, no training runs.
 test-fast: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check pipeline tests bench jobs

@@ -65,7 +65,7 @@ class ShardsConfig:
 
 @dataclass(frozen=True)
 class PartitionConfig:
-    strategy: str = "uniform"  # uniform | class_balanced | kmeans
+    strategy: str = "uniform"  # uniform | by_subject (keyed hashes) | class_balanced | kmeans (data-dependent: not with DP)
 
 
 @dataclass(frozen=True)
@@ -222,6 +222,10 @@ def privacy_unit(config: Config) -> str:
     return "subject" if config.partition.strategy == "by_subject" else "sample"
 
 
+# read the private labels/features to place samples: refused under DP (keep in step with pipeline/data/partition.py)
+DATA_DEPENDENT_PARTITIONS = ("class_balanced", "kmeans")
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -315,6 +319,12 @@ def validate(config: Config) -> None:
     _check(config.shards.slices >= 1, "shards.slices", f"must be ≥ 1; got {config.shards.slices}.")
     eps = config.privacy.epsilon
     _check(eps is None or eps > 0, "privacy.epsilon", f"must be > 0 (or null for no DP); got {eps}.")
+    if eps is not None and config.partition.strategy in DATA_DEPENDENT_PARTITIONS:
+        raise ConfigError(
+            f"config key 'partition.strategy' is {config.partition.strategy}, which places samples by the private data and so "
+            f"breaks the DP guarantee (privacy.epsilon={eps}); use partition.strategy=uniform (or by_subject), "
+            "or set privacy.epsilon=null for no DP."
+        )
     _check(0 < config.privacy.delta < 1, "privacy.delta", f"must be in (0, 1); got {config.privacy.delta}.")
     _check(config.privacy.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0.")
     _check(config.privacy.unit in (None, *UNITS), "privacy.unit", f"must be one of {', '.join(UNITS)} or null; "

@@ -2,10 +2,12 @@
 
 A subject table maps sample_id → subject_id. A run reads it from a Parquet or CSV file
 (`load_subjects`, config key `data.subjects`); the bundled data sets have no people in them, so
-`synthetic_subjects` makes a seeded stand-in table (each subject owns 1–8 samples, mean ≈ 3).
-`partition_by_subject` is the `by_subject` partition: every subject's samples land in one shard
-and, within it, one slice, so erasing a person retrains one shard from one slice on. Its output
-has the columns of `partition.partition`. `parse_subjects` and `resolve_subjects` turn a
+`synthetic_subjects` makes a seeded stand-in table (each subject owns 1–8 samples, mean ≈ 3) in
+which a sample's subject depends only on (seed, id), not on the rest of the data.
+`partition_by_subject` is the `by_subject` partition: a keyed hash of each subject id puts every
+subject's samples in one shard and, within it, one slice, so erasing a person retrains one shard
+from one slice on, and adding or removing a person moves nobody else. Its output has the columns
+of `partition.partition`. `parse_subjects` and `resolve_subjects` turn a
 `--subject` list into the sample ids to forget.
 
 Pure numpy/pandas/pyarrow: no Ray, no torch.
@@ -26,8 +28,9 @@ class SubjectError(UserError, ValueError):
 
 MAX_SUBJECT_SIZE = 8  # synthetic subjects own 1 + Poisson(2) samples, clipped to this
 SYNTHETIC_POISSON_MEAN = 2.0
-_SYNTHETIC_SALT = 3571  # separates the synthetic table's random stream from other users of the same seed
-_PARTITION_SALT = 104729
+SYNTHETIC_BLOCK = 256  # the synthetic table deals each block of 256 consecutive ids to its own people
+_ORDER_DOMAIN = b"dpsisa:subj-deal"  # BLAKE2b personalisations of the synthetic table's two hashes
+_SIZE_DOMAIN = b"dpsisa:subj-size"
 
 
 def _shown(values, limit: int) -> str:
@@ -54,38 +57,59 @@ def _unique_ids(ids: np.ndarray, what: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def _poisson_sizes(uniforms: np.ndarray) -> np.ndarray:
+    """1 + Poisson(2) clipped to 8, by inverting the CDF at each uniform in [0, 1)."""
+    k = np.arange(MAX_SUBJECT_SIZE - 1)
+    pmf = np.exp(-SYNTHETIC_POISSON_MEAN) * SYNTHETIC_POISSON_MEAN ** k / np.cumprod(np.maximum(k, 1))
+    return 1 + np.searchsorted(np.cumsum(pmf), uniforms, side="right")  # 1..MAX_SUBJECT_SIZE
+
+
+def _subject_numbers(block: int, key: bytes) -> np.ndarray:
+    """Subject number of each of the ids block·B … block·B + B − 1 (B = SYNTHETIC_BLOCK), in id order."""
+    from pipeline.data.partition import id_items, keyed_words
+
+    members = block * SYNTHETIC_BLOCK + np.arange(SYNTHETIC_BLOCK, dtype=np.int64)
+    deal = keyed_words(key, id_items(members), _ORDER_DOMAIN, words=1)[:, 0]
+    order = np.lexsort((members, deal))  # the block's ids in a keyed order (ties, never seen, by id)
+    draws = keyed_words(key, id_items(members), _SIZE_DOMAIN, words=1)[:, 0]  # one size per subject slot of the block
+    sizes = _poisson_sizes((draws >> np.uint64(11)).astype(np.float64) * 2.0**-53)
+    slot = np.searchsorted(np.cumsum(sizes), np.arange(SYNTHETIC_BLOCK), side="right")  # B sizes ≥ 1 always cover B ids
+    numbers = np.empty(SYNTHETIC_BLOCK, np.int64)
+    numbers[order] = block * SYNTHETIC_BLOCK + slot
+    return numbers
+
+
 def synthetic_subjects(ids: np.ndarray, seed: int) -> np.ndarray:
     """A stand-in subject table for data without people: subject id ("subj-000123") per id, aligned with `ids`.
 
-    Distribution: subject sizes are i.i.d. 1 + Poisson(2) clipped to 8, so every subject owns
-    between 1 and 8 samples — P(1) ≈ 0.135, P(2) ≈ 0.271, P(3) ≈ 0.271, P(4) ≈ 0.180, P(5) ≈ 0.090,
-    P(6) ≈ 0.036, P(7) ≈ 0.012, P(8) ≈ 0.005 — with mean ≈ 3.0 (so about n/3 subjects for n ids).
-    Sizes are drawn until they cover all ids; the last subject takes what is left (1..its drawn
-    size). The ids are sorted, then shuffled with a generator seeded by `seed`, and the shuffled
-    ids are dealt out in consecutive blocks of those sizes: subject k (numbered from 0) owns the
-    k-th block. So a subject's samples are not adjacent ids, and the table depends only on the
-    set of ids and the seed (not on their order in `ids`). Subject ids are zero-padded to 6
-    digits (wider only past a million subjects).
+    A sample's subject depends only on (seed, its id), never on which other ids are present: the id
+    space is cut into blocks of SYNTHETIC_BLOCK = 256 consecutive ids (block b: ids 256b … 256b+255,
+    whether present or not). Within a block, the ids are put in a keyed order (BLAKE2b of the id,
+    keyed by `partition.derive_key(seed, "subjects")`) and dealt out in consecutive runs of sizes
+    drawn from the same key: subject slot k of block b has size 1 + Poisson(2) clipped to 8 and is
+    named subj-(256b + k), zero-padded to 6 digits. So adding or removing a sample changes no other
+    sample's subject, and a subject's samples are not adjacent ids (they lie within one block).
+
+    Sizes: every subject owns between 1 and 8 ids — P(1) ≈ 0.135, P(2) ≈ 0.271, P(3) ≈ 0.271,
+    P(4) ≈ 0.180, P(5) ≈ 0.090, P(6) ≈ 0.036, P(7) ≈ 0.012, P(8) ≈ 0.005 — mean ≈ 3.0, except the
+    block's last subject, cut to what the block has left; a data set holding only part of a block
+    (its last ids, or a subset) gives its people only the samples it holds. Subject numbers have gaps
+    (a block has fewer than 256 people). The table does not depend on the order of `ids`.
 
     Returns an object array of str, same length and order as `ids`.
     """
+    from pipeline.data.partition import derive_key
+
     ids = _unique_ids(ids, "the sample ids")
-    n = len(ids)
-    if n == 0:
+    if len(ids) == 0:
         return np.empty(0, dtype=object)
-    rng = np.random.default_rng([int(seed), _SYNTHETIC_SALT])
-    order = rng.permutation(np.sort(ids))  # sorted first: the table must not depend on the order of `ids`
-    sizes = np.minimum(1 + rng.poisson(SYNTHETIC_POISSON_MEAN, size=n), MAX_SUBJECT_SIZE)  # n draws always suffice
-    ends = np.cumsum(sizes)
-    count = int(np.searchsorted(ends, n)) + 1  # the first subject whose block reaches the last id
-    owner = np.repeat(np.arange(count), sizes[:count])[:n]  # trims the last subject to what is left
-    width = max(6, len(str(count - 1)))
-    names = np.array([f"subj-{k:0{width}d}" for k in range(count)], dtype=object)
-    result = np.empty(n, dtype=object)
-    position = np.argsort(ids, kind="stable")  # ids are unique: position[j] is where the j-th smallest id sits in `ids`
-    rank = np.searchsorted(ids[position], order)  # rank of each shuffled id among the sorted ids
-    result[position[rank]] = names[owner]
-    return result
+    key = derive_key(seed, "subjects")
+    blocks = ids // SYNTHETIC_BLOCK
+    numbers = np.empty(len(ids), np.int64)
+    for block in np.unique(blocks).tolist():
+        mine = blocks == block
+        numbers[mine] = _subject_numbers(block, key)[ids[mine] - block * SYNTHETIC_BLOCK]
+    return np.array([f"subj-{n:06d}" for n in numbers.tolist()], dtype=object)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,47 +241,23 @@ def load_subjects(path: str, ids: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _greedy(sizes: np.ndarray, bins: int, need: int) -> np.ndarray:
-    """Bin of each item, taken in the given order: onto the least-loaded bin (lowest index on ties).
-
-    With items in non-increasing size order, bin loads differ by at most the largest item. Every bin
-    also gets at least `need` items: once the items left only just cover the bins still short of
-    `need`, an item goes to the least-loaded of those bins (this can exceed the bound, and only
-    happens when there are few items per bin). Needs len(sizes) >= bins * need.
-    """
-    loads = np.zeros(bins, np.int64)
-    counts = np.zeros(bins, np.int64)
-    short = bins * need  # items still owed to bins below `need`
-    result = np.empty(len(sizes), np.int64)
-    for i, size in enumerate(sizes):
-        left = len(sizes) - i
-        if left <= short:
-            candidates = np.flatnonzero(counts < need)
-            target = int(candidates[np.argmin(loads[candidates])])
-        else:
-            target = int(np.argmin(loads))
-        if counts[target] < need:
-            short -= 1
-        loads[target] += size
-        counts[target] += 1
-        result[i] = target
-    return result
-
-
-def partition_by_subject(ids: np.ndarray, subjects: np.ndarray, shards: int, slices: int, seed: int) -> dict[str, np.ndarray]:
+def partition_by_subject(ids: np.ndarray, subjects: np.ndarray, shards: int, slices: int, seed: int,
+                         key: str | None = None) -> dict[str, np.ndarray]:
     """`partition.strategy=by_subject`: every subject's samples in exactly one shard and one slice.
 
     Same output as `partition.partition`: columns `sample_id` (int64), `shard` (int32), `slice`
-    (int32), one row per id, sorted by shard then slice; within a slice the ids are in a seeded
-    order. `subjects[i]` is the subject of `ids[i]`.
+    (int32), one row per id, sorted by shard then slice; within a slice the ids are in the order of
+    their own keyed hash. `subjects[i]` is the subject of `ids[i]`.
 
-    Balance: subjects are shuffled (seeded), ordered largest first (ties keep the shuffled order)
-    and each goes to the least-loaded shard, so shard sizes differ by at most the largest subject's
-    size; each shard's subjects are dealt to its slices the same way. Every shard gets at least
-    `slices` subjects so that no slice is empty; when subjects are that scarce, this can cost
-    balance beyond the bound. Raises `SubjectError` if there are fewer subjects than
-    shards × slices.
+    A subject's cell is a keyed hash of its subject id (its text): shard = h₀ mod S, slice = h₁ mod
+    R, with the key `partition.partition_key(seed, key)`. So it depends only on (key, subject id):
+    adding or removing a sample or a person moves nobody else. Shard and slice sizes vary by chance
+    (by the number of subjects and their sizes) and are treated as public. Raises `SubjectError` if
+    there are fewer subjects than shards × slices, and `PartitionError` if the hash leaves a slice
+    empty by chance.
     """
+    from pipeline.data.partition import check_cells, columns, partition_key, sample_words, subject_words
+
     ids = _unique_ids(ids, "the sample ids")
     subjects = np.asarray(subjects, dtype=object)
     if subjects.shape != ids.shape:
@@ -267,7 +267,7 @@ def partition_by_subject(ids: np.ndarray, subjects: np.ndarray, shards: int, sli
     names = np.array([str(s).strip() if s is not None else "" for s in subjects], dtype=object)
     if (names == "").any():
         raise SubjectError(f"sample id {_shown(ids[names == ''], 5)} has an empty subject id; give every sample a subject id.")
-    unique, owner, sizes = np.unique(names.astype(str), return_inverse=True, return_counts=True)
+    unique, owner = np.unique(names.astype(str), return_inverse=True)
     owner = owner.reshape(-1)
     cells = shards * slices
     if len(unique) < cells:
@@ -276,29 +276,13 @@ def partition_by_subject(ids: np.ndarray, subjects: np.ndarray, shards: int, sli
             f"for shards.count={shards} × shards.slices={slices} = {cells} slices; lower shards.count or shards.slices, "
             "or use more data."
         )
-    rng = np.random.default_rng([int(seed), _PARTITION_SALT])
-    order = rng.permutation(len(unique))
-    order = order[np.argsort(-sizes[order], kind="stable")]  # largest first, ties in the shuffled order
-    subject_shard = np.empty(len(unique), np.int64)
-    subject_shard[order] = _greedy(sizes[order], shards, slices)
-    subject_slice = np.empty(len(unique), np.int64)
-    for shard in range(shards):
-        mine = order[subject_shard[order] == shard]  # still largest first
-        subject_slice[mine] = _greedy(sizes[mine], slices, 1)
-
+    hash_key = partition_key(seed, key)
+    person = subject_words(unique, hash_key)
+    subject_shard = (person[:, 0] % np.uint64(shards)).astype(np.int64)
+    subject_slice = (person[:, 1] % np.uint64(slices)).astype(np.int64)
     sample_shard, sample_slice = subject_shard[owner], subject_slice[owner]
-    sample_id, shard_col, slice_col = [], [], []
-    for shard in range(shards):
-        for slice_index in range(slices):
-            part = rng.permutation(np.sort(ids[(sample_shard == shard) & (sample_slice == slice_index)]))
-            sample_id.append(part)
-            shard_col.append(np.full(len(part), shard, np.int32))
-            slice_col.append(np.full(len(part), slice_index, np.int32))
-    return {
-        "sample_id": np.concatenate(sample_id).astype(np.int64),
-        "shard": np.concatenate(shard_col),
-        "slice": np.concatenate(slice_col),
-    }
+    check_cells(sample_shard, sample_slice, shards, slices, f"{len(unique)} subjects", "by_subject")
+    return columns(ids, sample_shard, sample_slice, sample_words(ids, hash_key)[:, 2])
 
 
 # ---------------------------------------------------------------------------------------------

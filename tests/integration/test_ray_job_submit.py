@@ -24,23 +24,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _session_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def stop_session(session: int, grace_s: float = 10.0) -> None:
+    """Stop every process of one session (the Ray head this module started: `ray start` ran in a new
+    session, and its services and workers inherit it), never another Ray cluster on the host."""
+    import signal
+
+    def members() -> list[int]:
+        return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()
+                and _session_of(int(p.name)) == session]
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in members():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace_s
+        while members() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """`ray start --head` in a subprocess (token auth stays on); stopped after the module."""
+    """`ray start --head` in a subprocess of its own session (token auth stays on); after the module,
+    that session's processes are stopped (`ray stop` would stop every Ray cluster on the host)."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
     port, dashboard = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-                    f"--dashboard-port={dashboard}", "--disable-usage-stats"], check=True, env=env,
-                   capture_output=True, timeout=180)
-    token = subprocess.run([RAY, "get-auth-token"], check=True, env=env, capture_output=True, text=True).stdout.strip()
+    head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+                             f"--dashboard-port={dashboard}", "--disable-usage-stats"], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        output, _ = head.communicate(timeout=180)
+        assert head.returncode == 0, output
+        token = subprocess.run([RAY, "get-auth-token"], check=True, env=env, capture_output=True, text=True).stdout.strip()
         yield f"http://127.0.0.1:{dashboard}", {"Authorization": f"Bearer {token}"}
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        stop_session(head.pid)
 
 
 @pytest.fixture(scope="module")

@@ -180,6 +180,7 @@ def test_distill_other_width_starts_from_scratch(problem):
 
 
 def test_neggrad_plus_forgets_a_class():
-    problem = _problem("baselines.neggrad_plus_alpha=0.5", "baselines.neggrad_plus_epochs=3", forget_class=3)
+    # 10 epochs: at 3 the forget class survived or vanished with the training order (seed 1 kept it at 758f9cb)
+    problem = _problem("baselines.neggrad_plus_alpha=0.5", "baselines.neggrad_plus_epochs=10", forget_class=3)
     model = get("neggrad_plus").unlearn(problem, 0).models[0]
     assert _accuracy(problem, model, problem.forget_ids) < _accuracy(problem, problem.original, problem.forget_ids)

@@ -95,3 +95,42 @@ def test_a_yaml_unit_subject_may_be_completed_by_an_override_of_the_partition(tm
     assert C.privacy_unit(C.load(path, ["partition.strategy=by_subject"])) == "subject"
     with pytest.raises(C.UnitError):
         C.load(path)
+
+
+@pytest.mark.parametrize("strategy", ["kmeans", "class_balanced"])
+def test_data_dependent_partition_with_dp_is_refused_naming_the_hashed_alternative(strategy):
+    from pipeline.errors import UserError
+
+    refused = rf"partition.strategy' is {strategy}.*use partition.strategy=uniform \(or by_subject\)"
+    with pytest.raises(C.ConfigError, match=refused) as info:
+        C.load("jobs/configs/digits.yaml", [f"partition.strategy={strategy}"])
+    assert isinstance(info.value, UserError) and info.value.exit_code == 3 and "\n" not in str(info.value)
+    with pytest.raises(C.ConfigError, match="privacy.epsilon=0.5"):  # also when DP comes from an override
+        C.load(None, [f"partition.strategy={strategy}", "privacy.epsilon=0.5"])
+
+
+@pytest.mark.parametrize("strategy", ["kmeans", "class_balanced"])
+def test_data_dependent_partition_without_dp_is_accepted(strategy):
+    config = C.load("jobs/configs/digits.yaml", [f"partition.strategy={strategy}", "privacy.epsilon=null"])
+    assert config.partition.strategy == strategy and config.privacy.epsilon is None
+
+
+def test_hashed_partitions_with_dp_are_accepted():
+    for strategy in ("uniform", "by_subject"):
+        assert C.load(None, [f"partition.strategy={strategy}"]).privacy.epsilon == 1.0
+
+
+def test_the_refused_strategies_are_exactly_the_data_dependent_ones_partition_offers():
+    from pipeline.data.partition import STRATEGIES
+
+    assert set(C.DATA_DEPENDENT_PARTITIONS) == {name for name, choose in STRATEGIES.items() if choose is not None}
+    assert set(C.CHOICES["partition.strategy"]) == {*STRATEGIES, "by_subject"}
+
+
+def test_every_shipped_run_config_loads():
+    from pathlib import Path
+
+    runs = [p for p in sorted(Path("jobs/configs").glob("*.yaml")) if not p.name.startswith("sweep_")]
+    assert len(runs) >= 7
+    for path in runs:
+        C.load(path)

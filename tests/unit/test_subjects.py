@@ -1,10 +1,12 @@
+import hashlib
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.data.partition import partition
+from pipeline.data.partition import PartitionError, partition, partition_key
 from pipeline.data.subjects import (
     SubjectError,
     load_subjects,
@@ -32,6 +34,13 @@ def test_synthetic_subject_sizes_are_1_to_8_with_mean_about_3():
     assert sizes.min() >= 1 and sizes.max() <= 8
     assert 2.7 < sizes.mean() < 3.3
     assert all(s.startswith("subj-") and len(s) == len("subj-000123") for s in subjects)
+
+
+@pytest.mark.parametrize("n", [1797, 60000])  # digits' private set; Fashion-MNIST's training set
+def test_synthetic_subjects_own_a_few_samples_each_on_digits_and_fashion_mnist(n):
+    sizes = pd.Series(synthetic_subjects(np.arange(n, dtype=np.int64), seed=0)).value_counts().to_numpy()
+    assert sizes.max() <= 8 and 2.7 < sizes.mean() < 3.3
+    assert np.mean(sizes == 1) < 0.2 and np.mean(sizes >= 3) > 0.5
 
 
 def test_synthetic_subjects_do_not_own_adjacent_ids():
@@ -145,15 +154,18 @@ def test_by_subject_has_the_output_format_of_partition():
     assert np.all(np.diff(order) >= 0)  # sorted by shard, then slice
 
 
-def test_by_subject_balances_shards_and_slices_within_the_largest_subject():
-    ids, subjects = _subjects(1000, seed=3)
-    largest = pd.Series(subjects).value_counts().max()
+def test_by_subject_cell_is_the_keyed_hash_of_the_subject_id_and_sizes_vary_by_chance():
+    ids, subjects = _subjects(3000, seed=3)
     cols = partition_by_subject(ids, subjects, shards=5, slices=4, seed=0)
-    shard_sizes = np.bincount(cols["shard"])
-    assert shard_sizes.max() - shard_sizes.min() <= largest
-    for shard in range(5):
-        slice_sizes = np.bincount(cols["slice"][cols["shard"] == shard])
-        assert slice_sizes.max() - slice_sizes.min() <= largest
+    owner = dict(zip(ids.tolist(), subjects.tolist()))
+    key = partition_key(0)
+    for i, shard, slice_ in list(zip(cols["sample_id"].tolist(), cols["shard"].tolist(), cols["slice"].tolist()))[::97]:
+        digest = hashlib.blake2b(owner[i].encode(), key=key, person=b"dpsisa:subject", digest_size=24).digest()
+        assert (shard, slice_) == (int.from_bytes(digest[:8], "little") % 5, int.from_bytes(digest[8:16], "little") % 4)
+    people = pd.DataFrame({"subject": [owner[i] for i in cols["sample_id"].tolist()], "cell": cols["shard"] * 4 + cols["slice"]})
+    per_cell = people.drop_duplicates("subject")["cell"].value_counts().reindex(range(20), fill_value=0).to_numpy()
+    n = people["subject"].nunique()
+    assert len(set(per_cell.tolist())) > 1 and np.all(np.abs(per_cell - n / 20) < 6 * np.sqrt(n / 20))
 
 
 def test_by_subject_is_the_same_for_the_same_seed():
@@ -164,11 +176,13 @@ def test_by_subject_is_the_same_for_the_same_seed():
     assert not np.array_equal(a["sample_id"], c["sample_id"])
 
 
-def test_by_subject_fills_every_slice_when_one_subject_is_much_larger():
+def test_by_subject_slice_the_hash_leaves_empty_is_a_one_line_error_naming_the_fix():
     ids = np.arange(11, dtype=np.int64)
     subjects = np.array(["big"] * 8 + ["a", "b", "c"], dtype=object)
-    cols = partition_by_subject(ids, subjects, shards=2, slices=2, seed=0)
-    assert len(set(zip(cols["shard"].tolist(), cols["slice"].tolist()))) == 4
+    empty = r"left shard \d slice \d empty by chance \(4 subjects .*lower shards.slices or shards.count"
+    with pytest.raises(PartitionError, match=empty) as info:
+        partition_by_subject(ids, subjects, shards=2, slices=2, seed=0)
+    assert isinstance(info.value, UserError) and "\n" not in str(info.value)
 
 
 def test_by_subject_refuses_fewer_subjects_than_slices():

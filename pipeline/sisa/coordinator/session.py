@@ -1,0 +1,171 @@
+"""The client side of a run's coordinator: find or start it, attach, submit, wait, stop."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from pipeline.config import Config
+from pipeline.core.checkpoints import CheckpointIntegrityError
+from pipeline.sisa import cluster
+from pipeline.sisa.coordinator.actor import WAIT_POLL_S, Coordinator, _Closing
+from pipeline.sisa.coordinator.lease import Lease, cluster_identity
+from pipeline.sisa.driver import OnStage, ShardFailure, actor_name
+from pipeline.sisa.results import ForgetResult
+from pipeline.storage import receipts
+from pipeline.storage.ledger import ForgetRequestError, new_request_id
+from pipeline.storage.rundir import RunDir, RunError
+
+
+def _remote():
+    return ray.remote(Coordinator)
+
+
+def find(run: RunDir, config: Config):
+    """The run's live coordinator in this cluster, or None."""
+    return cluster.named_actor(actor_name(run, "coordinator"), config.ray.namespace)
+
+
+def ensure(run: RunDir, config: Config, keep_alive: bool = False, log: Callable = print):
+    """The run's coordinator, started if none is alive (waiting for another cluster's lease first)."""
+    handle = find(run, config)
+    if handle is not None:
+        return handle
+    Lease(run, cluster_identity()).wait_until_free(config.ray.lease_wait_s, log)
+    return _remote().options(
+        name=actor_name(run, "coordinator"), namespace=config.ray.namespace, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, max_task_retries=-1, max_concurrency=64, num_cpus=0,
+    ).remote(run.uri, keep_alive)
+
+
+def _unwrap(exc: Exception) -> Exception:
+    """The user-facing error inside a Ray error (bad ids, a refused lease, a damaged checkpoint)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, (ForgetRequestError, RunError, CheckpointIntegrityError, cluster.ClusterError)):
+        return cause
+    if isinstance(cause, _Closing):
+        return cause
+    if isinstance(exc, RayActorError) and "_Closing" in str(exc):
+        return _Closing()
+    return ShardFailure(f"the run's coordinator failed: {cause!r}" if cause else f"the run's coordinator died: {exc}")
+
+
+class Session:
+    """A client's use of the run's coordinator: attach → (submit, wait)* → release."""
+
+    def __init__(self, run: RunDir, config: Config, log: Callable = print, keep_alive: bool = False):
+        self.run, self.config, self.log, self.keep_alive = run, config, log, keep_alive
+        self.handle, self.actors = None, []
+
+    def __enter__(self) -> Session:
+        for _ in range(20):
+            self.handle = ensure(self.run, self.config, self.keep_alive, self.log)
+            try:
+                self.actors = ray.get(self.handle.attach.remote())
+                return self
+            except RayActorError:
+                time.sleep(0.5)  # it closed itself between `find` and `attach`: start a new one
+                continue
+            except RayTaskError as exc:
+                error = _unwrap(exc)
+                if not isinstance(error, _Closing):
+                    ray.kill(self.handle, no_restart=True)  # it could not open the run: the next command starts afresh
+                    self.handle = None
+                    raise error from None
+                time.sleep(0.5)  # another client is closing it: wait for the name to be free
+        raise ShardFailure(f"could not attach to the coordinator of {self.run.uri}")
+
+    def __exit__(self, *exc_info) -> None:
+        if self.handle is None:
+            return
+        try:
+            if ray.get(self.handle.release.remote()):
+                ray.kill(self.handle, no_restart=True)
+        except (RayActorError, RayTaskError):
+            pass
+
+    def call(self, method: str, *args):
+        try:
+            return ray.get(getattr(self.handle, method).remote(*args))
+        except (RayActorError, RayTaskError) as exc:
+            raise _unwrap(exc) from None
+
+    def submit_batch(self, requests: list[list[int]]) -> list[str]:
+        """Record one request per id list, all in one durable write; their ids, at once."""
+        request_ids = [new_request_id() for _ in requests]
+        self.call("submit_batch", dict(zip(request_ids, requests)))
+        return request_ids
+
+    def forget(self, ids: list[int], on_stage: OnStage | None = None) -> ForgetResult:
+        """Submit and wait; stage records reach `on_stage` as shards finish them."""
+        start = time.perf_counter()
+        request_id = new_request_id()
+        self.call("submit", request_id, ids, True)
+        self.log(f"forget request {request_id}: {len(ids)} id(s) submitted to the run's coordinator")
+        return self.wait(request_id, ids, start, on_stage, logs=True)
+
+    def wait(self, request_id: str, ids: list[int], start: float, on_stage: OnStage | None = None,
+             logs: bool = False) -> ForgetResult:
+        """Follow a request until done (`logs`: this client logs it to MLflow)."""
+        seen = 0
+        while True:
+            answer = self.call("wait", request_id, WAIT_POLL_S, seen, logs)
+            seen += len(answer["records"])
+            for record in answer["records"]:
+                if on_stage is not None:
+                    on_stage(record["shard"], {k: v for k, v in record.items() if k != "shard"})
+            if answer["status"] == "failed":
+                if answer["kind"] == "integrity":
+                    raise CheckpointIntegrityError(answer["error"])
+                raise ShardFailure(f"{answer['error']} (request {request_id} stays pending; the next command completes it)")
+            if answer["status"] == "done":
+                result = ForgetResult(**answer["result"]) if answer["result"] else self._from_receipt(request_id, ids)
+                result.seconds = time.perf_counter() - start
+                return result
+            if answer["status"] == "unknown":
+                raise ShardFailure(f"the coordinator does not know request {request_id}")
+
+    def _from_receipt(self, request_id: str, ids: list[int]) -> ForgetResult:
+        """A request applied by an earlier coordinator instance (it was restarted meanwhile): its receipt says what happened."""
+        receipt = receipts.read(self.run, request_id) or {"shards": {}, "batch": [request_id]}
+        shards = receipt["shards"]
+        return ForgetResult(
+            request_id=request_id, ids=len(ids),
+            shards_retrained=sorted(int(s) for s, e in shards.items() if e["from_stage"] is not None),
+            slices_retrained={s: e["stages_replayed"] for s, e in shards.items()},
+            from_stage={s: e["from_stage"] for s, e in shards.items()},
+            versions={s: e["new_version"] for s, e in shards.items()}, shard_seconds={}, seconds=0.0,
+            batch=receipt["batch"])
+
+    def complete_pending(self, on_stage: OnStage | None = None) -> dict[str, ForgetResult]:
+        """Have the coordinator finish requests a crash left pending; wait for them."""
+        pending = self.run.ledger().pending()
+        if not pending:
+            return {}
+        self.log(f"completing {len(pending)} pending forget request(s) through the run's coordinator")
+        self.call("resume")
+        start = time.perf_counter()
+        out = {}
+        for rid, ids in pending.items():
+            out[rid] = self.wait(rid, ids, start, on_stage, logs=True)
+            out[rid].completed_pending = True
+        return out
+
+
+def stop(run: RunDir, config: Config) -> int:
+    """Stop the run's coordinator (and its shard actors); returns how many actors stopped."""
+    handle = find(run, config)
+    if handle is None:
+        return 0
+    try:
+        shards = len(ray.get(handle.attach.remote()))
+        ray.get(handle.stop.remote())
+    except (RayActorError, RayTaskError):
+        shards = 0
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + 30
+    while find(run, config) is not None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return shards + 1
