@@ -22,6 +22,10 @@ class ConfigError(UserError, ValueError):
     """A config key is unknown, malformed or impossible; the message names the key and the fix."""
 
 
+class UnitError(ConfigError):
+    """privacy.unit=subject with a partition that does not keep each person in one shard and one slice."""
+
+
 @dataclass(frozen=True)
 class DataConfig:
     name: str = "fashion_mnist"  # fashion_mnist | digits | mnist | cifar10 | cifar100
@@ -76,6 +80,9 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "prv"  # prv | rdp
+    # what ε protects: "subject" (a person: DP-SGD samples, clips and accounts per data subject) or
+    # "sample"; None: subject when partition.strategy=by_subject, else sample (see privacy_unit)
+    unit: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +212,17 @@ CHOICES = {
 }
 
 
+UNITS = ("sample", "subject")
+
+
+def privacy_unit(config: Config) -> str:
+    """The resolved privacy unit: `privacy.unit`, or by default "subject" when the run partitions
+    by subject (a person's samples are in one shard and one slice) and "sample" otherwise."""
+    if config.privacy.unit is not None:
+        return config.privacy.unit
+    return "subject" if config.partition.strategy == "by_subject" else "sample"
+
+
 # read the private labels/features to place samples: refused under DP (keep in step with pipeline/data/partition.py)
 DATA_DEPENDENT_PARTITIONS = ("class_balanced", "kmeans")
 
@@ -310,6 +328,11 @@ def validate(config: Config) -> None:
         )
     _check(0 < config.privacy.delta < 1, "privacy.delta", f"must be in (0, 1); got {config.privacy.delta}.")
     _check(config.privacy.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0.")
+    _check(config.privacy.unit in (None, *UNITS), "privacy.unit", f"must be one of {', '.join(UNITS)} or null; "
+           f"got {config.privacy.unit!r}.")
+    if config.privacy.unit == "subject" and config.partition.strategy != "by_subject":
+        raise UnitError(f"privacy.unit=subject needs partition.strategy=by_subject (a person's samples in one shard and "
+                        f"one slice), got {config.partition.strategy}; set partition.strategy=by_subject or privacy.unit=sample.")
     _check(0 < config.finetune.conv_fraction <= 1, "finetune.conv_fraction", "must be in (0, 1].")
     _check(config.train.epochs > 0, "train.epochs", f"must be > 0; got {config.train.epochs}.")
     _check(config.train.batch_size >= 1, "train.batch_size", "must be ≥ 1.")
@@ -374,9 +397,10 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must contain a mapping of keys, got {type(data).__name__}.")
-    config = from_dict(data)
+    config = _build(Config, data or {}, "")  # validated once, with the overrides: they may fix each other
     if overrides:
-        config = config.with_overrides(dict(parse_override(o) for o in overrides))
+        return config.with_overrides(dict(parse_override(o) for o in overrides))
+    validate(config)
     return config
 
 

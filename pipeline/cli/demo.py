@@ -12,7 +12,7 @@ from pipeline import config as config_mod
 from pipeline.verbs import runs
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "fmnist.yaml"
-DEMO_DEFAULTS = ["partition.strategy=by_subject"]  # a person's samples in one shard and one slice
+DEMO_DEFAULTS = ["partition.strategy=by_subject"]  # a person's samples in one shard and one slice: ε per person (privacy.unit)
 # With the default config: 20 pretraining epochs of batch 64 reach a better public model (test
 # accuracy 87.8% vs 87.6%) than fmnist.yaml's 30 of batch 128, in two thirds of the time.
 DEFAULT_CONFIG_DEMO = ["pretrain.epochs=20", "pretrain.batch_size=64"]
@@ -70,7 +70,8 @@ def demo(config_path: str | None, overrides: list[str], run_dir: str | None, log
 
     log("== 4/4 verify: retrain the touched shards from scratch without the erased samples, compare bit for bit")
     verified = runs.verify(path, log=log)
-    epsilon = [s["epsilon"] for s in runs.status(path, log=lambda m: None)["shards"]]  # each shard's live version
+    status = runs.status(path, log=lambda m: None)
+    epsilon = [s["epsilon"] for s in status["shards"]]  # each shard's live version
     runs.stop(path, log=lambda m: None)
     uri = __import__("pipeline.tracking.mlflow_runs", fromlist=["x"]).tracking_uri(config)
     print("\n".join([
@@ -78,7 +79,7 @@ def demo(config_path: str | None, overrides: list[str], run_dir: str | None, log
         "dpsisa demo summary",
         f"  run directory        {path}",
         f"  test accuracy        {trained['accuracy']:.4f} before erasing, {verified['unlearning']['test_accuracy']:.4f} after",
-        f"  privacy              ε ≤ {max(e or 0 for e in epsilon):.3f} per shard "
+        f"  privacy              ε ≤ {max(e or 0 for e in epsilon):.3f} per {status['privacy_unit']}, per shard "
         f"(target {config.privacy.epsilon}, δ={config.privacy.delta})" if config.privacy.epsilon else
         "  privacy              no DP",
         f"  erased one subject   {forgot['ids']} samples → shard {forgot['shards_retrained']} replayed from stage "
@@ -92,4 +93,5 @@ def demo(config_path: str | None, overrides: list[str], run_dir: str | None, log
         f"  MLflow               mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)",
     ]))
     burst_result = {"requests": submitted, "batches": [list(b) for b in batches], "replays": replays, "seconds": burst_seconds}
-    return {"train": trained, "forget": forgot, "burst": burst_result, "verify": verified, "epsilon": epsilon}
+    return {"train": trained, "forget": forgot, "burst": burst_result, "verify": verified, "epsilon": epsilon,
+            "privacy_unit": status["privacy_unit"]}

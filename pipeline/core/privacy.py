@@ -5,6 +5,13 @@ the composition of all stages (each with its own Poisson rate q_j = B / n_j and 
 By parallel composition over disjoint shards the ensemble has the same (ε, δ). The recipe is
 fixed at train time and stored: a deletion shrinks n_j but never changes q_j, steps or σ, so
 stages that are kept stay bit-identical and replays equal from-scratch training.
+
+The privacy unit (`privacy.unit`, see `config.privacy_unit`) is what a stage samples, clips and
+accounts for: a sample, or a data subject (a person: all their samples). With unit "subject"
+the batch size counts subjects, q_j = B / m_j with m_j the subjects in slices 0..j, and each
+sampled subject's summed gradient is clipped to C (`train.py`), so the recipe's ε is per person.
+With unit "sample" a person owning k samples has only the group bound (kε, k·e^{(k−1)ε}·δ)
+(`group_bound`).
 """
 from __future__ import annotations
 
@@ -13,9 +20,10 @@ import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from pipeline.config import Config
+from pipeline.config import Config, privacy_unit
 from pipeline.errors import UserError
 
 ACCOUNTANTS = {"prv": PRVAccountant, "rdp": RDPAccountant}
@@ -33,8 +41,9 @@ class PrivacyError(UserError, ValueError):
 class Stage:
     index: int
     samples: int  # cumulative samples at train time (slices 0..index)
-    sample_rate: float
+    sample_rate: float  # Poisson rate of the privacy unit: of a sample, or of a subject (unit "subject")
     steps: int
+    subjects: int | None = None  # unit "subject": cumulative subjects at train time (sample_rate = B / subjects)
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ class Recipe:
     epsilon_spent: float | None  # for a sample of slice 0 (the most exposed)
     delta: float
     accountant: str
+    unit: str = "sample"  # "sample" or "subject": what a step samples and clips, and what ε is per
 
     @property
     def private(self) -> bool:
@@ -65,13 +75,20 @@ class Recipe:
         return cls(**{**data, "stages": tuple(Stage(**s) for s in data["stages"])})
 
 
-def schedule(slice_sizes: list[int], batch_size: int, epochs: float) -> tuple[Stage, ...]:
-    """Stage j trains `epochs` epochs over slices 0..j with expected batch `batch_size`."""
-    stages, total = [], 0
+def schedule(slice_sizes: list[int], batch_size: int, epochs: float,
+             subject_counts: list[int] | None = None) -> tuple[Stage, ...]:
+    """Stage j trains `epochs` epochs over slices 0..j with expected batch `batch_size`: of samples,
+    or — with `subject_counts` (distinct subjects per slice; a subject lives in one slice) — of subjects."""
+    stages, total, people = [], 0, 0
     for index, size in enumerate(slice_sizes):
         total += size
-        rate = min(1.0, batch_size / total)
-        stages.append(Stage(index, total, rate, max(1, math.ceil(epochs / rate))))
+        if subject_counts is None:
+            rate = min(1.0, batch_size / total)
+            stages.append(Stage(index, total, rate, max(1, math.ceil(epochs / rate))))
+        else:
+            people += subject_counts[index]
+            rate = min(1.0, batch_size / people)
+            stages.append(Stage(index, total, rate, max(1, math.ceil(epochs / rate)), people))
     return tuple(stages)
 
 
@@ -86,7 +103,8 @@ def spent_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, a
         steps[(sigma, rate)] = steps.get((sigma, rate), 0) + int(count)
     acc = ACCOUNTANTS[accountant]()
     acc.history = [(sigma, rate, count) for (sigma, rate), count in steps.items()]
-    return float(acc.get_epsilon(delta=delta))
+    with np.errstate(divide="ignore"):  # PRV takes log(1 - q): -inf at q = 1 (no subsampling), which it handles
+        return float(acc.get_epsilon(delta=delta))
 
 
 def _history(stages: tuple[Stage, ...], sigma: float, first: int = 0) -> tuple[tuple[float, float, int], ...]:
@@ -114,16 +132,21 @@ def calibrate_noise(stages: tuple[Stage, ...], epsilon: float, delta: float, acc
     return high
 
 
-def make_recipe(config: Config, shard: int, slice_sizes: list[int]) -> Recipe:
-    """Fix the shard's training recipe (and calibrate σ when DP is on)."""
-    stages = schedule(slice_sizes, config.train.batch_size, config.train.epochs)
+def make_recipe(config: Config, shard: int, slice_sizes: list[int], subject_counts: list[int] | None = None) -> Recipe:
+    """Fix the shard's training recipe (and calibrate σ when DP is on). With privacy unit
+    "subject", `subject_counts` gives the distinct subjects of each slice."""
+    unit = privacy_unit(config)
+    if unit == "subject" and subject_counts is None:
+        raise PrivacyError("privacy.unit=subject needs the data subjects of each slice; set privacy.unit=sample here.")
+    stages = schedule(slice_sizes, config.train.batch_size, config.train.epochs,
+                      subject_counts if unit == "subject" else None)
     p = config.privacy
     sigma = eps = None
     if p.epsilon is not None:
         sigma = calibrate_noise(stages, p.epsilon, p.delta, p.accountant)
         eps = spent_epsilon(_history(stages, sigma), p.delta, p.accountant)
     return Recipe(shard, stages, config.train.batch_size, config.train.lr, config.train.momentum,
-                  sigma, p.max_grad_norm, p.epsilon, eps, p.delta, p.accountant)
+                  sigma, p.max_grad_norm, p.epsilon, eps, p.delta, p.accountant, unit)
 
 
 def release_epsilon(recipe: Recipe, replayed_from: list[int]) -> float | None:
@@ -135,3 +158,28 @@ def release_epsilon(recipe: Recipe, replayed_from: list[int]) -> float | None:
     for first in replayed_from:
         history += _history(recipe.stages, recipe.noise_multiplier, first)
     return spent_epsilon(history, recipe.delta, recipe.accountant)
+
+
+def group_bound(epsilon: float, delta: float, k: int) -> dict:
+    """Group privacy: an (ε, δ)-DP mechanism is (kε, k·e^{(k−1)ε}·δ)-DP for groups of k units (a
+    person owning k samples under unit "sample"); vacuous once that δ reaches 1."""
+    group_delta = k * math.exp((k - 1) * epsilon) * delta if (k - 1) * epsilon < 700 else math.inf
+    return {"largest_subject_samples": int(k), "epsilon": k * epsilon, "delta": group_delta, "vacuous": group_delta >= 1}
+
+
+def person_privacy(unit: str | None, epsilon: float | None, delta: float, largest_subject: int | None) -> dict:
+    """What a person gets from a release of ε per `unit`: `privacy_unit`, `epsilon_per_person` and
+    `delta_per_person` (None without DP, or when the group bound is vacuous or the subjects are
+    unknown), and with unit "sample" the `group_bound` for the largest subject. What status,
+    receipts and registry tags report."""
+    out = {"privacy_unit": unit, "epsilon_per_person": None, "delta_per_person": None, "group_bound": None}
+    if epsilon is None:
+        return out
+    if unit == "subject":
+        return {**out, "epsilon_per_person": epsilon, "delta_per_person": delta}
+    if largest_subject is None:
+        return out
+    bound = group_bound(epsilon, delta, largest_subject)
+    if not bound["vacuous"]:
+        out.update(epsilon_per_person=bound["epsilon"], delta_per_person=bound["delta"])
+    return {**out, "group_bound": bound}

@@ -5,6 +5,13 @@ and momentum buffers). Every stage draws its Poisson batches and its DP noise fr
 seeded by (seed, shard, stage) alone, and its sample rate, step count and σ come from the
 stored recipe — so replaying stages k.. after a deletion equals training from scratch without
 the deleted ids, bit for bit on CPU.
+
+With privacy unit "subject" (`recipe.unit`) a step Poisson-samples *subjects* (each sample's
+owner is given alongside x and y; subjects are numbered by first appearance in the stage's
+inputs, so the draw depends only on the stage's data), takes all their samples, sums each
+subject's per-sample gradients (Opacus' `grad_sample`, `index_add_` in position order) and hands
+those per-subject sums to the DP optimizer, which clips each to C and adds the noise: one
+person's contribution to a step is at most C, whatever the number of samples they own.
 """
 from __future__ import annotations
 
@@ -142,11 +149,18 @@ class ShardTrainer:
         return module, params, names, prefix
 
     def run_stage(self, state: ShardState, x: torch.Tensor, y: torch.Tensor, stage_index: int,
-                  hook: StepHook | None = None, draw: int = 0) -> ShardState:
+                  hook: StepHook | None = None, draw: int = 0, owners: torch.Tensor | None = None) -> ShardState:
         """One slice stage on the cumulative inputs `x`, `y` (slices 0..stage_index). `draw` picks
         the stage's randomness (Poisson sampling and DP noise): 0 for the original training, the
-        release number for a replay, so every release draws fresh noise (see `draw_purpose`)."""
+        release number for a replay, so every release draws fresh noise (see `draw_purpose`).
+        With unit "subject", `owners[i]` is the subject number (0..m-1, see `subject_numbers`) of `x[i]`."""
         recipe, stage = self.recipe, self.recipe.stages[stage_index]
+        by_subject = recipe.unit == "subject"
+        if by_subject:
+            if owners is None or len(owners) != len(x):
+                raise ValueError("privacy unit 'subject' needs the subject of every training sample")
+            owners = owners.to(self.device)
+            people = int(owners.max()) + 1 if len(owners) else 0
         module, params, names, prefix = self._module(state)
         sgd = torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum)
         for name, p in zip(names, params):
@@ -162,7 +176,12 @@ class ShardTrainer:
         masks = [self.masks.get(n) for n in names]
         loss_sum, loss_count = torch.zeros((), device=self.device), 0
         for _ in range(stage.steps):
-            chosen = (torch.rand(len(x), generator=sampler) < stage.sample_rate).nonzero().squeeze(1).to(self.device)
+            if by_subject:  # Poisson over subjects; a chosen subject brings all its samples (in position order)
+                picked = (torch.rand(people, generator=sampler) < stage.sample_rate).to(self.device)
+                chosen = picked[owners].nonzero().squeeze(1)
+                rows = (picked.cumsum(0) - 1)[owners[chosen]]  # each chosen sample's row among the chosen subjects
+            else:
+                chosen = (torch.rand(len(x), generator=sampler) < stage.sample_rate).nonzero().squeeze(1).to(self.device)
             if hook is not None:
                 hook.before_step(stage_index, chosen, x[chosen], y[chosen], module, names, params)
             loss = F.cross_entropy(module(x[chosen]), y[chosen], reduction="sum")
@@ -172,6 +191,9 @@ class ShardTrainer:
                 for p, mask in zip(params, masks):
                     if mask is not None:
                         p.grad_sample = p.grad_sample * mask  # masked elements never reach clipping
+                if by_subject:  # clip per subject: Opacus clips whatever rows grad_sample has
+                    for p in params:
+                        p.grad_sample = per_subject_sum(p.grad_sample, rows, int(picked.sum()))
                 if optimizer.pre_step():  # clip, add noise, average over the expected batch
                     _mask_grads(params, masks)
                     sgd.step()
@@ -195,15 +217,17 @@ class ShardTrainer:
     def train(self, slices: list[tuple[np.ndarray, np.ndarray]], start_stage: int = 0,
               state: ShardState | None = None,
               on_stage: Callable[[int, ShardState], None] | None = None, hook: StepHook | None = None,
-              draws: list[int] | None = None) -> ShardState:
+              draws: list[int] | None = None, subjects: list[np.ndarray] | None = None) -> ShardState:
         """Train stages start_stage..R-1; `slices` holds (x, y) of every slice 0..R-1; `draws[j]`
-        is stage j's randomness draw (default 0: the original training's)."""
+        is stage j's randomness draw (default 0: the original training's); `subjects[j]` holds the
+        subject (any hashable label) of each sample of slice j (needed with privacy unit "subject")."""
         state = state or initial_state(self.pretrained, self.plan)
         inputs = [self.slice_inputs(x) for x, _ in slices]
         labels = [torch.from_numpy(np.asarray(y, np.int64)).to(self.device) for _, y in slices]
         for j in range(start_stage, len(slices)):
+            owners = None if subjects is None else torch.from_numpy(subject_numbers(np.concatenate(subjects[: j + 1])))
             state = self.run_stage(state, torch.cat(inputs[: j + 1]), torch.cat(labels[: j + 1]), j, hook,
-                                   draws[j] if draws else 0)
+                                   draws[j] if draws else 0, owners)
             if on_stage is not None:
                 on_stage(j, state)
         return state
@@ -211,6 +235,22 @@ class ShardTrainer:
     def model(self, state: ShardState) -> Classifier:
         """The constituent model for `state` (pretrained weights + trained parameters)."""
         return with_params(self.pretrained, {n: t.to(self.device) for n, t in state.params.items()})
+
+
+def subject_numbers(labels: np.ndarray) -> np.ndarray:
+    """Subject labels → numbers 0..m-1 in order of first appearance (int64): a function of the
+    stage's inputs alone, so a replay and a from-scratch retrain draw the same subjects."""
+    _, first, inverse = np.unique(np.asarray(labels), return_index=True, return_inverse=True)
+    rank = np.empty(len(first), np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse.reshape(-1)]
+
+
+def per_subject_sum(grad_sample: torch.Tensor, rows: torch.Tensor, subjects: int) -> torch.Tensor:
+    """(n, ...) per-sample gradients → (subjects, ...) per-subject sums, row `rows[i]` collecting
+    sample i (`index_add_`: sequential on CPU, deterministic on CUDA under deterministic algorithms)."""
+    out = torch.zeros((subjects, *grad_sample.shape[1:]), dtype=grad_sample.dtype, device=grad_sample.device)
+    return out.index_add_(0, rows, grad_sample)
 
 
 def _mask_grads(params: list[nn.Parameter], masks: list[torch.Tensor | None]) -> None:

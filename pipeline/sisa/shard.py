@@ -56,6 +56,7 @@ class Shard:
         self._progress: list[dict] = []
         self._progress_lock = threading.Lock()
         self._epsilon_through: dict[int, float | None] = {}
+        self._subject_of: tuple[np.ndarray, np.ndarray] | None = None  # (sorted ids, their subjects) of this shard
 
     def _set_data(self, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         """This shard's samples only, sorted by id (rows are looked up by id)."""
@@ -82,6 +83,21 @@ class Shard:
     def _data(self, slices: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
         return [(self.x[rows], self.y[rows]) for rows in map(self._rows, slices)]
 
+    def _subjects(self, slices: list[np.ndarray]) -> list[np.ndarray] | None:
+        """The subject of each id of each slice (from the ledger), for privacy unit "subject"; else None."""
+        if self.recipe.unit != "subject":
+            return None
+        if self._subject_of is None:
+            table = self.ledger.assignments()
+            if "subject_id" not in table.column_names:
+                raise RuntimeError("privacy unit 'subject' but the ledger has no subject_id column; retrain the run.")
+            mine = table["shard"].to_numpy() == self.shard
+            ids, owners = table["sample_id"].to_numpy()[mine], table["subject_id"].to_numpy(zero_copy_only=False)[mine]
+            order = np.argsort(ids, kind="stable")
+            self._subject_of = (ids[order], owners[order])
+        ids, owners = self._subject_of
+        return [owners[np.searchsorted(ids, s)] for s in slices]
+
     def _payload(self, stage: int, state: ShardState, slices: list[np.ndarray], version: int) -> dict:
         seen = np.concatenate(slices[: stage + 1])
         return {"params": state.params, "momentum": state.momentum, "stage": stage, "version": version,
@@ -107,7 +123,8 @@ class Shard:
 
         # a replay (version v) draws fresh sampling and noise for the stages it retrains, recorded
         # per stage in the manifest: consecutive releases never share noise, and verify re-draws the same
-        self.trainer.train(self._data(slices), start, state, on_stage, draws=[version] * len(slices))
+        self.trainer.train(self._data(slices), start, state, on_stage, draws=[version] * len(slices),
+                           subjects=self._subjects(slices))
         _release_memory()
         return entries
 
@@ -230,7 +247,8 @@ class Shard:
             if ids_digest(np.concatenate(slices[: j + 1])) != manifest.stages[j]["ids_digest"]:
                 mismatched.append(f"stage {j}: ids seen")
 
-        oracle = self.trainer.train(self._data(slices), 0, None, compare, draws=manifest.draws)  # leaves `live` at the last stage
+        oracle = self.trainer.train(self._data(slices), 0, None, compare, draws=manifest.draws,  # leaves `live` at the last stage
+                                    subjects=self._subjects(slices))
         l2 = parameter_l2_distance({n: t.numpy() for n, t in oracle.params.items()},
                                    {n: t.numpy() for n, t in live.params.items()})
         result = {"shard": self.shard, "exact": not mismatched, "mismatches": mismatched[:20], "max_abs_diff": max_diff,

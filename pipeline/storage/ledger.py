@@ -97,6 +97,14 @@ class Ledger:
                                         "`dpsisa train`?") from None
         return self._assignments
 
+    def largest_subject(self) -> int | None:
+        """How many samples the largest data subject owns (None: the run has no subjects)."""
+        table = self.assignments()
+        if "subject_id" not in table.column_names or table["subject_id"].null_count == table.num_rows:
+            return None
+        counts = pa.compute.value_counts(table["subject_id"].drop_null())
+        return int(pa.compute.max(counts.field("counts")).as_py())
+
     def sample_ids(self, count: int, seed: int) -> list[int]:
         """Up to `count` distinct training ids drawn with `seed` (the same ids on a rerun), sorted."""
         ids = self.assignments()["sample_id"].to_numpy()

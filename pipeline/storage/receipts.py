@@ -3,10 +3,13 @@
 What an auditor asks after an erasure: which samples of which subject(s), which shards replayed
 from which stage, the new model versions (the first that exclude the samples), the versions that
 saw them and were retired (their checkpoint and data files are deleted by the commit), when it was
-requested and done, and — once `dpsisa verify` has run — whether retraining from scratch matched.
+requested and done, what privacy the erased person had while the retired versions were live
+(`privacy`: the run's privacy unit, ε and δ per person over the releases that saw the samples,
+and with unit "sample" the group bound for the erased subject's sample count), and — once
+`dpsisa verify` has run — whether retraining from scratch matched.
 Written by whoever applies the batch (the run's coordinator, or a Tune trial's driver): the
-coordinator writes it once the shards are clean and the registry is updated, just before the
-ledger marks the request done (a restarted coordinator writes any receipt a crash left missing).
+coordinator writes it once the shards are clean, before the registry step and before the ledger
+marks the request done (a restarted coordinator writes any receipt a crash left missing).
 """
 from __future__ import annotations
 
@@ -65,11 +68,31 @@ def write_each(run: Storage, ledger, applied: dict[str, tuple[dict[int, dict], l
         rows = [r for r in table if r["request_id"] == request_id]
         if rows:
             receipt = build(rows, shard_results, batch, completed_at)
+            receipt["privacy"] = _privacy(run, ledger, receipt)
             run.write_json(f"{FOLDER}/{request_id}.json", receipt)
             if request_id in untracked:
                 run.write_json(f"{BACKLOG}/{request_id}", {})
             out.append(receipt)
     return out
+
+
+def _privacy(run: Storage, ledger, receipt: dict) -> dict:
+    """The erased person's privacy: ε per person of the releases that saw the samples (the largest
+    cumulative ε, over the request's shards, of the version before each new one)."""
+    from pipeline.storage.rundir import RunDir
+
+    run = run if isinstance(run, RunDir) else RunDir(run)
+    exposure: list[float | None] = []
+    for shard, entry in receipt["shards"].items():
+        version = entry["new_version"]
+        releases = {r["version"]: r for r in run.shard(int(shard)).manifest().releases}
+        exposure.append(releases[version - 1]["epsilon_cumulative"] if version and version - 1 in releases else None)
+    epsilon = None if not exposure or None in exposure else max(exposure)
+    largest = None
+    if receipt["subjects"]:
+        owners = ledger.assignments()["subject_id"].to_numpy(zero_copy_only=False)
+        largest = max(int((owners == s).sum()) for s in receipt["subjects"])
+    return run.person_privacy(epsilon, largest or len(receipt["sample_ids"]))
 
 
 def backlog(run: Storage) -> list[dict]:

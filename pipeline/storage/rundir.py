@@ -23,7 +23,7 @@ from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.core.checkpoints import CheckpointIntegrityError, ShardStore, load_torch_bytes, sha256_hex, torch_bytes
 from pipeline.core.models import Classifier
-from pipeline.core.privacy import Recipe
+from pipeline.core.privacy import Recipe, person_privacy
 from pipeline.errors import UserError
 from pipeline.fs import Storage
 from pipeline.storage.ledger import Ledger
@@ -61,6 +61,15 @@ class RunDir(Storage):
 
     def write_recipes(self, recipes: list[Recipe]) -> None:
         self.write_json(RECIPES, [r.to_dict() for r in recipes])
+
+    def person_privacy(self, epsilon: float | None, largest_subject: int | None = None) -> dict:
+        """What a release history of `epsilon` per privacy unit means for a person (status, receipts,
+        registry tags): `privacy_unit`, `epsilon_per_person`, `delta_per_person` and, with unit
+        "sample", the group bound for `largest_subject` samples (default: the run's largest subject)."""
+        recipe = self.recipes()[0]
+        if largest_subject is None and recipe.unit == "sample" and epsilon is not None:
+            largest_subject = self.ledger().largest_subject()
+        return person_privacy(recipe.unit, epsilon, recipe.delta, largest_subject)
 
     # -- summary ----------------------------------------------------------------------------
     def summary(self) -> dict:

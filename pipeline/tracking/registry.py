@@ -207,7 +207,16 @@ def _version_tags(run: RunDir, manifests: list, ids_digest: str, requests: list[
             "dpsisa.requests_applied": str(len(ledger.request_ids()) - len(ledger.pending())),
             "dpsisa.forgotten": str(sum(len(m.forgotten) for m in manifests)), "dpsisa.ids_digest": ids_digest,
             "dpsisa.epsilon_per_shard": json.dumps([m.releases[-1].get("epsilon_cumulative") for m in manifests]),
-            "dpsisa.requests": ",".join(requests)[:4000], "dpsisa.subjects_erased": _subjects(run, requests)}
+            "dpsisa.requests": ",".join(requests)[:4000], "dpsisa.subjects_erased": _subjects(run, requests),
+            **_privacy_tags(run, [m.releases[-1].get("epsilon_cumulative") for m in manifests])}
+
+
+def _privacy_tags(run: RunDir, epsilons: list[float | None]) -> dict[str, str]:
+    """The privacy unit, ε and δ per person of the live version (worst shard), and with unit
+    "sample" the group bound for the run's largest subject."""
+    person = run.person_privacy(None if not epsilons or None in epsilons else max(epsilons))
+    return {"dpsisa.privacy_unit": str(person["privacy_unit"]), "dpsisa.epsilon_per_person": json.dumps(person["epsilon_per_person"]),
+            "dpsisa.delta_per_person": json.dumps(person["delta_per_person"]), "dpsisa.group_bound": json.dumps(person["group_bound"])}
 
 
 def _subjects(run: RunDir, requests: list[str]) -> str:

@@ -177,9 +177,10 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
         for s in range(config.shards.count):  # each shard actor loads only its own samples
             own = np.sort(columns["sample_id"][columns["shard"] == s])
             run.shard(s).write_data(0, own, data.private.x[own], data.private.y[own])
-        recipes = [make_recipe(config, s, [len(ids) for ids in ledger.shard_slices(s)]) for s in range(config.shards.count)]
+        recipes = [make_recipe(config, s, [len(ids) for ids in slices], [len(set(owners[ids])) for ids in slices])
+                   for s, slices in enumerate(map(ledger.shard_slices, range(config.shards.count)))]
         if config.privacy.epsilon is not None:
-            log(f"DP: ε={config.privacy.epsilon}, δ={config.privacy.delta}, σ per shard "
+            log(f"DP: ε={config.privacy.epsilon} per {recipes[0].unit}, δ={config.privacy.delta}, σ per shard "
                 f"{sorted({round(r.noise_multiplier, 3) for r in recipes})} over {config.shards.slices} slice stages")
         run.write_recipes(recipes)
         run.write_config(config)
@@ -367,6 +368,7 @@ def evaluate_run(run_dir, log: Callable = print, placement=None, probe_ids: list
             log("membership-inference attacks (members vs non-members, forgotten vs non-members) ...")
             metrics.update(evaluate.membership_inference(ensemble, data.get(), run.ledger().forgotten_ids(), config.seed,
                                                          probe_ids=probe_ids))
+            metrics.update(run.person_privacy(_worst(metrics["epsilon_cumulative"])))
             if refs:
                 probe = references.probe(run, data.get(), config.seed)
         if refs:  # the target's actors are released first; target and references predict logits in this process
@@ -427,7 +429,13 @@ def status(run_dir, log: Callable = print) -> dict:
             "applied": [r for r in by_request.values() if r["status"] == "applied"],
             "done": [r for r in by_request.values() if r["status"] == "done"],
             "epsilon_target": config.privacy.epsilon, "delta": config.privacy.delta,
+            **run.person_privacy(_worst([s.epsilon_cumulative for s in shards])),
             "coordinator": "warm" if live else "stopped"}
+
+
+def _worst(epsilons: list[float | None]) -> float | None:
+    """The largest ε over shards (a person lives in one shard); None without DP."""
+    return None if not epsilons or None in epsilons else max(epsilons)
 
 
 def subject_status(run_dir, subject: str) -> dict:

@@ -126,6 +126,9 @@ def test_erasing_a_subject_replays_one_shard_from_its_slice_and_writes_a_receipt
     assert receipt["sample_ids"] == sorted(mine["sample_id"].tolist()) and receipt["verify"] is None
     entry = receipt["shards"][str(shard)]
     assert entry["new_version"] == before + 1 and entry["retired_versions"] == list(range(before + 1))
+    manifest = run.shard(shard).manifest()  # by_subject: ε per person, over the releases that saw the person
+    assert receipt["privacy"] == {"privacy_unit": "subject", "delta_per_person": 1e-5, "group_bound": None,
+                                  "epsilon_per_person": manifest.releases[before]["epsilon_cumulative"]}
 
     cli.main(["status", "--run-dir", run.uri, "--subject", subject, "--json", "--quiet"])
     where = json.loads(capsys.readouterr().out)

@@ -20,5 +20,8 @@ def test_the_demo_erases_a_subject_applies_its_burst_with_one_replay_per_shard_a
     assert sorted(len(b) for b in burst["batches"]) == [2, 3]
     assert verified["exact"] is True and verified["shards_checked"] == shards and verified["receipts_verified"] == 6
     assert all(0 < e <= 2.0 for e in result["epsilon"])  # digits.yaml's target ε
+    assert result["privacy_unit"] == "subject"  # by_subject: person-level DP by default
+    privacy = forgot["receipt"]["privacy"]  # what the erased person had: ε per person of the versions that saw them
+    assert privacy["privacy_unit"] == "subject" and 0 < privacy["epsilon_per_person"] <= 2.0 and privacy["group_bound"] is None
     out = capsys.readouterr().out
     assert "dpsisa demo summary" in out and "mlflow ui --backend-store-uri" in out and "dpsisa evaluate --run-dir" in out

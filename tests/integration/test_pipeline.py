@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 
 import pyarrow.parquet as pq
 import pytest
@@ -165,6 +166,13 @@ def test_evaluate_and_status_report_the_documented_keys(trained, monkeypatch, ca
     assert status["pending"] == [] and len(status["done"]) == 1
     assert [s["epsilon_cumulative"] > s["epsilon"] for s in status["shards"]] == [False, True]  # a replay is a release
     assert all(s["node"] and s["device"] == "cpu" for s in status["shards"])
+    # unit sample (digits.yaml partitions uniformly): a person owning k samples has only the group bound
+    sizes = pq.read_table(run_dir / "ledger" / "assignments.parquet").to_pandas().groupby("subject_id").size()
+    k, eps = int(sizes.max()), max(s["epsilon_cumulative"] for s in status["shards"])
+    bound = status["group_bound"]
+    assert status["privacy_unit"] == metrics["privacy_unit"] == "sample" and bound["largest_subject_samples"] == k
+    assert bound["epsilon"] == pytest.approx(k * eps) and bound["delta"] == pytest.approx(k * math.exp((k - 1) * eps) * 1e-5)
+    assert bound["vacuous"] is True and status["epsilon_per_person"] is None  # digits' ε≈2.4–2.9 with k≥6: no guarantee per person
 
 
 def test_mlflow_has_one_run_per_job_with_params_metrics_and_artifacts(trained):

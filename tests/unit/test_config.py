@@ -68,6 +68,35 @@ def test_shipped_configs_load():
         C.load(f"jobs/configs/{name}.yaml")
 
 
+def test_privacy_unit_defaults_to_subject_when_partitioning_by_subject_and_to_sample_otherwise():
+    assert C.privacy_unit(C.load(None, ["partition.strategy=by_subject"])) == "subject"
+    assert C.privacy_unit(C.load(None, [])) == "sample"
+    assert C.privacy_unit(C.load(None, ["partition.strategy=by_subject", "privacy.unit=sample"])) == "sample"
+
+
+def test_unit_subject_with_a_partition_not_by_subject_is_refused_with_one_line_and_exit_3(capsys, tmp_path):
+    from pipeline.cli.main import main
+    from pipeline.errors import UserError
+
+    with pytest.raises(C.UnitError, match="privacy.unit=subject needs partition.strategy=by_subject") as info:
+        C.load(None, ["privacy.unit=subject"])
+    assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+    with pytest.raises(SystemExit) as code:
+        main(["train", "jobs/configs/digits.yaml", "privacy.unit=subject", "--run-dir", str(tmp_path / "run")])
+    assert code.value.code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "partition.strategy=by_subject" in err[0]
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_yaml_unit_subject_may_be_completed_by_an_override_of_the_partition(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("privacy:\n  unit: subject\n")
+    assert C.privacy_unit(C.load(path, ["partition.strategy=by_subject"])) == "subject"
+    with pytest.raises(C.UnitError):
+        C.load(path)
+
+
 @pytest.mark.parametrize("strategy", ["kmeans", "class_balanced"])
 def test_data_dependent_partition_with_dp_is_refused_naming_the_hashed_alternative(strategy):
     from pipeline.errors import UserError

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 
 from pipeline import config as C
@@ -38,3 +40,50 @@ def test_each_release_adds_exposure_and_recipe_round_trips():
     once, twice = release_epsilon(recipe, [2]), release_epsilon(recipe, [2, 0])
     assert recipe.epsilon_spent < once < twice
     assert Recipe.from_dict(recipe.to_dict()) == recipe
+
+
+def test_unit_subject_recipe_records_the_subject_rate_and_epsilon_is_recomputable_from_recipes_json(tmp_path):
+    """recipes.json alone gives ε per person: unit, σ, each stage's subject rate q_j = B / subjects_j
+    and step count, δ and the accountant, fed to Opacus' accountant directly."""
+    import json
+
+    from opacus.accountants import RDPAccountant
+
+    from pipeline.storage.rundir import RunDir
+
+    cfg = C.load(None, ["partition.strategy=by_subject", "privacy.accountant=rdp", "train.batch_size=32", "privacy.epsilon=1.0"])
+    recipe = make_recipe(cfg, 0, [900, 600, 300], subject_counts=[300, 200, 100])
+    RunDir(tmp_path).write_recipes([recipe])
+    (stored,) = json.loads((tmp_path / "recipes.json").read_text())
+    assert stored["unit"] == "subject"
+    assert [s["subjects"] for s in stored["stages"]] == [300, 500, 600]
+    assert [s["sample_rate"] for s in stored["stages"]] == [32 / 300, 32 / 500, 32 / 600]  # per subject, not per sample
+    assert [s["steps"] for s in stored["stages"]] == [10, 16, 19]  # one epoch of subjects per stage
+    accountant = RDPAccountant()
+    accountant.history = [(stored["noise_multiplier"], s["sample_rate"], s["steps"]) for s in stored["stages"]]
+    assert accountant.get_epsilon(delta=stored["delta"]) == pytest.approx(stored["epsilon_spent"])
+    assert 0.95 <= stored["epsilon_spent"] <= 1.0
+    assert Recipe.from_dict(stored) == recipe
+
+
+def test_a_recipe_from_before_privacy_units_reads_as_unit_sample():
+    recipe = make_recipe(C.load(None, ["train.batch_size=64", "privacy.accountant=rdp"]), 0, [300, 300])
+    old = recipe.to_dict()
+    del old["unit"]
+    for stage in old["stages"]:
+        del stage["subjects"]
+    assert Recipe.from_dict(old) == recipe and recipe.unit == "sample"
+
+
+def test_group_bound_is_k_epsilon_and_k_e_to_the_k_minus_1_epsilon_delta_and_vacuous_from_delta_1():
+    from pipeline.core.privacy import group_bound, person_privacy
+
+    bound = group_bound(1.0, 1e-5, 3)
+    assert bound["epsilon"] == 3.0 and bound["delta"] == pytest.approx(3 * math.exp(2.0) * 1e-5) and not bound["vacuous"]
+    assert not group_bound(1.0, 1e-5, 10)["vacuous"] and group_bound(1.0, 1e-5, 11)["vacuous"]  # issue 20: vacuous at ε=1 from k=11
+    assert not group_bound(2.0, 1e-5, 5)["vacuous"] and group_bound(2.0, 1e-5, 6)["vacuous"]  # and at ε=2 from k=6
+    sample = person_privacy("sample", 2.0, 1e-5, 8)
+    assert sample["privacy_unit"] == "sample" and sample["group_bound"]["vacuous"] and sample["epsilon_per_person"] is None
+    assert person_privacy("sample", 1.0, 1e-5, 2)["epsilon_per_person"] == 2.0
+    assert person_privacy("subject", 1.0, 1e-5, None) == {"privacy_unit": "subject", "epsilon_per_person": 1.0,
+                                                          "delta_per_person": 1e-5, "group_bound": None}
