@@ -92,7 +92,7 @@ def register_live(config: Config, run: RunDir, run_id: str | None, ids_digest: s
         shard_versions = [m.version for m in manifests]
         if state["versions"] and state["versions"][-1]["shard_versions"] == shard_versions and state["name"] == name:
             return {"registered_model": name, "registered_version": state["versions"][-1]["version"]}
-        client = MlflowClient(uri)
+        client = MlflowClient(uri, registry_uri=uri)  # explicit: the process-wide registry URI may name another store
         state = {"name": name, "versions": state["versions"] if state["name"] == name else [],
                  "registering": {"run_id": run_id, "shard_versions": shard_versions}}
         run.write_json(STATE_FILE, state)  # the intent first: a crash after registering cannot hide a version
@@ -117,7 +117,9 @@ def _adopt_unlisted(client, state: dict) -> None:
         if int(found.version) in listed:
             continue
         made_here = intent is not None and found.run_id == intent["run_id"]
-        state["versions"].append({"version": int(found.version), "model_id": getattr(found, "model_id", None),
+        source = str(getattr(found, "source", "") or "")
+        model_id = getattr(found, "model_id", None) or (source.split("/", 1)[1] if source.startswith("models:/m-") else None)
+        state["versions"].append({"version": int(found.version), "model_id": model_id,
                                   "shard_versions": intent["shard_versions"] if made_here else None,
                                   "erased": found.tags.get("dpsisa.erased") == "true"})
     state["versions"].sort(key=lambda e: e["version"])
@@ -135,7 +137,8 @@ def erase_retired(config: Config, run: RunDir) -> None:
     with _LOCK, run.file_lock(".registry.lock"):
         state = _state(run)
         if state["name"]:
-            _erase_superseded(MlflowClient(tracking_uri(config)), run, state)
+            uri = tracking_uri(config)
+            _erase_superseded(MlflowClient(uri, registry_uri=uri), run, state)
             run.write_json(STATE_FILE, state)
 
 
@@ -245,8 +248,10 @@ def _erase_superseded(client, run: RunDir, state: dict) -> None:
         if saw.empty:
             continue
         erased_by = sorted(set(saw["request_id"]))
-        model_id = entry["model_id"] or client.get_model_version(state["name"], str(entry["version"])).model_id
-        location = client.get_logged_model(model_id).artifact_location
+        if entry["model_id"]:
+            location = client.get_logged_model(entry["model_id"]).artifact_location
+        else:  # adopted from the registry: reach its artifacts through the version itself
+            location = client.get_model_version_download_uri(state["name"], str(entry["version"]))
         repo = get_artifact_repository(location)
         repo.delete_artifacts("artifacts/weights")
         with tempfile.TemporaryDirectory() as tmp:
@@ -273,5 +278,5 @@ def record_verify(config: Config, run: RunDir, exact: bool) -> None:
     shard_versions = [run.shard(s).manifest().version for s in range(config.shards.count)]
     latest = state["versions"][-1]
     if latest["shard_versions"] == shard_versions:
-        MlflowClient(tracking_uri(config)).set_model_version_tag(
+        MlflowClient(tracking_uri(config), registry_uri=tracking_uri(config)).set_model_version_tag(
             state["name"], str(latest["version"]), "dpsisa.verify", "exact" if exact else "mismatch")

@@ -22,6 +22,7 @@ WAIT_POLL_S = 1.0
 REPLAY_POLL_S = 0.2  # the worker's wait for shard results while replays run
 LEASE_MARGIN_S = 15.0  # a holder whose last renewal is older than TTL − margin stops dispatching and committing
 MAX_REPLAY_ATTEMPTS = 5  # a shard whose replay failed this often in a row gives up (clients are told; still pending)
+REPLAY_TIMEOUT_S = 900.0  # a replay with no answer this long (its actor cannot be rescheduled) counts as failed
 
 
 class Coordinator:
@@ -48,6 +49,7 @@ class Coordinator:
         self._last_contact = time.monotonic()
         self.queue = ErasureQueue()
         self._running: dict = {}  # forget ref → (its Dispatch, its StageProgress)
+        self._started: dict = {}  # forget ref → when it was dispatched (a replay past REPLAY_TIMEOUT_S has failed)
         self._accepted: dict[str, float] = {}  # request id → when this instance accepted it (accept → done)
         self.observer = observer  # the MLflow side (registry), injected by the verbs layer
         self._applied: dict[str, Applied] = {}  # applied requests waiting for their release (→ done)
@@ -282,6 +284,7 @@ class Coordinator:
             except Exception:  # noqa: BLE001 - its shard reports again on the next dispatch
                 pass
         self._running.clear()
+        self._started.clear()
         self.queue = ErasureQueue()
 
     def _recover_receipts(self) -> None:
@@ -365,6 +368,7 @@ class Coordinator:
 
             ref = self.ensemble.actors[dispatch.shard].forget.remote(dispatch.job, dispatch.ids)
             self._running[ref] = (dispatch, StageProgress(self.ensemble.actors, dispatch.job, on_stage))
+            self._started[ref] = time.monotonic()
 
     def _collect(self) -> None:
         """Wait a little for replays (answering stage-progress polls meanwhile); handle those done."""
@@ -372,11 +376,18 @@ class Coordinator:
         for dispatch, progress in self._running.values():
             polls.update({ref: progress for ref in progress.ask({dispatch.shard})})
         done, _ = ray.wait(list(self._running) + list(polls), num_returns=1, timeout=REPLAY_POLL_S)
+        for ref in [r for r in self._running if time.monotonic() - self._started.get(r, time.monotonic()) > REPLAY_TIMEOUT_S]:
+            dispatch, _ = self._running.pop(ref)  # an actor that cannot come back (e.g. no room to restart it)
+            self._started.pop(ref, None)
+            self._failed_replay(dispatch, ShardFailure(f"shard {dispatch.shard} gave no answer within {REPLAY_TIMEOUT_S:g}s"))
         for ref in done:
+            if ref not in polls and ref not in self._running:
+                continue
             if ref in polls:
                 polls[ref].answer(ref)
                 continue
             dispatch, progress = self._running.pop(ref)
+            self._started.pop(ref, None)
             try:
                 result = self.ensemble.result(dispatch.shard, ref, "forget")
             except Exception as exc:  # noqa: BLE001 - reported to every waiting client; the requests stay pending

@@ -5,7 +5,7 @@ import time
 from collections.abc import Callable
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from pipeline.config import Config
 from pipeline.core.checkpoints import CheckpointIntegrityError
@@ -60,6 +60,7 @@ class RequestTimeout(RecoverableError, TimeoutError):
     """A waiting client gave up; the request stays recorded and the coordinator keeps working on it."""
 
 
+CALL_TIMEOUT_S = 120.0  # one coordinator call (a wait poll answers within ~1 s; submits validate and write once)
 CLOSING_TRIES = 10  # `_Closing` answers (0.5 s apart) before a client replaces a coordinator stuck closing
 
 
@@ -105,9 +106,13 @@ class Session:
         except (RayActorError, RayTaskError):
             pass
 
-    def call(self, method: str, *args):
+    def call(self, method: str, *args, timeout_s: float = CALL_TIMEOUT_S):
+        """One call to the coordinator, bounded: a coordinator that does not answer within
+        `timeout_s` is reported as gone (ShardFailure), never waited for forever."""
         try:
-            return ray.get(getattr(self.handle, method).remote(*args))
+            return ray.get(getattr(self.handle, method).remote(*args), timeout=timeout_s)
+        except GetTimeoutError:
+            raise ShardFailure(f"the run's coordinator did not answer `{method}` within {timeout_s:g}s") from None
         except (RayActorError, RayTaskError) as exc:
             raise _unwrap(exc) from None
 
