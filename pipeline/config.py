@@ -66,6 +66,7 @@ class ShardsConfig:
 @dataclass(frozen=True)
 class PartitionConfig:
     strategy: str = "uniform"  # uniform | by_subject (keyed hashes) | class_balanced | kmeans (data-dependent: not with DP)
+    key: Optional[str] = None  # the partition's hash key (any text); None: derived from `seed` (RUN_DIR/partition.json records it)
 
 
 @dataclass(frozen=True)

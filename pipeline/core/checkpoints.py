@@ -247,7 +247,9 @@ class ShardStore:
         if old is not None:
             live = {s["file"] for s in new.stages} | ({new.data["file"]} if new.data else set())
             stale = [e["file"] for e in old.stages] + ([old.data["file"]] if old.data else [])
-            for name in stale:
+            # ... and whatever a replay that died before its commit left (fresh names nobody will commit)
+            stale += [n for n in self.storage.list() if n.startswith(("stage_", "data.v")) and n not in live]
+            for name in dict.fromkeys(stale):
                 if name not in live:
                     self.storage.delete(name)
         if self.storage.local:

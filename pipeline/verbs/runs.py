@@ -21,7 +21,7 @@ from pipeline.core.pretrain import pretrained_model
 from pipeline.core.privacy import make_recipe
 from pipeline.core.train import ids_digest, resolve_device
 from pipeline.data import datasets, subjects
-from pipeline.data.partition import partition
+from pipeline.data.partition import key_record, partition
 from pipeline.evaluation import evaluate, lira
 from pipeline.sisa import cluster, coordinator
 from pipeline.sisa.driver import Ensemble
@@ -36,6 +36,9 @@ from pipeline.tracking.release import RegistryObserver
 from pipeline.verbs import references
 
 __all__ = ["RunError", "RunDir"]
+
+
+PARTITION_FILE = "partition.json"  # how each id's shard and slice follow from the key: recomputable from the ids
 
 
 def load_run_config(run_dir) -> Config:
@@ -168,7 +171,9 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
             log(f"excluding {len(excluded)} private id(s) from training ({why})")
         owners = subjects.for_private_ids(config.data.subjects, data.private.ids)  # who each sample belongs to
         columns = partition(ids, data.private.y[ids], config.shards.count, config.shards.slices,
-                            config.partition.strategy, config.seed, data.private.x[ids], subjects=owners[ids])
+                            config.partition.strategy, config.seed, data.private.x[ids], subjects=owners[ids],
+                            key=config.partition.key)
+        run.write_json(PARTITION_FILE, {"strategy": config.partition.strategy, **key_record(config.seed, config.partition.key)})
         ledger = run.ledger()
         ledger.write_assignments({**columns, "label": data.private.y[columns["sample_id"]],
                                   "subject_id": owners[columns["sample_id"]]})
@@ -244,6 +249,8 @@ def forget(run_dir, ids: list[int] | None, log: Callable = print, placement=None
             registered = _log_version(config, run, mlrun, [result.request_id]) or {}
             result.registered_model = registered.get("registered_model")
             result.registered_version = registered.get("registered_version")
+        else:  # the ids the version this request made live trained on (its registration is the coordinator's run)
+            mlrun.log_dataset(config, *trained_ids(run))
         mlrun.log_summary(result.to_dict())
     return result
 

@@ -74,8 +74,8 @@ def test_silently_cut_noise_is_caught_although_the_recipe_claims_epsilon_one(ray
     # reaches training, while each recipe keeps the ε its calibration claimed.
     honest = runs.make_recipe
 
-    def cut_noise(config, shard, slice_sizes):
-        recipe = honest(config, shard, slice_sizes)
+    def cut_noise(config, shard, slice_sizes, *args, **kwargs):
+        recipe = honest(config, shard, slice_sizes, *args, **kwargs)
         return dataclasses.replace(recipe, noise_multiplier=recipe.noise_multiplier / 100)
 
     monkeypatch.setattr(runs, "make_recipe", cut_noise)

@@ -146,3 +146,20 @@ def test_concurrent_waiting_clients_of_one_run_each_finish(tracked):
     assert all(not isinstance(r, Exception) and r is not None for r in results), results
     assert all(run.ledger().status_of(r.request_id) == "done" for r in results)
     assert all(r.registered_version is not None for r in results)
+
+
+def test_the_run_records_its_partition_key_and_the_assignment_is_recomputable_from_the_ids_alone(tracked):
+    from pipeline.data.keyed import partition_key
+    from pipeline.data.subjects import partition_by_subject
+
+    run, _ = tracked
+    recorded = run.read_json("partition.json")
+    config = run.config()
+    assert recorded["scheme"] == "blake2b-keyed-v1" and recorded["strategy"] == "by_subject"
+    assert bytes.fromhex(recorded["key"]) == partition_key(config.seed, config.partition.key)
+    table = run.ledger().assignments().to_pandas().sort_values("sample_id")
+    again = partition_by_subject(table["sample_id"].to_numpy(), table["subject_id"].to_numpy(), config.shards.count,
+                                 config.shards.slices, recorded["seed"])
+    order = np.argsort(again["sample_id"])
+    assert np.array_equal(again["shard"][order], table["shard"].to_numpy())
+    assert np.array_equal(again["slice"][order], table["slice"].to_numpy())

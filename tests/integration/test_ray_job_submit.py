@@ -145,8 +145,11 @@ def test_concurrent_forget_jobs_on_one_run_each_apply_once_and_log_to_the_mlflow
 
     tracking = MlflowClient(mlflow_server)  # every job's driver logged to the one server
     found = tracking.search_runs([tracking.get_experiment_by_name("dpsisa").experiment_id])
-    kinds = sorted(r.data.tags["dpsisa.kind"] for r in found)
-    assert kinds.count("train") == 1 and kinds.count("forget") == 3 and kinds.count("run") == 1
+    verbs = sorted(r.data.tags["dpsisa.kind"] for r in found if "dpsisa.writer" not in r.data.tags)
+    assert verbs.count("train") == 1 and verbs.count("forget") == 3 and verbs.count("run") == 1
+    released = [r for r in found if r.data.tags.get("dpsisa.writer") == "coordinator"]  # the coordinator's registrations
+    logged = {a.path for r in released for a in tracking.list_artifacts(r.info.run_id, "receipts")}
+    assert 1 <= len(released) <= 3 and logged == {f"receipts/{r['request_id']}.json" for r in requests}
     parent = next(r for r in found if r.data.tags["dpsisa.kind"] == "run").info.run_id
     assert all(r.data.tags.get("mlflow.parentRunId") == parent for r in found if r.data.tags["dpsisa.kind"] != "run")
 

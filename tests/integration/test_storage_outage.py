@@ -76,6 +76,6 @@ def test_a_storage_outage_during_a_waiting_forget_is_retried_and_the_client_fini
     assert run.ledger().status_of(rid) == "done" and proxy.refused > 0
     told = [line for line in lines if "retrying" in line]
     assert told and len(told) == len(set(told))  # the error reached the client, each distinct one once
-    held = Lease(run, "").holder()
-    assert datetime.fromisoformat(held["expires_at"]) > datetime.now(timezone.utc)  # renewals resumed: still held
-    assert runs.verify(run, log=lambda m: None)["exact"] is True
+    held = Lease(run, "").holder()  # released when the coordinator closed, or (if it is still closing) not expired
+    assert held is None or datetime.fromisoformat(held["expires_at"]) > datetime.now(timezone.utc)
+    assert runs.verify(run, log=lambda m: None)["exact"] is True  # no zombie: the next command just works

@@ -236,7 +236,10 @@ def test_an_interrupted_sweep_resumes_to_one_child_run_per_trial(ray_2cpu, tmp_p
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = [f"tracking.uri={uri}", "tracking.experiment=resume-test"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # DPSISA_HOME is tmp_path (conftest)
+    # the command joins this module's cluster by its address (DPSISA_HOME is tmp_path: conftest)
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(DIGITS_SWEEP), *overrides],
                             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     tune_dir = tmp_path / "sweeps" / "sweep_digits" / "tune"

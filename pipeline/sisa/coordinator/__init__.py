@@ -26,5 +26,7 @@ A second cluster waits up to `ray.lease_wait_s` for it, then is refused with a c
 from pipeline.sisa.coordinator.actor import Coordinator
 from pipeline.sisa.coordinator.lease import LEASE, LEASE_RENEW_S, LEASE_TTL_S, Lease, cluster_identity
 from pipeline.sisa.coordinator.session import Session, ensure, find, stop
+from pipeline.sisa.driver import actor_name
 
-__all__ = ["LEASE", "LEASE_RENEW_S", "LEASE_TTL_S", "Coordinator", "Lease", "Session", "cluster_identity", "ensure", "find", "stop"]
+__all__ = ["LEASE", "LEASE_RENEW_S", "LEASE_TTL_S", "Coordinator", "Lease", "Session", "actor_name", "cluster_identity", "ensure",
+           "find", "stop"]
