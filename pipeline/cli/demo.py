@@ -11,7 +11,7 @@ import numpy as np
 from pipeline import config as config_mod
 from pipeline.verbs import runs
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "fmnist.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "fmnist.yaml"
 DEMO_DEFAULTS = ["partition.strategy=by_subject"]  # a person's samples in one shard and one slice: ε per person (privacy.unit)
 # With the default config: 20 pretraining epochs of batch 64 reach a better public model (test
 # accuracy 87.8% vs 87.6%) than fmnist.yaml's 30 of batch 128, in two thirds of the time.

@@ -40,3 +40,9 @@ def test_storage_that_cannot_be_written_is_a_failure_not_bad_input(tmp_path):
     with pytest.raises(StorageError) as caught:
         Storage(blocked / "run").check_writable()  # a folder under a file cannot be created
     assert caught.value.exit_code == 4 and not isinstance(caught.value, StorageNameError)
+
+
+def test_the_demo_finds_its_default_config_wherever_the_package_lives():
+    from pipeline.cli.demo import DEFAULT_CONFIG
+
+    assert DEFAULT_CONFIG.is_file() and DEFAULT_CONFIG.name == "fmnist.yaml"
