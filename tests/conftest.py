@@ -26,15 +26,71 @@ def digits_config():
     return make
 
 
-@pytest.fixture(scope="module")
-def ray_2cpu():
-    """A real local Ray cluster with 2 CPUs for one test module."""
+RAY_OPTIONS = dict(address="local", num_cpus=2, include_dashboard=False, namespace="dpsisa", configure_logging=False)
+
+
+def start_ray():
+    """The session's shared local Ray cluster (2 CPUs), started if none is up in this process.
+
+    One cluster serves every module that uses `ray_2cpu` (a start costs seconds); a module that
+    needs a cluster of its own (multi-node, a proxied store, Tune) shuts this one down first with
+    `own_ray_cluster()`, and the next module that needs it starts it again."""
     import ray
 
     os.environ.setdefault("DPSISA_CACHE", "/tmp/dpsisa-test-cache")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="dpsisa", configure_logging=False)
+    if not ray.is_initialized():
+        ray.init(**RAY_OPTIONS)
+    return ray
+
+
+def own_ray_cluster():
+    """Shut the shared cluster down (if up) before a module starts a cluster of its own."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _leave_cluster_clean(ray, timeout_s: float = 20.0) -> None:
+    """After a module: kill the named actors it left (kept-alive coordinators, whose shard actors and
+    placement groups go with them) and wait for every CPU to be free again; a cluster that does not
+    get there is restarted, so no module sees another's leftovers."""
+    import time
+
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        try:
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+        except ValueError:  # gone meanwhile
+            pass
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup
+
+    for group_id, group in ray.util.placement_group_table().items():  # groups the test process itself owns
+        if group["state"] != "REMOVED":
+            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(group_id)))
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0):
+        if time.monotonic() > deadline:
+            print(f"\nshared Ray cluster not free after the module ({ray.available_resources()}): restarting it", flush=True)
+            ray.shutdown()
+            return
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def _shared_ray(s3_store):
+    """Session scope; the S3 fixture starts first so that Ray's workers inherit its AWS variables."""
+    yield
+    own_ray_cluster()
+
+
+@pytest.fixture(scope="module")
+def ray_2cpu(_shared_ray):
+    """The shared real local Ray cluster (2 CPUs), left clean for the next module."""
+    ray = start_ray()
     yield ray
-    ray.shutdown()
+    if ray.is_initialized():
+        _leave_cluster_clean(ray)
 
 
 @pytest.fixture(autouse=True)

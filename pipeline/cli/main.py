@@ -36,7 +36,7 @@ def _ids(args: argparse.Namespace) -> list[int]:
 
 
 def _subjects(args: argparse.Namespace) -> list[str]:
-    from pipeline.data.subjects import SubjectError, parse_subjects
+    from pipeline.data.subject_lists import SubjectError, parse_subjects
 
     if args.subjects_file:
         path = Path(args.subjects_file)
@@ -111,7 +111,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     from pipeline.verbs import runs
 
     if args.subject is not None:
-        from pipeline.data.subjects import parse_subjects
+        from pipeline.data.subject_lists import parse_subjects
 
         (subject,) = parse_subjects(args.subject, source="--subject")[:1]
         _print(runs.subject_status(runs.resolve_run_dir(args.run_dir), subject), args.json, formatters.human_subject)

@@ -7,8 +7,7 @@ which a sample's subject depends only on (seed, id), not on the rest of the data
 `partition_by_subject` is the `by_subject` partition: a keyed hash of each subject id puts every
 subject's samples in one shard and, within it, one slice, so erasing a person retrains one shard
 from one slice on, and adding or removing a person moves nobody else. Its output has the columns
-of `partition.partition`. `parse_subjects` and `resolve_subjects` turn a
-`--subject` list into the sample ids to forget.
+of `partition.partition`. `subject_lists` turns a `--subject` list into the sample ids to forget.
 
 Pure numpy/pandas/pyarrow: no Ray, no torch.
 """
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.id_lists import split_items
 from pipeline.errors import UserError
 
 
@@ -283,67 +281,6 @@ def partition_by_subject(ids: np.ndarray, subjects: np.ndarray, shards: int, sli
     sample_shard, sample_slice = subject_shard[owner], subject_slice[owner]
     check_cells(sample_shard, sample_slice, shards, slices, f"{len(unique)} subjects", "by_subject")
     return columns(ids, sample_shard, sample_slice, sample_words(ids, hash_key)[:, 2])
-
-
-# ---------------------------------------------------------------------------------------------
-# --subject lists
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_subjects(text: str, source: str | None = None) -> list[str]:
-    """'alice, bob' or one subject id per line → ['alice', 'bob']; an empty item is an error, nothing requested.
-
-    Like `pipeline.data.id_lists.parse_ids` for text ids: items are separated by commas and newlines;
-    spaces around an item are stripped, and one final newline (how files end) is fine. An empty
-    item — 'a,,b', a leading or trailing comma, a blank line — is an error, not something to skip:
-    it is how an id lost by a script (an unset shell variable) shows. `source` names the input in
-    messages, e.g. "--subject".
-    """
-    return split_items(text, source or "the subject list", SubjectError, "a lost subject id",
-                       "pass subject ids like --subject subj-000012,subj-000907.",
-                       "pass only subject ids, e.g. --subject subj-000012,subj-000907 or one per line.")
-
-
-def resolve_subjects(table_ids: np.ndarray, table_subjects: np.ndarray, wanted: list[str]) -> dict[str, list[int]]:
-    """Each wanted subject → its sample ids (sorted), in the order of `wanted`.
-
-    Raises `SubjectError` for an empty item, a subject listed twice, or subjects the table does not
-    know (up to 10 named); nothing is requested then.
-    """
-    table_ids = np.asarray(table_ids).astype(np.int64)
-    names = np.array([str(s).strip() if s is not None else "" for s in np.asarray(table_subjects, dtype=object)], dtype=object)
-    if names.shape != table_ids.shape:
-        raise SubjectError(f"the subject table has {len(names)} subject ids for {len(table_ids)} sample ids; give one per sample.")
-    wanted = [w.strip() if isinstance(w, str) else w for w in wanted]
-    if not wanted:
-        raise SubjectError("no subjects were given; nothing was requested: pass subject ids like --subject subj-000012,subj-000907.")
-    empty = [i for i, w in enumerate(wanted, 1) if not isinstance(w, str) or not w]
-    if empty:
-        raise SubjectError(f"the subject list has an empty item at position {_shown(empty, 5)}; "
-                           "nothing was requested: pass only subject ids.")
-    seen, twice = set(), []
-    for w in wanted:
-        if w in seen and w not in twice:
-            twice.append(w)
-        seen.add(w)
-    if twice:
-        raise SubjectError(f"subject {_shown(twice, 10)} is listed more than once; nothing was requested: list each subject once.")
-    order = np.argsort(names.astype(str), kind="stable")
-    sorted_names = names[order].astype(str)
-    result, unknown = {}, []
-    for w in wanted:
-        lo, hi = np.searchsorted(sorted_names, w, "left"), np.searchsorted(sorted_names, w, "right")
-        if lo == hi:
-            unknown.append(w)
-        else:
-            result[w] = sorted(int(i) for i in table_ids[order[lo:hi]])
-    if unknown:
-        raise SubjectError(
-            f"{len(unknown)} subject{'s are' if len(unknown) > 1 else ' is'} not in the run's subject table "
-            f"({_shown(unknown, 10)}); nothing was requested: "
-            "pass subject ids from the run's subject table (data.subjects, or the synthetic one)."
-        )
-    return result
 
 
 SYNTHETIC_SEED = 0  # a property of the data set, not of a run: every run of a data set agrees on who owns what

@@ -1,9 +1,10 @@
-"""The driver: starts one ShardActor per shard on Ray, routes forget requests, aggregates.
+"""The driver: sizes, places and spawns one ShardActor per shard on Ray, fans calls out, aggregates.
 
-Ray lives here, in `coordinator.py` and in `cluster.py` (and the sweep). Actors are sized by a
+Ray lives here, in `coordinator/` and in `cluster.py` (and the sweep). Actors are sized by a
 `ShardLayout` from what the cluster (or a Tune trial's placement group) holds, placed with one
 bundle per shard (SPREAD), and load everything from the run directory so Ray can restart them.
-Outside Tune trials the ensemble is owned by the run's coordinator (`coordinator.py`).
+Forget requests are not applied here: the run's coordinator (`coordinator/`) is the one forget
+engine, also inside a Tune trial; it owns the ensemble after training.
 """
 from __future__ import annotations
 
@@ -24,11 +25,10 @@ from pipeline.config import Config
 from pipeline.core.checkpoints import CheckpointIntegrityError
 from pipeline.errors import RecoverableError
 from pipeline.sisa import cluster
-from pipeline.sisa.erasure_queue import job_name
-from pipeline.sisa.results import ForgetResult
 from pipeline.sisa.shard import Shard
-from pipeline.storage import receipts
 from pipeline.storage.rundir import RunDir, open_run
+
+Placement = PlacementGroup  # a Tune trial's placement group: where a trial's coordinator and shards run
 
 PLACEMENT_TIMEOUT_S = 60
 PROGRESS_GROUP = "progress"  # a second concurrency group per actor: `progress` answers while fit/forget runs
@@ -113,6 +113,14 @@ class ShardLayout:
         return cls(config.shards.count, shard_resources(config, total))
 
     @classmethod
+    def for_placement(cls, config: Config, placement: Placement | None) -> ShardLayout:
+        """The layout a run's shards get: a share of the trial's group, or the cluster's (a
+        ClusterError when they do not fit: checked before any work, again when they are spawned)."""
+        if placement is None:
+            return cls.for_cluster(config, ray.cluster_resources())
+        return cls.for_bundles(config, placement.bundle_specs)
+
+    @classmethod
     def for_bundles(cls, config: Config, bundles: list[dict[str, float]]) -> ShardLayout:
         """Inside a Tune trial: the shards share the trial's bundles after the trainable's own."""
         totals: dict[str, float] = {}
@@ -172,11 +180,9 @@ class Ensemble:
               log: Callable = print) -> Ensemble:
         """Reserve one bundle per shard (or share a Tune trial's `placement`) and spawn the actors."""
         own = placement is None
+        layout = ShardLayout.for_placement(config, placement)
         if own:
-            layout = ShardLayout.for_cluster(config, ray.cluster_resources())
             placement = layout.reserve()
-        else:
-            layout = ShardLayout.for_bundles(config, placement.bundle_specs)
         actors = spawn_shards(run, config, recipes, layout, placement, own)
         log(f"started {len(actors)} shard actors (CPU {layout.resources.cpus}, GPU {layout.resources.gpus} each)")
         return cls(run, config, actors, placement if own else None)
@@ -283,43 +289,6 @@ class Ensemble:
 
     def status(self) -> dict[int, dict]:
         return self._gather({a.status.remote(): s for s, a in enumerate(self.actors)}, "status")
-
-    # -- forgetting ---------------------------------------------------------------------------
-    def apply(self, requests: list[tuple[str, list[int]]], log: Callable, on_stage: OnStage | None = None) -> dict[int, dict]:
-        """Apply pending requests together: each owning shard replays once for all of their ids
-        (one new version per shard per batch), then every request is marked done in one write.
-        Idempotent per shard: a shard that already applied them (a crash after its commit) skips."""
-        ids = [i for _, owned in requests for i in owned]
-        job = job_name([rid for rid, _ in requests])
-        owners = self.ledger.owners(ids)
-        results = self._limited({s: partial(self.actors[s].forget.remote, job, owned) for s, owned in owners.items()},
-                               "forget", log, self._progress(job, on_stage))
-        with self.ledger.locked():
-            self.ledger.mark_done([rid for rid, _ in requests], {s: r["version"] for s, r in results.items()})
-        receipts.write(self.run, self.ledger, [rid for rid, _ in requests], results)
-        return results
-
-    def complete_pending(self, log: Callable = print, on_stage: OnStage | None = None) -> dict[str, ForgetResult]:
-        """Finish every request a crash left `pending` (one batch); request id → its result."""
-        pending = list(self.ledger.pending().items())
-        if not pending:
-            return {}
-        log(f"completing {len(pending)} pending forget request(s)")
-        start = time.perf_counter()
-        results = self.apply(pending, log, on_stage)
-        return {rid: ForgetResult.of(rid, ids, results, time.perf_counter() - start, [r for r, _ in pending], True)
-                for rid, ids in pending}
-
-    def forget(self, ids: list[int], log: Callable = print, on_stage: OnStage | None = None) -> ForgetResult:
-        """Without a coordinator (a Tune trial's private run): validate, record as pending, retrain
-        the owners in parallel, mark done — under the ledger's file lock."""
-        start = time.perf_counter()
-        with self.ledger.locked():
-            self.ledger.validate(ids)
-            request_id = self.ledger.append_request(ids)
-        log(f"forget request {request_id}: {len(ids)} id(s) owned by shard(s) {sorted(self.ledger.owners(ids))}")
-        results = self.apply([(request_id, ids)], log, on_stage)
-        return ForgetResult.of(request_id, ids, results, time.perf_counter() - start, [request_id])
 
 
 class StageProgress:

@@ -275,7 +275,7 @@ class Ledger:
 
     def subjects_to_ids(self, subjects: list[str]) -> dict[str, list[int]]:
         """subject → its sample ids in this run; unknown subjects are refused (nothing changed)."""
-        from pipeline.data.subjects import resolve_subjects
+        from pipeline.data.subject_lists import resolve_subjects
 
         table = self.assignments()
         if "subject_id" not in table.column_names:

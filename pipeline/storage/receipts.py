@@ -7,8 +7,8 @@ requested and done, what privacy the erased person had while the retired version
 (`privacy`: the run's privacy unit, ε and δ per person over the releases that saw the samples,
 and with unit "sample" the group bound for the erased subject's sample count), and — once
 `dpsisa verify` has run — whether retraining from scratch matched.
-Written by whoever applies the batch (the run's coordinator, or a Tune trial's driver): the
-coordinator writes it once the shards are clean, before the registry step and before the ledger
+Written by the run's coordinator (the one forget engine, also in a Tune trial): it writes it
+once the shards are clean, before the registry step and before the ledger
 marks the request done (a restarted coordinator writes any receipt a crash left missing).
 """
 from __future__ import annotations

@@ -3,8 +3,9 @@ benchmarks and the sweep all call these functions.
 
 A run directory is a local path or a URI (`s3://bucket/prefix`, ...): see `rundir.RunDir` for
 its layout. After training, every verb reaches the shards through the run's coordinator
-(`coordinator.py`, the run's single writer), except inside a Tune trial (`placement` given),
-whose private run is driven directly.
+(`sisa/coordinator/`, the run's single writer): the one forget engine. Inside a Tune trial
+(`placement`: the trial's placement group) that coordinator and its shards live in the trial's
+group and go with the trial.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pipeline.data import datasets, subjects
 from pipeline.data.partition import key_record, partition
 from pipeline.evaluation import evaluate, lira
 from pipeline.sisa import cluster, coordinator
-from pipeline.sisa.driver import Ensemble
+from pipeline.sisa.driver import Ensemble, Placement, ShardLayout
 from pipeline.sisa.results import ForgetResult, ShardStatus
 from pipeline.storage import receipts
 from pipeline.storage.ledger import STATUSES
@@ -105,25 +106,17 @@ def log_backlog(config: Config, run: RunDir) -> int:
 
 
 @contextmanager
-def opened(run_dir, log: Callable = print, placement=None, complete_pending: bool = True,
-           timeout_s: float | None = None) -> Iterator[tuple[Config, RunData, Ensemble, coordinator.Session | None]]:
-    """Config, lazily loaded data and the run's live ensemble: the coordinator's (warm when kept
-    alive), or inside a Tune trial (`placement`) one driven directly. Pending requests a crash
+def opened(run_dir, log: Callable = print, placement: Placement | None = None, complete_pending: bool = True,
+           timeout_s: float | None = None) -> Iterator[tuple[Config, RunData, Ensemble, coordinator.Session]]:
+    """Config, lazily loaded data and the run's live ensemble: its coordinator's shard actors (warm
+    when kept alive; in a Tune trial's placement group with `placement`). Pending requests a crash
     left are completed first (and logged to MLflow)."""
     run = open_run(run_dir)
     config = run.config()
     cluster.connect(config.ray, log)
     data = RunData(config)
-    if placement is not None:
-        ensemble = Ensemble.start(run, config, [r.to_dict() for r in run.recipes()], placement=placement, log=log)
-        try:
-            if complete_pending:
-                _log_completed(config, run, ensemble.complete_pending(log))
-            yield config, data, ensemble, None
-        finally:
-            ensemble.shutdown()
-        return
-    with coordinator.Session(run, config, log, observer=RegistryObserver(), timeout_s=timeout_s) as session:
+    with coordinator.Session(run, config, log, observer=RegistryObserver(), timeout_s=timeout_s,
+                             placement=placement) as session:
         if complete_pending:
             _log_completed(config, run, session.complete_pending())
         log_backlog(config, run)
@@ -137,7 +130,7 @@ def _other_half(config: Config, n_private: int) -> list[int]:
     return np.flatnonzero(~lira.paired_halves(1, n_private, config.data.keep_half)[0]).tolist()
 
 
-def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = print, placement=None,
+def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = print, placement: Placement | None = None,
           exclude_ids: list[int] | None = None) -> dict:
     """Partition, pretrain (cached), calibrate DP, train all shards in parallel, evaluate, track.
 
@@ -154,6 +147,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
     with tracking.verb_run("train", config, run) as mlrun:
         started = time.perf_counter()
         local = cluster.connect(config.ray, log)
+        ShardLayout.for_placement(config, placement)  # shards that cannot fit fail here, before any work
         if keep_alive and local:
             log("note: --keep-alive on a Ray cluster this command started: its actors stay warm until this process exits; "
                 "for later commands use `ray start --head`.")
@@ -224,7 +218,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
     return summary
 
 
-def forget(run_dir, ids: list[int] | None, log: Callable = print, placement=None,
+def forget(run_dir, ids: list[int] | None, log: Callable = print, placement: Placement | None = None,
            subjects: list[str] | None = None, timeout_s: float | None = None) -> ForgetResult:
     """Submit a forget request to the run's coordinator and wait until it is applied. With
     `subjects`, the request is every sample those data subjects own."""
@@ -233,10 +227,7 @@ def forget(run_dir, ids: list[int] | None, log: Callable = print, placement=None
     ids = _ids_of(run, ids, subjects, log)
     with tracking.verb_run("forget", config, run) as mlrun:
         with opened(run, log, placement=placement, timeout_s=timeout_s) as (config, data, ensemble, session):
-            if session is None:
-                result = ensemble.forget(ids, log, on_stage=mlrun.log_stage)
-            else:
-                result = session.forget(ids, on_stage=mlrun.log_stage)
+            result = session.forget(ids, on_stage=mlrun.log_stage)
         result.full_train_seconds = run.summary()["full_train_seconds"]
         result.speedup = result.full_train_seconds / max(result.seconds, 1e-9)
         replayed, total = replay_work([r.to_dict() for r in run.recipes()], result.from_stage)
@@ -245,12 +236,8 @@ def forget(run_dir, ids: list[int] | None, log: Callable = print, placement=None
         result.receipt = receipts.read(run, result.request_id)
         if result.receipt is not None:
             mlrun.log_json(f"{receipts.FOLDER}/{result.request_id}.json", result.receipt)
-        if session is None:  # a Tune trial's run: registered here (a coordinator registers its own batches)
-            registered = _log_version(config, run, mlrun, [result.request_id]) or {}
-            result.registered_model = registered.get("registered_model")
-            result.registered_version = registered.get("registered_version")
-        else:  # the ids the version this request made live trained on (its registration is the coordinator's run)
-            mlrun.log_dataset(config, *trained_ids(run))
+        # the ids the version this request made live trained on (its registration is the coordinator's run)
+        mlrun.log_dataset(config, *trained_ids(run))
         mlrun.log_summary(result.to_dict())
     return result
 
@@ -360,7 +347,7 @@ def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple
     return replayed, total
 
 
-def evaluate_run(run_dir, log: Callable = print, placement=None, probe_ids: list[int] | None = None,
+def evaluate_run(run_dir, log: Callable = print, placement: Placement | None = None, probe_ids: list[int] | None = None,
                  reference_models: int | None = None, reference_dir: str | None = None) -> dict:
     """Test metrics and membership-inference attacks; `probe_ids` (e.g. ids about to be
     forgotten) are attacked in place of the forgotten ids. With `reference_models` K, also LiRA

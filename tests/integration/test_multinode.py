@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from conftest import own_ray_cluster
 
 from pipeline.storage.rundir import RunDir
 from pipeline.verbs import runs
@@ -19,6 +20,7 @@ def multinode():
     import ray
     from ray.cluster_utils import Cluster
 
+    own_ray_cluster()  # the session's shared cluster goes first (this module needs its own nodes)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(3):
         cluster.add_node(num_cpus=1)

@@ -222,6 +222,7 @@ def test_more_shards_than_the_cluster_holds_fails_fast(ray_2cpu, tmp_path, digit
     config = digits_config("shards.count=4", "ray.cpus_per_shard=1")
     with pytest.raises(ClusterError, match="do not fit"):
         runs.train(config, tmp_path / "big", log=lambda m: None)
+    assert not (tmp_path / "big" / "ledger").exists()  # refused before partitioning, pretraining or writing shard data
 
 
 def test_forgotten_ids_are_at_chance_for_the_attack_after_forgetting(trained, monkeypatch):

@@ -11,6 +11,7 @@ import uuid
 from datetime import datetime, timezone
 
 import pytest
+from conftest import own_ray_cluster
 from faults import SwitchableProxy
 
 from pipeline.sisa.coordinator import Lease
@@ -31,8 +32,7 @@ def proxied_run(s3_store, tmp_path_factory):
     proxy = SwitchableProxy("127.0.0.1", int(s3_store.endpoint.rsplit(":", 1)[1]))
     direct = os.environ["AWS_ENDPOINT_URL"]
     os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
-    if ray.is_initialized():
-        ray.shutdown()
+    own_ray_cluster()  # the shared cluster's workers reach the store directly: this module needs its own
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="dpsisa", configure_logging=False)
     try:
         home = tmp_path_factory.mktemp("outage")

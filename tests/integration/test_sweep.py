@@ -8,10 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from conftest import own_ray_cluster
 
 from pipeline import sweep
 from pipeline.config import ConfigError
 from pipeline.evaluation import plots
+from pipeline.storage import receipts
 from pipeline.storage.rundir import RunDir
 from pipeline.tracking import mlflow_runs as tracking
 
@@ -166,6 +168,7 @@ def test_plots_and_best_strategy_from_a_summary_table(tmp_path):
 def ray_2cpu():
     import ray
 
+    own_ray_cluster()  # Tune gets a cluster of its own
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="dpsisa-test-sweep")
     yield
     ray.shutdown()
@@ -213,6 +216,13 @@ def test_digits_sweep_logs_parent_and_one_child_run_per_trial(ray_2cpu, tmp_path
             "forget_speedup_vs_shards.png"} <= artifacts
     # the trials' own jobs did not log runs of their own: only the parent and its children exist
     assert len(client.search_runs([experiment.experiment_id])) == 5
+    # one forget engine: each trial's request went through a coordinator (pending → applied → done,
+    # with its receipt), not through a second path that marks requests done directly
+    for trial_id in table["trial_id"]:
+        run = RunDir(tmp_path / "sweeps" / "sweep_digits" / "runs" / trial_id)
+        requests = run.ledger().requests().to_pandas()
+        assert len(requests) == 5 and (requests["status"] == "done").all() and requests["applied_at"].notna().all()
+        assert all(receipts.read(run, rid) is not None for rid in requests["request_id"].unique())
 
     # a second run of the same sweep is refused; --resume of a finished sweep adds no duplicate runs
     with pytest.raises(sweep.SweepError, match="--resume"):
@@ -225,7 +235,8 @@ def test_digits_sweep_logs_parent_and_one_child_run_per_trial(ray_2cpu, tmp_path
 @pytest.mark.slow
 def test_an_interrupted_sweep_resumes_to_one_child_run_per_trial(ray_2cpu, tmp_path):
     """SIGINT the real command once a trial has reported, then --resume: every trial ends with
-    exactly one finished child run and the summary holds all of them."""
+    exactly one finished child run and the summary holds all of them. Two trials (the smoke sweep's
+    ε ∈ {1, no DP} at fc_gn): one finishes before the interrupt, the other after the resume."""
     import os
     import signal
     import subprocess
@@ -236,11 +247,16 @@ def test_an_interrupted_sweep_resumes_to_one_child_run_per_trial(ray_2cpu, tmp_p
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = [f"tracking.uri={uri}", "tracking.experiment=resume-test"]
+    spec = yaml.safe_load(DIGITS_SWEEP.read_text())
+    spec.update(base=str(ROOT / "jobs" / "configs" / "digits.yaml"), max_concurrent_trials=1,
+                grid={**spec["grid"], "finetune.strategy": ["fc_gn"]})
+    two_trials = tmp_path / "sweep_digits.yaml"
+    two_trials.write_text(yaml.safe_dump(spec))
     # the command joins this module's cluster by its address (DPSISA_HOME is tmp_path: conftest)
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(DIGITS_SWEEP), *overrides],
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(two_trials), *overrides],
                             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     tune_dir = tmp_path / "sweeps" / "sweep_digits" / "tune"
     deadline = time.monotonic() + 600
@@ -258,12 +274,12 @@ def test_an_interrupted_sweep_resumes_to_one_child_run_per_trial(ray_2cpu, tmp_p
     interrupted = client.search_runs([experiment.experiment_id], "tags.dpsisa.kind = 'sweep'")
     assert len(interrupted) == 1 and interrupted[0].info.status == "KILLED"
     done_before = len(client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'"))
-    assert 1 <= done_before < 4
+    assert done_before == 1
 
-    resumed = sweep.run_sweep(DIGITS_SWEEP, overrides, resume=True)
+    resumed = sweep.run_sweep(two_trials, overrides, resume=True)
     assert resumed["parent_run_id"] == interrupted[0].info.run_id
-    assert not resumed["errors"] and not resumed["unfinished"] and len(resumed["table"]) == 4
+    assert not resumed["errors"] and not resumed["unfinished"] and len(resumed["table"]) == 2
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{resumed['parent_run_id']}'")
-    assert len(children) == 4 and all(c.info.status == "FINISHED" for c in children)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
     assert sorted(c.data.tags["dpsisa.trial_id"] for c in children) == sorted(r["trial_id"] for r in resumed["table"])
     assert client.get_run(resumed["parent_run_id"]).info.status == "FINISHED"

@@ -7,14 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.data.partition import PartitionError, partition, partition_key
-from pipeline.data.subjects import (
-    SubjectError,
-    load_subjects,
-    parse_subjects,
-    partition_by_subject,
-    resolve_subjects,
-    synthetic_subjects,
-)
+from pipeline.data.subject_lists import parse_subjects, resolve_subjects
+from pipeline.data.subjects import SubjectError, load_subjects, partition_by_subject, synthetic_subjects
 from pipeline.errors import UserError
 
 # --- synthetic subjects ----------------------------------------------------------------------

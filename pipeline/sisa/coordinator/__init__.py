@@ -1,6 +1,9 @@
 """One writer per run: the coordinator, a detached named Ray actor per run directory.
 
-`lease` (which cluster may write), `actor` (the writer), `session` (the client side).
+`lease` (which cluster may write), `actor` (its state and client API), `writer` (the worker,
+release and lease threads), `release` (receipts → registry observer → done), `session` (the
+client side). The one forget engine: inside a Tune trial too (not detached, in the trial's
+placement group).
 
 Every forget request for a run goes through its coordinator. `submit` validates the ids and
 appends the request to the ledger as `pending` (durably) under one lock, so concurrent

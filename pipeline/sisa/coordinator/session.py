@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pipeline.config import Config
 from pipeline.core.checkpoints import CheckpointIntegrityError
@@ -14,7 +15,7 @@ from pipeline.sisa import cluster
 from pipeline.sisa.coordinator.actor import WAIT_POLL_S, Coordinator, _Closing
 from pipeline.sisa.coordinator.lease import Lease, cluster_identity
 from pipeline.sisa.coordinator.release import ReleaseObserver
-from pipeline.sisa.driver import OnStage, ShardFailure, actor_name
+from pipeline.sisa.driver import OnStage, Placement, ShardFailure, actor_name
 from pipeline.sisa.results import ForgetResult
 from pipeline.storage import receipts
 from pipeline.storage.ledger import ForgetRequestError, new_request_id
@@ -31,17 +32,22 @@ def find(run: RunDir, config: Config):
 
 
 def ensure(run: RunDir, config: Config, keep_alive: bool = False, log: Callable = print,
-           observer: ReleaseObserver | None = None):
+           observer: ReleaseObserver | None = None, placement: Placement | None = None):
     """The run's coordinator, started if none is alive (waiting for another cluster's lease first);
-    `observer` is what the new one tells MLflow when requests are applied (see release.py)."""
+    `observer` is what the new one tells MLflow when requests are applied (see release.py).
+
+    Inside a Tune trial (`placement`: the trial's placement group) the coordinator is not detached:
+    it lives in the trial's group, owned by the trial's process, and goes with the trial."""
     handle = find(run, config)
     if handle is not None:
         return handle
     Lease(run, cluster_identity()).wait_until_free(config.ray.lease_wait_s, log)
+    where = ({"lifetime": "detached"} if placement is None else
+             {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=-1)})
     return _remote().options(
-        name=actor_name(run, "coordinator"), namespace=config.ray.namespace, lifetime="detached", get_if_exists=True,
-        max_restarts=-1, max_task_retries=-1, max_concurrency=64, num_cpus=0,
-    ).remote(run.uri, keep_alive, observer)
+        name=actor_name(run, "coordinator"), namespace=config.ray.namespace, get_if_exists=True,
+        max_restarts=-1, max_task_retries=-1, max_concurrency=64, num_cpus=0, **where,
+    ).remote(run.uri, keep_alive, observer, placement)
 
 
 def _unwrap(exc: Exception) -> Exception:
@@ -68,15 +74,16 @@ class Session:
     """A client's use of the run's coordinator: attach → (submit, wait)* → release."""
 
     def __init__(self, run: RunDir, config: Config, log: Callable = print, keep_alive: bool = False,
-                 observer: ReleaseObserver | None = None, timeout_s: float | None = None):
+                 observer: ReleaseObserver | None = None, timeout_s: float | None = None, placement: Placement | None = None):
         self.run, self.config, self.log, self.keep_alive, self.observer = run, config, log, keep_alive, observer
+        self.placement = placement
         self.timeout_s = timeout_s if timeout_s is not None else config.ray.wait_timeout_s
         self.handle, self.actors = None, []
 
     def __enter__(self) -> Session:
         closing = 0
         for _ in range(20 + CLOSING_TRIES):
-            self.handle = ensure(self.run, self.config, self.keep_alive, self.log, self.observer)
+            self.handle = ensure(self.run, self.config, self.keep_alive, self.log, self.observer, self.placement)
             try:
                 self.actors = ray.get(self.handle.attach.remote())
                 return self
