@@ -148,8 +148,8 @@ def run_whitebox_audit(config: Config, canaries: int, run_dir: Path, log: Callab
 
 def format_whitebox_audit(r: dict) -> str:
     """Human summary of `run_whitebox_audit`'s result."""
-    def num(v: float | None) -> str:
-        return "n/a (no DP)" if v is None else f"{v:.3f}"
+    def num(v: float | None, spec: str = ".3f") -> str:
+        return "n/a (no DP)" if v is None else format(v, spec)
 
     claimed = "no DP (no accountant ε)" if r["epsilon"] is None else f"accountant ε = {r['epsilon']:.3f}"
     sigma = "no DP" if r["sigma"] is None else f"σ={r['sigma']:.3f}"
@@ -158,7 +158,7 @@ def format_whitebox_audit(r: dict) -> str:
         f"(δ={r['delta']:g}); {claimed}",
         f"  ideal auditor {num(r['epsilon_lower_bound_ideal'])} (median of {r['ideal_runs']} simulated runs, 99th pct "
         f"{num(r['epsilon_lower_bound_ideal_p99'])}); randomised-response ceiling {num(r['epsilon_lower_bound_ceiling'])}",
-        f"  noise calibration p = {num(r['noise_calibration_p'])} (excluded canaries' scores vs the recorded σ)",
+        f"  noise calibration p = {num(r['noise_calibration_p'], '.3g')} (excluded canaries' scores vs the recorded σ)",
         f"  {r['correct_guesses']}/{r['guesses']} guesses right ({r['score']}) on {r['canaries']} gradient canaries "
         f"({r['canaries_included']} included); {sigma}, {r['steps']} steps, {r['unit']} level, {r['strategy']}",
         f"  shard {r['shard']} ({r['shard_samples']} samples), test accuracy {r['test_accuracy']:.4f}; "
