@@ -86,19 +86,21 @@ class GradientCanaries:
             where = torch.from_numpy(positions).to(p.device)
             values = torch.from_numpy(self.signs[canaries] * self.norm).to(p.device, p.dtype)
             mine = np.isin(canaries, chosen)
+            picked = torch.from_numpy(mine).to(p.device)
             if private:
                 if n:
                     self._clean[canaries] = (clip @ p.grad_sample.reshape(n, -1)[:, where].double()).cpu().numpy()
                 rows = p.grad_sample.new_zeros((len(chosen), p.numel()))
                 row_of = {int(c): r for r, c in enumerate(chosen)}
-                rows[[row_of[int(c)] for c in canaries[mine]], where[mine]] = values[mine]
+                row = torch.tensor([row_of[int(c)] for c in canaries[mine]], dtype=torch.long, device=p.device)
+                rows[row, where[picked]] = values[picked]
                 p.grad_sample = torch.cat([p.grad_sample, rows.view(len(chosen), *p.shape)])
             else:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 self._clean[canaries] = p.grad.reshape(-1)[where].double().cpu().numpy() * batch_size
                 flat = p.grad.view(-1)
-                flat[where[mine]] += values[mine] / batch_size
+                flat[where[picked]] += values[picked] / batch_size
 
     def observe(self, names: list[str], params: list[nn.Parameter], batch_size: int) -> None:
         """The step's update, less the recorded data sum, projected on each canary's direction (units of C)."""
