@@ -193,11 +193,17 @@ def cmd_unlearnable(args: argparse.Namespace) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
-    from pipeline.verbs import audit, runs
+    from pipeline.verbs import audit, audit_whitebox, runs
 
     config = config_mod.load(args.config, args.overrides)
     run_dir = runs.resolve_local_dir(args.run_dir or f"audits/{runs.resolve_local_dir(None, config).name}")
-    result = audit.run_audit(config, args.canaries, log=_log(args.quiet), run_dir=run_dir, compare_clean=not args.skip_clean)
+    if args.white_box:
+        canaries = audit_whitebox.DEFAULT_CANARIES if args.canaries is None else args.canaries
+        result = audit_whitebox.run_whitebox_audit(config, canaries, run_dir=run_dir, log=_log(args.quiet))
+        _print(result, args.json, audit_whitebox.format_whitebox_audit)
+        return
+    canaries = audit.DEFAULT_CANARIES if args.canaries is None else args.canaries
+    result = audit.run_audit(config, canaries, log=_log(args.quiet), run_dir=run_dir, compare_clean=not args.skip_clean)
     _print(result, args.json, audit.format_audit)
 
 
@@ -288,8 +294,11 @@ def parser() -> argparse.ArgumentParser:
     audit = add("audit", cmd_audit, "one-run canary audit: a 95% lower bound on ε from one training run", run_dir_required=False)
     audit.add_argument("config", help="YAML config, e.g. jobs/configs/audit_digits.yaml")
     audit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. privacy.epsilon=2")
-    audit.add_argument("--canaries", type=int, default=200, help="canaries M, each included with probability 1/2 (default 200)")
+    audit.add_argument("--canaries", type=int, default=None,
+                       help="canaries M, each included with probability 1/2 (default 200; 1000 with --white-box)")
     audit.add_argument("--skip-clean", action="store_true", help="skip the second training without canaries (accuracy cost)")
+    audit.add_argument("--white-box", action="store_true",
+                       help="white-box audit of the DP step: gradient canaries in shard 0's training, seen at every step")
     unlearnable = sub.add_parser("unlearnable", help="unlearnable examples: clean-test accuracy as the protected fraction grows")
     unlearnable.set_defaults(func=cmd_unlearnable)
     unlearnable.add_argument("config", help="YAML config, e.g. jobs/configs/baselines_fmnist.yaml")

@@ -60,6 +60,20 @@ class StepHook(Protocol):
     def after_step(self, stage: int, names: list[str], params: list[nn.Parameter]) -> None: ...
 
 
+class GradientInjection(Protocol):
+    """Adds units that are gradients, not data, to every step, and observes the step's update (the
+    white-box audit's canaries, `pipeline/evaluation/gradient_canaries.py`). With DP, `add` finds the
+    step's per-unit gradients (data samples or subjects) in `p.grad_sample`, may append rows to it (then
+    clipped and noised like any unit) and may record what it needs of the data's; without DP it finds the
+    summed data gradient divided by the batch size in `p.grad`. `observe` sees `p.grad` after the noise,
+    still divided by `batch_size`. Neither may touch the seeded generators."""
+
+    def add(self, stage: int, sample_rate: float, names: list[str], params: list[nn.Parameter], private: bool,
+            max_grad_norm: float, batch_size: int) -> None: ...
+
+    def observe(self, names: list[str], params: list[nn.Parameter], batch_size: int) -> None: ...
+
+
 def stage_seed(seed: int, shard: int, stage: int, purpose: str) -> int:
     """A 63-bit seed that depends only on (run seed, shard, stage, purpose)."""
     blob = f"{seed}/{shard}/{stage}/{purpose}".encode()
@@ -149,11 +163,13 @@ class ShardTrainer:
         return module, params, names, prefix
 
     def run_stage(self, state: ShardState, x: torch.Tensor, y: torch.Tensor, stage_index: int,
-                  hook: StepHook | None = None, draw: int = 0, owners: torch.Tensor | None = None) -> ShardState:
+                  hook: StepHook | None = None, draw: int = 0, owners: torch.Tensor | None = None,
+                  inject: GradientInjection | None = None) -> ShardState:
         """One slice stage on the cumulative inputs `x`, `y` (slices 0..stage_index). `draw` picks
         the stage's randomness (Poisson sampling and DP noise): 0 for the original training, the
         release number for a replay, so every release draws fresh noise (see `draw_purpose`).
-        With unit "subject", `owners[i]` is the subject number (0..m-1, see `subject_numbers`) of `x[i]`."""
+        With unit "subject", `owners[i]` is the subject number (0..m-1, see `subject_numbers`) of `x[i]`.
+        `inject` adds gradient units to every step and observes its update (white-box audits only)."""
         recipe, stage = self.recipe, self.recipe.stages[stage_index]
         by_subject = recipe.unit == "subject"
         if by_subject:
@@ -194,12 +210,19 @@ class ShardTrainer:
                 if by_subject:  # clip per subject: Opacus clips whatever rows grad_sample has
                     for p in params:
                         p.grad_sample = per_subject_sum(p.grad_sample, rows, int(picked.sum()))
+                if inject is not None:
+                    inject.add(stage_index, stage.sample_rate, names, params, True, recipe.max_grad_norm, recipe.batch_size)
                 if optimizer.pre_step():  # clip, add noise, average over the expected batch
                     _mask_grads(params, masks)
+                    if inject is not None:
+                        inject.observe(names, params, recipe.batch_size)
                     sgd.step()
                 optimizer.zero_grad(set_to_none=True)
             else:
                 (loss / recipe.batch_size).backward()
+                if inject is not None:
+                    inject.add(stage_index, stage.sample_rate, names, params, False, recipe.max_grad_norm, recipe.batch_size)
+                    inject.observe(names, params, recipe.batch_size)
                 _mask_grads(params, masks)
                 sgd.step()
                 sgd.zero_grad(set_to_none=True)
@@ -217,7 +240,8 @@ class ShardTrainer:
     def train(self, slices: list[tuple[np.ndarray, np.ndarray]], start_stage: int = 0,
               state: ShardState | None = None,
               on_stage: Callable[[int, ShardState], None] | None = None, hook: StepHook | None = None,
-              draws: list[int] | None = None, subjects: list[np.ndarray] | None = None) -> ShardState:
+              draws: list[int] | None = None, subjects: list[np.ndarray] | None = None,
+              inject: GradientInjection | None = None) -> ShardState:
         """Train stages start_stage..R-1; `slices` holds (x, y) of every slice 0..R-1; `draws[j]`
         is stage j's randomness draw (default 0: the original training's); `subjects[j]` holds the
         subject (any hashable label) of each sample of slice j (needed with privacy unit "subject")."""
@@ -227,7 +251,7 @@ class ShardTrainer:
         for j in range(start_stage, len(slices)):
             owners = None if subjects is None else torch.from_numpy(subject_numbers(np.concatenate(subjects[: j + 1])))
             state = self.run_stage(state, torch.cat(inputs[: j + 1]), torch.cat(labels[: j + 1]), j, hook,
-                                   draws[j] if draws else 0, owners)
+                                   draws[j] if draws else 0, owners, inject)
             if on_stage is not None:
                 on_stage(j, state)
         return state

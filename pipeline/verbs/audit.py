@@ -7,9 +7,12 @@ attack on the served output: log of the mean-softmax ensemble's probability of t
 label (high: memorised, guess "in"). The guesses become a 95%-confidence lower bound on ε for the
 run's δ (`pipeline/audit_bound.py`). Unlike `evaluate`'s population attack, canaries are chosen to
 be memorable, so the bound is far from 0 when privacy is absent or broken, and a correct DP run
-must stay below its accountant's ε. (Strictly, the accountant's ε is for adding or removing one
-sample with every other sample's shard and slice fixed; the partition is re-drawn from the ids, so
-the canary coins also reshuffle the others. The bound's validity assumes this costs no privacy.)
+must stay below its accountant's ε. Beside the bound: its randomised-response ceiling for these M at
+the claimed ε and the ideal white-box auditor's bound for shard 0's recipe (`audit_ideal.py`; every
+canary placed in slice 0, the most exposed place, so an upper end for canaries spread over slices).
+(Strictly, the accountant's ε is for adding or removing one sample with every other sample's shard
+and slice fixed; the partition is re-drawn from the ids, so the canary coins also reshuffle the others.
+The bound's validity assumes this costs no privacy.)
 
 `compare_clean` trains the same config a second time without canaries (twice the cost) to show
 what the canaries cost in test accuracy; both runs evaluate on the same test samples (the pool
@@ -30,12 +33,14 @@ from pipeline.core.checkpoints import atomic_write_json
 from pipeline.data import canaries as canaries_mod
 from pipeline.data import datasets
 from pipeline.errors import UserError
-from pipeline.evaluation import audit_bound
+from pipeline.evaluation import audit_bound, audit_ideal
+from pipeline.storage.rundir import open_run
 from pipeline.tracking import mlflow_runs as tracking
 from pipeline.verbs import runs
 
 ATTACK = "loss"  # log-probability of the canary's wrong label under the mean-softmax ensemble
 CLEAN_RUN = "clean"  # sub-directory of the comparison run without canaries
+DEFAULT_CANARIES = 200
 
 
 class AuditError(UserError, ValueError):
@@ -45,6 +50,10 @@ class AuditError(UserError, ValueError):
 @dataclass(frozen=True)
 class AuditResult:
     epsilon_lower_bound: float  # one-run bound at `confidence`, for `delta`
+    epsilon_lower_bound_ceiling: float | None  # randomised-response limit for these M at the claimed ε (audit_ideal)
+    epsilon_lower_bound_ideal: float | None  # ideal white-box auditor, shard 0's recipe, every canary in slice 0
+    epsilon_lower_bound_ideal_p99: float | None
+    noise_calibration_p: float | None  # white-box audits only: always None here
     epsilon: float | None  # the accountant's ε (max over shards); None without DP
     delta: float
     bound_over_epsilon: float | None
@@ -105,6 +114,8 @@ def run_audit(config: Config, canaries: int, log: Callable[[str], None] = print,
     bound = audit_bound.best_bound(scores, pool.included, delta)
     spent = [e for e in summary.get("epsilon_spent", []) if e is not None]
     epsilon = max(spent) if spent and audit_config.privacy.epsilon is not None else None
+    recipe = open_run(run_dir).recipes()[0]
+    ideal = audit_ideal.ideal(recipe.noise_multiplier, [(s.sample_rate, s.steps) for s in recipe.stages], pool.count, delta)
     clean_dir, clean_accuracy = None, None
     if compare_clean:
         clean_dir = run_dir / CLEAN_RUN
@@ -112,7 +123,11 @@ def run_audit(config: Config, canaries: int, log: Callable[[str], None] = print,
         clean_config = audit_config.with_overrides({"data.canaries": 0, "data.test_limit": int(len(data.test.y))})
         clean_accuracy = runs.train(clean_config, clean_dir, log=log)["accuracy"]
     result = AuditResult(
-        epsilon_lower_bound=bound.epsilon_lower_bound, epsilon=epsilon, delta=delta,
+        epsilon_lower_bound=bound.epsilon_lower_bound,
+        epsilon_lower_bound_ceiling=audit_ideal.ceiling(pool.count, epsilon, delta),
+        epsilon_lower_bound_ideal=None if ideal is None else ideal.median,
+        epsilon_lower_bound_ideal_p99=None if ideal is None else ideal.p99, noise_calibration_p=None,
+        epsilon=epsilon, delta=delta,
         bound_over_epsilon=bound.epsilon_lower_bound / epsilon if epsilon else None,
         canaries=pool.count, canaries_included=int(pool.included.sum()), guesses=bound.guesses,
         guesses_in=bound.guesses_in, guesses_out=bound.guesses_out, correct_guesses=bound.correct_guesses,
@@ -132,8 +147,12 @@ def format_audit(r: dict) -> str:
         f"accountant ε = {r['epsilon']:.3f}, bound/ε = {r['bound_over_epsilon']:.2f}")
     clean = ("" if r["test_accuracy_without_canaries"] is None
              else f", {r['test_accuracy_without_canaries']:.4f} without canaries")
+    context = ("" if r["epsilon_lower_bound_ideal"] is None else
+               f"  ideal white-box auditor {r['epsilon_lower_bound_ideal']:.3f}, randomised-response ceiling "
+               f"{r['epsilon_lower_bound_ceiling']:.3f} (what was attainable with these canaries at this ε)")
     return "\n".join([
         f"one-run audit: ε ≥ {r['epsilon_lower_bound']:.3f} with {r['confidence']:.0%} confidence (δ={r['delta']:g}); {claimed}",
+        *([context] if context else []),
         f"  {r['correct_guesses']}/{r['guesses']} guesses right ({r['guesses_in']} 'in', {r['guesses_out']} 'out', "
         f"{r['attack']} attack) on {r['canaries']} canaries ({r['canaries_included']} trained on)",
         f"  test accuracy {r['test_accuracy']:.4f} with canaries{clean} ({r['test_samples']} test samples)",
