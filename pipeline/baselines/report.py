@@ -164,7 +164,7 @@ def _metrics(row: dict) -> dict[str, float]:
 
 
 def log_mlflow(run: tracking.Untracked, result: dict, paths: list[Path]) -> str | None:
-    """Into the command's `tracking.group` run: the comparison (the table and plots as artifacts), and
+    """Into the command's `groups.group` run: the comparison (the table and plots as artifacts), and
     one child run per method. Returns the group run's id (None when tracking is off)."""
     if run.run_id is None:
         return None

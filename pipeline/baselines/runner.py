@@ -22,7 +22,7 @@ from pipeline.baselines.yardstick import DEPRECATED_KEYS, SCORE_DEFINITION, Labe
 from pipeline.config import Config
 from pipeline.core.train import predict_logits, predict_proba
 from pipeline.sisa import cluster
-from pipeline.tracking import mlflow_runs as tracking
+from pipeline.tracking import groups
 
 ORACLE = "retrain"
 RETAIN_SAMPLE = 2000
@@ -178,7 +178,7 @@ def run_comparison(config: Config, out_dir: Path, methods: list[str], *, count: 
     started = time.perf_counter()
     problem = load_problem(config, log, count, fraction, forget_class)  # refuses bad forget specs before any write
     out_dir.mkdir(parents=True, exist_ok=True)
-    tracking.start_group()  # the request passed its checks: the command's MLflow run shows as RUNNING from here
+    groups.start_group()  # the request passed its checks: the command's MLflow run shows as RUNNING from here
     problem.workdir = str(out_dir / "work")
     torch.set_num_threads(1)
     recorders = {n: r for n in methods if (r := get(n).recorder(problem)) is not None}

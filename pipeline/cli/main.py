@@ -164,7 +164,7 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 def cmd_baselines(args: argparse.Namespace) -> None:
     from pipeline.baselines import report, runner
-    from pipeline.tracking import mlflow_runs as tracking
+    from pipeline.tracking import groups
     from pipeline.verbs import runs
 
     config = config_mod.load(args.config, args.overrides)
@@ -173,7 +173,7 @@ def cmd_baselines(args: argparse.Namespace) -> None:
     out_dir = runs.resolve_local_dir(args.out_dir or f"baselines/{runs.resolve_local_dir(None, config).name}")
     log = _log(args.quiet)
     log(f"comparing {len(methods)} unlearning method(s) in {out_dir}")
-    with tracking.group("baselines", config, out_dir) as run:
+    with groups.group("baselines", config, out_dir) as run:
         result = runner.run_comparison(config, out_dir, methods, count=args.forget, fraction=args.forget_fraction,
                                        forget_class=args.forget_class, k=args.k, fractions=fractions, log=log)
         paths = report.write(result, out_dir)

@@ -35,7 +35,7 @@ from pipeline.data import datasets
 from pipeline.errors import UserError
 from pipeline.evaluation import audit_bound, audit_ideal
 from pipeline.storage.rundir import open_run
-from pipeline.tracking import mlflow_runs as tracking
+from pipeline.tracking import groups
 from pipeline.verbs import runs
 
 ATTACK = "loss"  # log-probability of the canary's wrong label under the mean-softmax ensemble
@@ -98,7 +98,7 @@ def _load_canary_data(config: Config, canaries: int) -> tuple[Config, datasets.D
     return audit_config, data
 
 
-@tracking.grouped("audit", out_dir="run_dir")
+@groups.grouped("audit", out_dir="run_dir")
 def run_audit(config: Config, canaries: int, log: Callable[[str], None] = print, run_dir: Path | None = None,
               compare_clean: bool = True) -> dict:
     """Train `config` once with `canaries` canaries, attack them, and bound ε from below (see module docstring)."""
@@ -137,7 +137,7 @@ def run_audit(config: Config, canaries: int, log: Callable[[str], None] = print,
     ).to_dict()
     atomic_write_json(run_dir / "audit.json", {**result, "canary_scores": scores.tolist(),
                                                "canary_included": pool.included.tolist()})
-    tracking.log_job("audit", audit_config, run_dir, result)
+    groups.log_job("audit", audit_config, run_dir, result)
     return result
 
 

@@ -34,7 +34,7 @@ from pipeline.data import datasets, subjects
 from pipeline.data.partition import partition
 from pipeline.evaluation import audit_bound, audit_ideal
 from pipeline.evaluation.gradient_canaries import GradientCanaries
-from pipeline.tracking import mlflow_runs as tracking
+from pipeline.tracking import groups
 
 SHARD = 0
 DEFAULT_CANARIES = 1000
@@ -95,7 +95,7 @@ def canary_scores(projections: np.ndarray, recipe: Recipe, rates: np.ndarray) ->
     return projections.sum(axis=1), "projection_sum"
 
 
-@tracking.grouped("audit", out_dir="run_dir")
+@groups.grouped("audit", out_dir="run_dir")
 def run_whitebox_audit(config: Config, canaries: int, run_dir: Path, log: Callable[[str], None] = print) -> dict:
     """Train shard 0's model once with `canaries` gradient canaries and bound ε from below (module docstring)."""
     started = time.perf_counter()
@@ -142,7 +142,7 @@ def run_whitebox_audit(config: Config, canaries: int, run_dir: Path, log: Callab
     ).to_dict()
     atomic_write_json(run_dir / "audit.json", {**result, "white_box": True, "canary_scores": scores.tolist(),
                                                "canary_included": included.tolist(), "recipe": recipe.to_dict()})
-    tracking.log_job("audit", config, run_dir, result)
+    groups.log_job("audit", config, run_dir, result)
     return result
 
 

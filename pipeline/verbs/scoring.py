@@ -30,7 +30,7 @@ from pipeline.errors import UserError
 from pipeline.evaluation import lira
 from pipeline.evaluation.unlearning import accuracy, logit_confidence_from_logits, permutation_null, unlearning_score
 from pipeline.storage.paths import resolve_run_dir
-from pipeline.tracking import mlflow_runs as tracking
+from pipeline.tracking import groups as tracking_groups
 from pipeline.verbs import references, runs
 
 RETAIN_SAMPLE = 2000  # retain-set accuracy on at most this many random retained ids
@@ -75,7 +75,7 @@ def _score(unlearned: dict, retrained: dict, delta: float, permutations: int = 2
             **{f"{k}_accuracy": unlearned[f"{k}_accuracy"] for k in ("forget", "retain", "test")}}
 
 
-@tracking.grouped("score")
+@tracking_groups.grouped("score")
 def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20, delta: float = 1e-5,
               permutations: int = 200, log: Callable[[str], None] = print) -> dict:
     """Train 2K ensembles under out_dir, forget F in K of them, and score SISA against retraining."""
@@ -122,5 +122,5 @@ def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20,
         "retrained": {f"{s}_accuracy": stats["retrained"][f"{s}_accuracy"] for s in ("forget", "retain", "test")},
         "forget_seconds_mean": float(np.mean(forget_seconds)), "total_seconds": time.perf_counter() - started}
     atomic_write_json(out_dir / "score.json", summary)
-    tracking.log_job("score", config, out_dir, summary)
+    tracking_groups.log_job("score", config, out_dir, summary)
     return summary

@@ -15,6 +15,7 @@ from pipeline.core.train import ids_digest
 from pipeline.sisa.driver import PROGRESS_GROUP, Ensemble
 from pipeline.storage.ledger import Ledger
 from pipeline.storage.rundir import RunDir
+from pipeline.tracking import groups
 from pipeline.tracking import mlflow_runs as tracking
 from pipeline.verbs import runs
 
@@ -203,18 +204,18 @@ def test_a_failing_verb_is_a_failed_child_and_an_old_run_dir_gets_a_parent(digit
 
 def test_a_group_run_holds_the_parent_runs_of_the_run_directories_made_inside_it(digits_config, tmp_path):
     config = digits_config()
-    with pytest.raises(ValueError), tracking.group("score", config, tmp_path / "refused"):
+    with pytest.raises(ValueError), groups.group("score", config, tmp_path / "refused"):
         raise ValueError("refused before any work")  # leaves no run, not even a store
-    with tracking.group("score", digits_config("tracking.enabled=false"), tmp_path / "off") as off:
-        assert tracking.log_job("score", digits_config("tracking.enabled=false"), tmp_path, {"score": 1.0}) is None
+    with groups.group("score", digits_config("tracking.enabled=false"), tmp_path / "off") as off:
+        assert groups.log_job("score", digits_config("tracking.enabled=false"), tmp_path, {"score": 1.0}) is None
     assert off.run_id is None and not (tmp_path / "mlflow.db").exists()
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="late"), tracking.group("score", config, out) as group:
+    with pytest.raises(RuntimeError, match="late"), groups.group("score", config, out) as group:
         for name in ("a", "b"):
             (out / name).mkdir(parents=True)
             with tracking.verb_run("verify", config, out / name):
                 time.sleep(0.01)
-        assert tracking.log_job("score", config, out, {"score": 0.5}) == group.run_id
+        assert groups.log_job("score", config, out, {"score": 0.5}) == group.run_id
         raise RuntimeError("late")
     client = MlflowClient()
     experiment = client.get_experiment_by_name("dpsisa").experiment_id
