@@ -55,6 +55,9 @@ class PretrainConfig:
     augment: bool = False  # random 2-pixel shifts and horizontal flips (not for digits)
     cache_dir: Optional[str] = None  # None: $DPSISA_CACHE or ~/.cache/dpsisa
     seed: Optional[int] = None  # None: the run's seed; LiRA's reference runs take their target's (one public model)
+    # source task: pretrain only on the public samples of these class labels (a head over them, in this order);
+    # None: all classes. A subset makes the private data carry classes the public model never saw (docs/transfer.md)
+    classes: Optional[tuple[int, ...]] = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class PartitionConfig:
 class FinetuneConfig:
     strategy: str = "fc_gn"  # full | fc | fc_gn | fc_gn_conv
     conv_fraction: float = 0.05  # fc_gn_conv: fraction of conv weights (largest |w|) that train
+    ema: Optional[float] = None  # decay of an exponential moving average of the trained weights (served); None: off
+    augmult: int = 0  # augmentation multiplicity K: K augmented draws per sample, averaged before clipping; 0: off
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,8 @@ class Config:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain dicts, lists and scalars (tuples become lists: YAML and JSON safe)."""
+        return _plain(dataclasses.asdict(self))
 
     def flat(self) -> dict[str, Any]:
         """Dotted key → value, e.g. {"shards.count": 5}; what MLflow logs as params."""
@@ -226,6 +232,14 @@ def privacy_unit(config: Config) -> str:
 
 # read the private labels/features to place samples: refused under DP (keep in step with pipeline/data/partition.py)
 DATA_DEPENDENT_PARTITIONS = ("class_balanced", "kmeans")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -278,6 +292,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+    elif origin is tuple:  # tuple[int, ...]: a YAML list
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
     raise ConfigError(f"config key '{key}' must be {getattr(hint, '__name__', hint)}, got {value!r}.")
 
 
@@ -335,6 +352,7 @@ def validate(config: Config) -> None:
         raise UnitError(f"privacy.unit=subject needs partition.strategy=by_subject (a person's samples in one shard and "
                         f"one slice), got {config.partition.strategy}; set partition.strategy=by_subject or privacy.unit=sample.")
     _check(0 < config.finetune.conv_fraction <= 1, "finetune.conv_fraction", "must be in (0, 1].")
+    _validate_levers(config)
     _check(config.train.epochs > 0, "train.epochs", f"must be > 0; got {config.train.epochs}.")
     _check(config.train.batch_size >= 1, "train.batch_size", "must be ≥ 1.")
     _check(config.train.lr > 0, "train.lr", "must be > 0.")
@@ -352,6 +370,21 @@ def validate(config: Config) -> None:
     for key in ("ray.cpus_per_shard", "ray.gpus_per_shard"):
         _check(flat[key] is None or flat[key] >= 0, key, "must be ≥ 0 or null.")
     _validate_baselines(config.baselines)
+
+
+def _validate_levers(config: Config) -> None:
+    """The transfer task's keys: the source classes and the DP recipe levers (docs/transfer.md)."""
+    classes = config.pretrain.classes
+    if classes is not None:
+        _check(len(classes) >= 1 and min(classes) >= 0 and len(set(classes)) == len(classes), "pretrain.classes",
+               f"must be a non-empty list of distinct class labels ≥ 0 (or null for all classes); got {list(classes)}.")
+    ema = config.finetune.ema
+    _check(ema is None or 0 < ema < 1, "finetune.ema", f"must be a decay in (0, 1) (or null: off); got {ema}.")
+    k = config.finetune.augmult
+    _check(k >= 0, "finetune.augmult", f"must be ≥ 0 (0: off); got {k}.")
+    _check(k == 0 or config.finetune.strategy != "fc", "finetune.augmult",
+           "needs images at every step, but finetune.strategy=fc trains on cached backbone features; "
+           "use fc_gn (or full, fc_gn_conv) or set finetune.augmult=0.")
 
 
 def _validate_baselines(b: BaselinesConfig) -> None:

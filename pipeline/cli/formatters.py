@@ -10,6 +10,8 @@ def human_eval(m: dict) -> str:
     text = (f"accuracy {m['accuracy']:.4f} (vote {m['vote_accuracy']:.4f}); shards "
             f"{', '.join(f'{a:.3f}' for a in m['shard_accuracy'])}; ε spent {fmt_eps(m['epsilon_spent'])} "
             f"(target {m['epsilon_target']}, δ={m['delta']})")
+    if m.get("public_accuracy") is not None:
+        text += f"; public model alone {m['public_accuracy']:.4f}"
     if "mia" in m:
         post = m["mia"]["posterior"]
         text += (f"\nMIA (posterior) members vs non-members: AUC {post['auc']:.3f}, advantage {post['advantage']:.3f}; "

@@ -1,6 +1,7 @@
 """Pretrain the public model once (no DP: public data) and cache it by a hash of what defines it."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -12,8 +13,14 @@ import torch.nn.functional as F
 
 from pipeline.config import Config, digest
 from pipeline.core import models
+from pipeline.core.augment import augment
 from pipeline.core.checkpoints import load_torch, save_torch
 from pipeline.data.datasets import Data
+from pipeline.errors import UserError
+
+
+class PretrainError(UserError, ValueError):
+    """The source task cannot be built from the public data (e.g. a class it does not hold)."""
 
 
 def cache_dir(config: Config) -> Path:
@@ -26,25 +33,24 @@ def seed(config: Config) -> int:
     return config.seed if config.pretrain.seed is None else config.pretrain.seed
 
 
+def source_classes(config: Config, data: Data) -> list[int]:
+    """The source task's class labels, in head order: `pretrain.classes`, or every label of the public data."""
+    if config.pretrain.classes is None:
+        return list(range(int(data.public.y.max() + 1)))
+    return list(config.pretrain.classes)
+
+
 def cache_key(config: Config, data: Data, model: torch.nn.Module) -> str:
     """Everything that changes the pretrained weights, and nothing else (not ε, shards, ...);
-    the architecture enters as its parameter names and shapes, so a code change never loads stale weights."""
+    the architecture enters as its parameter names and shapes, so a code change never loads stale weights.
+    The source task (`pretrain.classes`) enters when set (unset: the key of every run before it existed)."""
     d, m, p = config.data, config.model, config.pretrain
     architecture = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]
-    return digest("v2", architecture, d.name, d.public, d.public_size if d.public == "heldout" else None, m.name, m.width,
-                  p.epochs, p.lr, p.batch_size, p.augment, seed(config), data.input_shape, int(data.public.y.max() + 1))
-
-
-def augment(x: torch.Tensor, gen: torch.Generator, shift: int = 2) -> torch.Tensor:
-    """Per-sample random horizontal flip and translation by up to `shift` pixels (background fill)."""
-    n, c, h, w = x.shape
-    flip = torch.rand(n, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    padded = F.pad(x, (shift,) * 4, value=float(x.min()))
-    dy, dx = (torch.randint(0, 2 * shift + 1, (n,), generator=gen) for _ in range(2))
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    parts = ["v2", architecture, d.name, d.public, d.public_size if d.public == "heldout" else None, m.name, m.width,
+             p.epochs, p.lr, p.batch_size, p.augment, seed(config), data.input_shape, len(source_classes(config, data))]
+    if p.classes is not None:
+        parts.append(["classes", list(p.classes)])
+    return digest(*parts)
 
 
 def _fit(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, config: Config, log) -> None:
@@ -69,27 +75,66 @@ def _fit(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, config: Config, l
         log(f"  pretrain epoch {epoch + 1}/{p.epochs}: loss {total / len(xs):.4f} ({time.perf_counter() - start:.1f}s)")
 
 
-def pretrained_model(config: Config, data: Data, log=print) -> tuple[models.Classifier, dict]:
-    """The public model for the private task: loaded from cache, or trained and cached.
+def source_task(config: Config, data: Data) -> tuple[np.ndarray, np.ndarray]:
+    """The public samples of the source classes, labelled by their head index (class `classes[k]` → k)."""
+    classes = source_classes(config, data)
+    present = set(np.unique(data.public.y).tolist())
+    missing = [c for c in classes if c not in present]
+    if missing:
+        raise PretrainError(f"pretrain.classes {missing} have no public samples ({config.data.public} public data has "
+                            f"labels {sorted(present)}); choose labels the public data holds.")
+    head_index = np.full(int(data.public.y.max()) + 1, -1, np.int64)
+    head_index[classes] = np.arange(len(classes))
+    keep = head_index[data.public.y] >= 0
+    return data.public.x[keep], head_index[data.public.y[keep]]
 
-    When the public data is another data set (e.g. CIFAR-100 for CIFAR-10) the head is
-    re-initialised (seeded) for the private classes."""
-    public_classes = int(data.public.y.max() + 1)
-    model = models.build(config.model.name, data.input_shape, public_classes, config.model.width, seed(config))
+
+def public_model(config: Config, data: Data, log=print) -> tuple[models.Classifier, dict]:
+    """The public model with its own source head (one output per source class, in `source_classes`
+    order): loaded from cache, or pretrained (no DP: public data) on the source task and cached."""
+    classes = source_classes(config, data)
+    model = models.build(config.model.name, data.input_shape, len(classes), config.model.width, seed(config))
     key = cache_key(config, data, model)
     path = cache_dir(config) / f"{config.model.name}-{key}.pt"
-    info = {"cache_key": key, "path": str(path), "cached": path.is_file()}
+    info = {"cache_key": key, "path": str(path), "cached": path.is_file(), "source_classes": classes}
     if path.is_file():
         model.load_state_dict(load_torch(path))
         log(f"pretrained model: cache hit {path}")
     else:
-        log(f"pretraining {config.model.name} on {len(data.public.y)} public samples "
+        x, y = source_task(config, data)
+        log(f"pretraining {config.model.name} on {len(y)} public samples of {len(classes)} classes "
             f"({config.pretrain.epochs} epochs, cached at {path}) ...")
         start = time.perf_counter()
-        _fit(model, data.public.x, data.public.y, config, log)
+        _fit(model, x, y, config, log)
         info["seconds"] = time.perf_counter() - start
         save_torch(path, model.state_dict())
-    if public_classes != data.num_classes or config.data.public != "heldout":
-        torch.manual_seed(seed(config) + 1)
-        model.fc = torch.nn.Linear(model.fc.in_features, data.num_classes)
     return model.eval(), info
+
+
+def for_target(source: models.Classifier, config: Config, data: Data) -> models.Classifier:
+    """The model every shard starts from. When the source task's labels are not the target's
+    (a class subset, another order, or another data set such as CIFAR-100 for CIFAR-10) the head is
+    re-initialised for all target classes, seeded by the public seed alone: the same head for every
+    shard, replay, verify and LiRA reference (which share the pretraining seed)."""
+    if config.data.public == "heldout" and source_classes(config, data) == list(range(data.num_classes)):
+        return source
+    model = copy.deepcopy(source)
+    torch.manual_seed(seed(config) + 1)
+    model.fc = torch.nn.Linear(model.fc.in_features, data.num_classes)
+    return model.eval()
+
+
+def pretrained_model(config: Config, data: Data, log=print) -> tuple[models.Classifier, dict]:
+    """The public model for the private task (`public_model`, then `for_target`)."""
+    source, info = public_model(config, data, log)
+    return for_target(source, config, data), info
+
+
+@torch.no_grad()
+def source_predictions(source: models.Classifier, classes: list[int], x: np.ndarray, batch_size: int = 128) -> np.ndarray:
+    """Target labels the public model predicts with its own source head: the argmax head index
+    mapped back to its class label (a class outside the source task is never predicted)."""
+    source.eval()
+    xs = torch.from_numpy(np.ascontiguousarray(x))
+    heads = torch.cat([source(xs[i: i + batch_size]).argmax(1) for i in range(0, len(xs), batch_size)])
+    return np.asarray(classes, np.int64)[heads.numpy()]

@@ -29,6 +29,7 @@ from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
+from pipeline.core.augment import augment
 from pipeline.core.finetune import FinetunePlan, apply_plan
 from pipeline.core.models import Classifier
 from pipeline.core.privacy import Recipe
@@ -41,10 +42,25 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 
 @dataclass
 class ShardState:
-    """What a checkpoint carries between stages: trainable parameters and momentum buffers."""
+    """What a checkpoint carries between stages: trainable parameters, momentum buffers and, with
+    `finetune.ema`, the moving average of the trainable parameters (what the shard serves)."""
 
     params: dict[str, torch.Tensor]
     momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def served(self) -> dict[str, torch.Tensor]:
+        """The parameters predictions use: the EMA weights when kept, else the trained ones."""
+        return self.ema or self.params
+
+    def payload(self) -> dict:
+        """Checkpoint fields (the `ema` entry only when kept: checkpoints without it stay byte-identical)."""
+        return {"params": self.params, "momentum": self.momentum, **({"ema": self.ema} if self.ema else {})}
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> ShardState:
+        return cls(payload["params"], payload["momentum"], payload.get("ema", {}))
 
 
 class StepHook(Protocol):
@@ -128,13 +144,22 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 128) -> 
 
 
 class ShardTrainer:
-    """Trains one shard's constituent model stage by stage from a pretrained model."""
+    """Trains one shard's constituent model stage by stage from a pretrained model.
+
+    Recipe levers (`finetune.*`, off by default): `ema` keeps an exponential moving average of the
+    trainable parameters (decay min(ema, (1+t)/(10+t)) at global step t; post-processing, no ε cost)
+    that the shard serves; `augmult` = K draws K augmented copies of every sampled image and averages
+    their gradients into its per-sample gradient before clipping (sensitivity stays C), the draws
+    seeded by (seed, shard, stage, draw, step)."""
 
     def __init__(self, pretrained: Classifier, plan: FinetunePlan, recipe: Recipe, seed: int, shard: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", ema: float | None = None, augmult: int = 0):
         self.device = torch.device(device)
         self.pretrained = copy.deepcopy(pretrained).to(self.device)
         self.plan, self.recipe, self.seed, self.shard = plan, recipe, seed, shard
+        self.ema, self.augmult = ema, augmult
+        if augmult and plan.head_only:
+            raise ValueError("augmentation multiplicity needs images; head-only finetuning trains on cached features")
         self.masks = {n: m.to(self.device) for n, m in plan.masks.items()}
         self.last_loss: float | None = None  # mean per-sample training loss of the latest stage (progress only)
 
@@ -190,8 +215,11 @@ class ShardTrainer:
             optimizer = DPOptimizer(sgd, noise_multiplier=recipe.noise_multiplier, max_grad_norm=recipe.max_grad_norm,
                                     expected_batch_size=recipe.batch_size, loss_reduction="mean", generator=noise)
         masks = [self.masks.get(n) for n in names]
+        ema = self._ema_start(state, names, params)
+        first_step = sum(s.steps for s in recipe.stages[:stage_index])  # the EMA's global step count
+        k = max(1, self.augmult)
         loss_sum, loss_count = torch.zeros((), device=self.device), 0
-        for _ in range(stage.steps):
+        for step in range(stage.steps):
             if by_subject:  # Poisson over subjects; a chosen subject brings all its samples (in position order)
                 picked = (torch.rand(people, generator=sampler) < stage.sample_rate).to(self.device)
                 chosen = picked[owners].nonzero().squeeze(1)
@@ -200,10 +228,14 @@ class ShardTrainer:
                 chosen = (torch.rand(len(x), generator=sampler) < stage.sample_rate).nonzero().squeeze(1).to(self.device)
             if hook is not None:
                 hook.before_step(stage_index, chosen, x[chosen], y[chosen], module, names, params)
-            loss = F.cross_entropy(module(x[chosen]), y[chosen], reduction="sum")
-            loss_sum, loss_count = loss_sum + loss.detach(), loss_count + len(chosen)
+            inputs, targets = self._augmented(x[chosen], y[chosen], stage_index, draw, step)
+            loss = F.cross_entropy(module(inputs), targets, reduction="sum")
+            loss_sum, loss_count = loss_sum + loss.detach() / k, loss_count + len(chosen)
             if recipe.private:
                 loss.backward()
+                if self.augmult:  # a sample's K draws are rows i*K..i*K+K-1: their mean is its gradient
+                    for p in params:
+                        p.grad_sample = p.grad_sample.view(len(chosen), k, *p.grad_sample.shape[1:]).mean(1)
                 for p, mask in zip(params, masks):
                     if mask is not None:
                         p.grad_sample = p.grad_sample * mask  # masked elements never reach clipping
@@ -219,13 +251,15 @@ class ShardTrainer:
                     sgd.step()
                 optimizer.zero_grad(set_to_none=True)
             else:
-                (loss / recipe.batch_size).backward()
+                (loss / (k * recipe.batch_size)).backward()
                 if inject is not None:
                     inject.add(stage_index, stage.sample_rate, names, params, False, recipe.max_grad_norm, recipe.batch_size)
                     inject.observe(names, params, recipe.batch_size)
                 _mask_grads(params, masks)
                 sgd.step()
                 sgd.zero_grad(set_to_none=True)
+            if ema is not None:
+                _ema_update(ema, names, params, min(self.ema, (1 + first_step + step) / (10 + first_step + step)))
             if hook is not None:
                 hook.after_step(stage_index, names, params)
         if recipe.private:
@@ -235,7 +269,22 @@ class ShardTrainer:
             {n: p.detach().cpu().clone() for n, p in zip(names, params)},
             {n: sgd.state[p]["momentum_buffer"].detach().cpu().clone()
              for n, p in zip(names, params) if "momentum_buffer" in sgd.state[p]},
+            {n: t.cpu().clone() for n, t in ema.items()} if ema is not None else {},
         )
+
+    def _ema_start(self, state: ShardState, names: list[str], params: list[nn.Parameter]) -> dict[str, torch.Tensor] | None:
+        """The moving average entering this stage: the checkpoint's, or the stage's starting weights."""
+        if self.ema is None:
+            return None
+        return {n: (state.ema[n].to(self.device) if n in state.ema else p.detach()).clone() for n, p in zip(names, params)}
+
+    def _augmented(self, x: torch.Tensor, y: torch.Tensor, stage: int, draw: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`augmult` = K augmented copies of every image (copies of one image adjacent), seeded per
+        (seed, shard, stage, draw, step); the batch unchanged when the lever is off."""
+        if not self.augmult or len(x) == 0:
+            return x, y
+        gen = torch.Generator().manual_seed(stage_seed(self.seed, self.shard, stage, draw_purpose(f"augmult/step{step}", draw)))
+        return augment(x.repeat_interleave(self.augmult, 0), gen), y.repeat_interleave(self.augmult)
 
     def train(self, slices: list[tuple[np.ndarray, np.ndarray]], start_stage: int = 0,
               state: ShardState | None = None,
@@ -257,8 +306,8 @@ class ShardTrainer:
         return state
 
     def model(self, state: ShardState) -> Classifier:
-        """The constituent model for `state` (pretrained weights + trained parameters)."""
-        return with_params(self.pretrained, {n: t.to(self.device) for n, t in state.params.items()})
+        """The constituent model for `state` (pretrained weights + the served parameters: EMA ones when kept)."""
+        return with_params(self.pretrained, {n: t.to(self.device) for n, t in state.served.items()})
 
 
 def subject_numbers(labels: np.ndarray) -> np.ndarray:
@@ -282,3 +331,9 @@ def _mask_grads(params: list[nn.Parameter], masks: list[torch.Tensor | None]) ->
     for p, mask in zip(params, masks):
         if mask is not None and p.grad is not None:
             p.grad.mul_(mask)
+
+
+@torch.no_grad()
+def _ema_update(ema: dict[str, torch.Tensor], names: list[str], params: list[nn.Parameter], decay: float) -> None:
+    for name, p in zip(names, params):
+        ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)

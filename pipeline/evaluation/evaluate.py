@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.config import Config
+from pipeline.core.models import Classifier
+from pipeline.core.pretrain import source_predictions
 from pipeline.data.datasets import Data
 from pipeline.evaluation import attacks, unlearning
 from pipeline.sisa.driver import Ensemble, aggregate
@@ -34,6 +37,15 @@ def metrics_from_probs(probs: np.ndarray, labels: np.ndarray) -> dict:
         "shard_accuracy": [accuracy(p.argmax(axis=1), labels) for p in probs],
         "ece": expected_calibration_error(mean, labels),
     }
+
+
+def public_accuracy(source: Classifier, classes: list[int], config: Config, data: Data) -> float | None:
+    """Accuracy on the target test set of the public model with its own source head (classes
+    outside the source task count as wrong): what the ensemble's `accuracy` is to beat, i.e. what
+    the private data bought. None when the public data is another data set (its labels mean other classes)."""
+    if config.data.public != "heldout":
+        return None
+    return accuracy(source_predictions(source, classes, data.test.x), data.test.y)
 
 
 def ensemble_metrics(ensemble: Ensemble, data: Data) -> dict:

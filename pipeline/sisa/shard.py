@@ -49,7 +49,8 @@ class Shard:
         if self.device.type == "cuda":  # bitwise replay on GPUs needs deterministic kernels (checked on an H100)
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
-        self.trainer = ShardTrainer(pretrained, plan, self.recipe, self.config.seed, shard, self.device)
+        self.trainer = ShardTrainer(pretrained, plan, self.recipe, self.config.seed, shard, self.device,
+                                    ema=self.config.finetune.ema, augmult=self.config.finetune.augmult)
         self.log_progress = log_progress
         self._model: tuple[int, Classifier] | None = None
         # per-stage progress of the running (or last) fit/forget; `progress` reads it from another thread
@@ -100,7 +101,7 @@ class Shard:
 
     def _payload(self, stage: int, state: ShardState, slices: list[np.ndarray], version: int) -> dict:
         seen = np.concatenate(slices[: stage + 1])
-        return {"params": state.params, "momentum": state.momentum, "stage": stage, "version": version,
+        return {**state.payload(), "stage": stage, "version": version,
                 "ids_digest": ids_digest(seen), "samples": int(len(seen)), "seed": self.config.seed,
                 "recipe": self.recipe.to_dict()}
 
@@ -169,7 +170,7 @@ class Shard:
 
     def _state(self, manifest: Manifest, stage: int) -> ShardState:
         payload = self.store.load_stage(manifest, stage)
-        return ShardState(payload["params"], payload["momentum"])
+        return ShardState.from_payload(payload)
 
     def forget(self, request_id: str, ids: list[int]) -> dict:
         """Replay from the last stage that never saw `ids`; commit a new version atomically.
@@ -240,10 +241,13 @@ class Shard:
         def compare(j: int, oracle: ShardState) -> None:
             nonlocal max_diff, live
             live = self._state(manifest, j)
-            for name, tensor in oracle.params.items():
-                if not torch.equal(tensor, live.params[name]):
-                    mismatched.append(f"stage {j}: {name}")
-                    max_diff = max(max_diff, float((tensor - live.params[name]).abs().max()))
+            for kind, tensors in (("", oracle.params), ("ema ", oracle.ema)):  # the served EMA weights too
+                kept = live.params if not kind else live.ema
+                for name, tensor in tensors.items():
+                    if name not in kept or not torch.equal(tensor, kept[name]):
+                        mismatched.append(f"stage {j}: {kind}{name}")
+                        if name in kept:
+                            max_diff = max(max_diff, float((tensor - kept[name]).abs().max()))
             if ids_digest(np.concatenate(slices[: j + 1])) != manifest.stages[j]["ids_digest"]:
                 mismatched.append(f"stage {j}: ids seen")
 

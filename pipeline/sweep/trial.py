@@ -82,6 +82,8 @@ def run_trial(point: dict[str, Any], spec: SweepSpec) -> None:
     # before forgetting, the ids to forget are attacked as `mia_forgotten` (still members)
     metrics = {**evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement, probe_ids=doomed)),
                "full_train_seconds": float(trained["full_train_seconds"])}
+    if trained.get("public_accuracy") is not None:  # what the private data bought: accuracy − public_accuracy
+        metrics["public_accuracy"] = float(trained["public_accuracy"])
     if doomed:
         forgot = runs.forget(run_dir, doomed, log, placement=placement)
         metrics.update(forget_metrics(forgot.to_dict()))
@@ -91,7 +93,7 @@ def run_trial(point: dict[str, Any], spec: SweepSpec) -> None:
 
 def trial_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The metrics a trial reported, without Tune's bookkeeping keys."""
-    names = set(EVALUATION_METRICS) | set(FORGET_METRICS) | {"full_train_seconds"}
+    names = set(EVALUATION_METRICS) | set(FORGET_METRICS) | {"full_train_seconds", "public_accuracy"}
     names |= {n + AFTER for n in EVALUATION_METRICS}
     return {k: float(v) for k, v in result.items() if k in names and isinstance(v, (int, float))}
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.config import Config
-from pipeline.core.train import predict_proba, with_params
+from pipeline.core.train import ShardState, predict_proba, with_params
 from pipeline.storage.rundir import RunDir
 
 STATE_FILE = "mlflow_registry.json"
@@ -66,7 +66,8 @@ def live_members(config: Config, run: RunDir, manifests: list | None = None) -> 
     if manifests is None:
         manifests = [run.shard(s).manifest() for s in range(config.shards.count)]
     pretrained = run.pretrained_model(config)
-    return [with_params(pretrained, run.shard(s).load_stage(m, len(m.stages) - 1)["params"]) for s, m in enumerate(manifests)]
+    return [with_params(pretrained, ShardState.from_payload(run.shard(s).load_stage(m, len(m.stages) - 1)).served)
+            for s, m in enumerate(manifests)]
 
 
 def _requirements() -> list[str]:

@@ -18,7 +18,7 @@ from datetime import datetime
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.core.pretrain import pretrained_model
+from pipeline.core.pretrain import for_target, public_model
 from pipeline.core.privacy import make_recipe
 from pipeline.core.train import ids_digest, resolve_device
 from pipeline.data import datasets, subjects
@@ -171,7 +171,8 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
         ledger = run.ledger()
         ledger.write_assignments({**columns, "label": data.private.y[columns["sample_id"]],
                                   "subject_id": owners[columns["sample_id"]]})
-        model, pretrain_info = pretrained_model(config, data, log)
+        source, pretrain_info = public_model(config, data, log)
+        model = for_target(source, config, data)
         run.write_pretrained(model, data.input_shape, data.num_classes)
         for s in range(config.shards.count):  # each shard actor loads only its own samples
             own = np.sort(columns["sample_id"][columns["shard"] == s])
@@ -201,6 +202,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
                 "full_train_seconds": full_train_seconds, "shard_seconds": [per_shard[s]["seconds"] for s in sorted(per_shard)],
                 "keep_alive": keep_alive, "pretrain": pretrain_info, "excluded_ids": excluded})
             metrics = evaluate.ensemble_metrics(ensemble, data)
+            metrics["public_accuracy"] = evaluate.public_accuracy(source, pretrain_info["source_classes"], config, data)
         except BaseException:
             if session is not None:  # a run that did not train keeps no coordinator
                 coordinator.stop(run, config)
