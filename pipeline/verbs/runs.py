@@ -10,117 +10,43 @@ group and go with the trial.
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from datetime import datetime
+from collections.abc import Callable
 
 import numpy as np
 
 from pipeline.config import Config
 from pipeline.core.pretrain import for_target, public_model
 from pipeline.core.privacy import make_recipe
-from pipeline.core.train import ids_digest, resolve_device
+from pipeline.core.train import resolve_device
 from pipeline.data import datasets, subjects
 from pipeline.data.partition import key_record, partition
 from pipeline.evaluation import evaluate, lira
 from pipeline.sisa import cluster, coordinator
 from pipeline.sisa.driver import Ensemble, Placement, ShardLayout
-from pipeline.sisa.results import ForgetResult, ShardStatus
+from pipeline.sisa.results import ForgetResult
 from pipeline.storage import receipts
-from pipeline.storage.ledger import STATUSES
 from pipeline.storage.paths import home, resolve_local_dir, resolve_run_dir  # noqa: F401  (runs.X kept for callers)
-from pipeline.storage.rundir import RunDir, RunError, open_run, trained_ids
+from pipeline.storage.rundir import RunDir, RunError, trained_ids
 from pipeline.tracking import mlflow_runs as tracking
 from pipeline.tracking import registry
 from pipeline.tracking.release import RegistryObserver
 from pipeline.verbs import references
+from pipeline.verbs.access import (  # noqa: F401  (runs.X kept for callers)
+    RunData,
+    _check_private_rows,
+    _log_completed,
+    _log_version,
+    load_run_config,
+    log_backlog,
+    opened,
+    worst_epsilon,
+)
+from pipeline.verbs.queries import predict, prepare_input, request_status, serve, status, subject_status  # noqa: F401
 
 __all__ = ["RunError", "RunDir"]
 
 
 PARTITION_FILE = "partition.json"  # how each id's shard and slice follow from the key: recomputable from the ids
-
-
-def load_run_config(run_dir) -> Config:
-    return open_run(run_dir).config()
-
-
-def _check_private_rows(data: datasets.Data) -> None:
-    if not np.array_equal(data.private.ids, np.arange(len(data.private.ids))):
-        raise RunError("private sample ids must equal their row positions; this data split is not supported.")
-
-
-class RunData:
-    """The run's data set, loaded on first use (warm actors do not need it for a forget)."""
-
-    def __init__(self, config: Config):
-        self.config, self._data = config, None
-
-    def get(self) -> datasets.Data:
-        if self._data is None:
-            self._data = datasets.load(self.config.data)
-        return self._data
-
-
-def _log_version(config: Config, run: RunDir, mlrun, requests: list[str]) -> dict | None:
-    """The live model version in MLflow: the ids it trained on as a data set input, and the
-    ensemble as a registered model (alias `live`; see registry.py). Returns the registry names."""
-    ids, labels = trained_ids(run)
-    mlrun.log_dataset(config, ids, labels)
-    try:
-        return registry.register_live(config, run, mlrun.run_id, ids_digest(ids), requests)
-    except Exception as exc:  # noqa: BLE001 - the model version is applied and recorded; only its registration failed
-        warnings.warn(f"MLflow: could not register the live ensemble ({exc.__class__.__name__}: {exc})", stacklevel=2)
-        return None
-
-
-def _log_completed(config: Config, run: RunDir, completed: dict[str, ForgetResult]) -> None:
-    """Each request finished on behalf of a crashed writer becomes a forget child run in MLflow."""
-    for result in completed.values():
-        with tracking.verb_run("forget", config, run, tags={"dpsisa.completed_pending": "true"}) as mlrun:
-            mlrun.log_dataset(config, *trained_ids(run))
-            mlrun.log_summary(result.to_dict())
-
-
-def log_backlog(config: Config, run: RunDir) -> int:
-    """Requests applied while no client waited (`forget --no-wait`) reach MLflow here: the run's
-    next command logs all of them in one forget child run (their receipts as artifacts, latency
-    metrics), so a burst of requests is one MLflow run, not a burst of writes. Returns how many."""
-    if not config.tracking.enabled:
-        return 0
-    backlog = receipts.backlog(run)
-    if not backlog:
-        return 0
-    seconds = [(datetime.fromisoformat(r["completed_at"]) - datetime.fromisoformat(r["requested_at"])).total_seconds()
-               for r in backlog]
-    with tracking.verb_run("forget", config, run, tags={"dpsisa.no_wait": "true", "dpsisa.requests": str(len(backlog))}) as mlrun:
-        mlrun.log_jsons({f"{receipts.FOLDER}/{r['request_id']}.json": r for r in backlog})
-        _log_version(config, run, mlrun, [r["request_id"] for r in backlog])
-        mlrun.log_summary({"requests": len(backlog), "ids": sum(len(r["sample_ids"]) for r in backlog),
-                           "subjects": sum(len(r["subjects"]) for r in backlog),
-                           "p50_seconds": float(np.median(seconds)), "max_seconds": max(seconds),
-                           "request_ids": [r["request_id"] for r in backlog]})
-    receipts.mark_logged(run, [r["request_id"] for r in backlog])
-    return len(backlog)
-
-
-@contextmanager
-def opened(run_dir, log: Callable = print, placement: Placement | None = None, complete_pending: bool = True,
-           timeout_s: float | None = None) -> Iterator[tuple[Config, RunData, Ensemble, coordinator.Session]]:
-    """Config, lazily loaded data and the run's live ensemble: its coordinator's shard actors (warm
-    when kept alive; in a Tune trial's placement group with `placement`). Pending requests a crash
-    left are completed first (and logged to MLflow)."""
-    run = open_run(run_dir)
-    config = run.config()
-    cluster.connect(config.ray, log)
-    data = RunData(config)
-    with coordinator.Session(run, config, log, observer=RegistryObserver(), timeout_s=timeout_s,
-                             placement=placement) as session:
-        if complete_pending:
-            _log_completed(config, run, session.complete_pending())
-        log_backlog(config, run)
-        yield config, data, Ensemble.attached(run, config, session.actors), session
 
 
 def _other_half(config: Config, n_private: int) -> list[int]:
@@ -282,62 +208,6 @@ def submit(run_dir, ids: list[int] | None, log: Callable = print, subjects: list
             "subjects": list(subjects or [])}
 
 
-def request_status(run_dir, request_id: str, wait: bool = False, log: Callable = print, timeout_s: float | None = None) -> dict:
-    """A request's status from the ledger and its receipt once done; with `wait`, until it is done
-    (the run's coordinator is started if needed, and applies it)."""
-    run = resolve_run_dir(run_dir)
-    rows = run.ledger().requests().to_pandas()
-    rows = rows[rows["request_id"] == request_id]
-    if rows.empty:
-        raise RunError(f"no forget request {request_id} in {run.uri}; `dpsisa status --run-dir ... --json` lists them.")
-    if wait and not (rows["status"] == "done").all():
-        config = run.config()
-        cluster.connect(config.ray, log)
-        with coordinator.Session(run, config, log, observer=RegistryObserver(), timeout_s=timeout_s) as session:
-            session.call("resume")
-            session.wait(request_id, rows["sample_id"].tolist(), time.perf_counter())
-        rows = run.ledger().requests().to_pandas()
-        rows = rows[rows["request_id"] == request_id]
-    status = next(st for st in STATUSES if (rows["status"] == st).any())  # the least advanced of its ids
-    log_backlog(run.config(), run)
-    return {"run_dir": run.uri, "request_id": request_id, "status": status, "ids": int(len(rows)),
-            "requested_at": str(rows["requested_at"].min()), "receipt": receipts.read(run, request_id)}
-
-
-def predict(run_dir, inputs: dict[str, np.ndarray], log: Callable = print) -> dict[str, np.ndarray]:
-    """(N, C) ensemble probabilities of the live (unlearned) ensemble for each named input array."""
-    with opened(run_dir, log) as (_, _, ensemble, _):
-        return {name: ensemble.predict_mean(x) for name, x in inputs.items()}
-
-
-def prepare_input(name: str, images: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
-    """What `dpsisa predict` accepts: float32 images already normalised like the data loader's
-    samples, shaped (N, *input_shape); or raw uint8 images (N, H, W[, C]), normalised here."""
-    if images.dtype == np.uint8:
-        images = datasets.normalise(name, images)
-    if images.ndim != len(input_shape) + 1 or tuple(images.shape[1:]) != tuple(input_shape) or len(images) == 0:
-        raise RunError(f"--input holds an array of shape {images.shape} ({images.dtype}); this run expects float32 "
-                       f"(N, {', '.join(map(str, input_shape))}) normalised like its data loader, or raw uint8 images.")
-    if not np.issubdtype(images.dtype, np.floating) or not np.isfinite(images).all():
-        raise RunError(f"--input must hold finite float32 (or raw uint8) images; got {images.dtype}.")
-    return np.ascontiguousarray(images, dtype=np.float32)
-
-
-def serve(run_dir, images: np.ndarray, log: Callable = print) -> dict:
-    """`dpsisa predict`: classes and mean-softmax probabilities of the live ensemble, and the model
-    version of every shard that made them. It does not wait for pending requests: each shard
-    answers from its live version (a replay in progress commits first), and the answer lists the
-    requests that were pending while it was made."""
-    run = resolve_run_dir(run_dir)
-    x = prepare_input(run.config().data.name, images, tuple(run.model_info()["input_shape"]))  # before any actor starts
-    with opened(run, log, complete_pending=False) as (config, _, ensemble, _):
-        pending = set(run.ledger().pending())
-        probs, versions = ensemble.predict_live(x)
-        pending |= set(run.ledger().pending())
-    return {"run_dir": run.uri, "predictions": probs.argmax(axis=1).tolist(), "probabilities": probs.tolist(),
-            "model_versions": versions, "pending_requests": sorted(pending)}
-
-
 def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple[float, float]:
     """(replayed, total) SGD sample-steps (steps × expected batch) of a forget versus full training:
     SISA's cost model — an id in an early slice forces replaying almost the whole shard."""
@@ -364,7 +234,7 @@ def evaluate_run(run_dir, log: Callable = print, placement: Placement | None = N
             log("membership-inference attacks (members vs non-members, forgotten vs non-members) ...")
             metrics.update(evaluate.membership_inference(ensemble, data.get(), run.ledger().forgotten_ids(), config.seed,
                                                          probe_ids=probe_ids))
-            metrics.update(run.person_privacy(_worst(metrics["epsilon_cumulative"])))
+            metrics.update(run.person_privacy(worst_epsilon(metrics["epsilon_cumulative"])))
             if refs:
                 probe = references.probe(run, data.get(), config.seed)
         if refs:  # the target's actors are released first; target and references predict logits in this process
@@ -392,76 +262,6 @@ def verify(run_dir, all_shards: bool = False, log: Callable = print) -> dict:
         mlrun.log_summary({"exact": float(summary["exact"]), "shards_checked": len(touched),
                          **{f"unlearning.{k}": v for k, v in report.items()}})
     return summary
-
-
-def status(run_dir, log: Callable = print) -> dict:
-    """Read from storage; reaches the coordinator only to complete a pending request. Each shard's
-    node and device are those of its running actor when the run is warm, else those recorded by
-    the commit of its live version."""
-    run = resolve_run_dir(run_dir)
-    config = run.config()
-    ledger = run.ledger()
-    live: dict[int, dict] = {}
-    cluster.connect(config.ray, log)
-    if ledger.pending() or ledger.applied() or coordinator.find(run, config) is not None:
-        with opened(run, log) as (_, _, ensemble, _):
-            live = ensemble.status()
-    requests = ledger.requests()
-    by_request: dict[str, dict] = {}
-    for rid, st in zip(requests["request_id"].to_pylist(), requests["status"].to_pylist()):
-        entry = by_request.setdefault(rid, {"request_id": rid, "status": st, "ids": 0})
-        entry["ids"] += 1
-    shards = []
-    for s in range(config.shards.count):
-        m = run.shard(s).manifest()
-        where = live.get(s) or m.releases[-1]
-        shards.append(ShardStatus(
-            shard=s, version=m.version, forgotten=len(m.forgotten), samples=m.stages[-1]["samples"],
-            epsilon=m.releases[-1]["epsilon"], epsilon_cumulative=m.releases[-1]["epsilon_cumulative"],
-            releases=len(m.releases), node=where.get("node"), host=where.get("host"), device=where.get("device"),
-            live=s in live))
-    return {"run_dir": run.uri, "shards": [s.to_dict() for s in shards],
-            "pending": [r for r in by_request.values() if r["status"] == "pending"],
-            "applied": [r for r in by_request.values() if r["status"] == "applied"],
-            "done": [r for r in by_request.values() if r["status"] == "done"],
-            "epsilon_target": config.privacy.epsilon, "delta": config.privacy.delta,
-            **run.person_privacy(_worst([s.epsilon_cumulative for s in shards])),
-            "coordinator": "warm" if live else "stopped"}
-
-
-def _worst(epsilons: list[float | None]) -> float | None:
-    """The largest ε over shards (a person lives in one shard); None without DP."""
-    return None if not epsilons or None in epsilons else max(epsilons)
-
-
-def subject_status(run_dir, subject: str) -> dict:
-    """Where one data subject's samples are and which model versions saw them (read from storage)."""
-    run = resolve_run_dir(run_dir)
-    ledger = run.ledger()
-    ids = ledger.subjects_to_ids([subject])[subject]
-    table = ledger.assignments().to_pandas().set_index("sample_id").loc[ids]
-    requests = ledger.requests().to_pandas()
-    requests = requests[requests["sample_id"].isin(ids)].set_index("sample_id")
-    live = {s: run.shard(s).manifest().version for s in sorted(set(table["shard"].tolist()))}
-    samples = []
-    for sid in ids:
-        shard = int(table.loc[sid, "shard"])
-        row = requests.loc[sid] if sid in requests.index else None
-        if row is None:
-            state, request, first_without = "trained on by the live version", None, None
-        elif row["status"] == "pending":
-            state, request, first_without = "erasure pending", row["request_id"], None
-        elif row["status"] == "applied":
-            state, request, first_without = "erased from the shards; registry pending", row["request_id"], int(row["model_version"])
-        else:
-            state, request, first_without = "erased", row["request_id"], int(row["model_version"])
-        saw = list(range(first_without if first_without is not None else live[shard] + 1))
-        samples.append({"sample_id": int(sid), "shard": shard, "slice": int(table.loc[sid, "slice"]), "status": state,
-                        "request_id": request, "versions_that_saw_it": saw, "first_version_without_it": first_without,
-                        "live_version": live[shard]})
-    return {"run_dir": run.uri, "subject": subject, "samples": samples,
-            "erased": all(x["status"] == "erased" for x in samples),
-            "receipts": sorted({x["request_id"] for x in samples if x["status"] == "erased"})}
 
 
 def stop(run_dir, log: Callable = print) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
 
 LAYERS = [
-    ["pipeline", "pipeline.errors", "pipeline.config", "pipeline.fs"],  # base: no pipeline imports but these
+    ["pipeline", "pipeline.errors", "pipeline.config_tree", "pipeline.config", "pipeline.fs"],  # base: no pipeline imports but these
     ["pipeline.data"],  # data sets, partition, subjects, canaries
     ["pipeline.core"],  # the training core without Ray
     ["pipeline.storage"],  # the run directory and its owners: ledger, receipts
@@ -23,7 +23,7 @@ LAYERS = [
     ["pipeline.baselines", "pipeline.sweep"],
     ["pipeline.cli"],  # parser, formatting, demo
 ]
-MAX_LINES = 700  # issue 18 asks for 350; lowered as the big modules are split
+MAX_LINES = 350  # issue 18: no module over 350 lines
 
 
 def modules() -> dict[str, Path]:
