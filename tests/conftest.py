@@ -11,6 +11,11 @@ from pipeline import config as config_mod
 DIGITS = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "digits.yaml")
 
 
+def pytest_collection_modifyitems(items):
+    """Unit tests first (fast feedback, and they never see a Ray cluster an integration module left up)."""
+    items.sort(key=lambda item: "/integration/" in f"/{item.nodeid}")
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """Every test gets its own DPSISA_HOME and MLflow store; the pretrain cache is shared per session."""

@@ -1,5 +1,5 @@
 """Sweeps: grid expansion and validation (fast, no Ray), plots on a synthetic table (fast), and a
-4-trial digits sweep on a 2-CPU Ray cluster with MLflow parent/child runs and a resume (slow)."""
+2-trial digits sweep on a 2-CPU Ray cluster, interrupted and resumed, with MLflow parent/child runs (slow)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -175,68 +175,11 @@ def ray_2cpu():
 
 
 @pytest.mark.slow
-def test_digits_sweep_logs_parent_and_one_child_run_per_trial(ray_2cpu, tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    monkeypatch.setenv("DPSISA_HOME", str(tmp_path))
-    monkeypatch.setenv("DPSISA_CACHE", str(tmp_path / "cache"))
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    overrides = [f"tracking.uri={uri}", "tracking.experiment=sweep-test"]
-    result = sweep.run_sweep(DIGITS_SWEEP, overrides, log=print)
-
-    assert Path(result["storage_path"]) == (tmp_path / "sweeps" / "sweep_digits").resolve()
-    table = pd.DataFrame(result["table"])
-    assert len(table) == 4 and not result["errors"]
-    assert set(table["finetune.strategy"]) == {"fc", "fc_gn"} and table["privacy.epsilon"].isna().sum() == 2
-    assert table["accuracy"].between(0.3, 1.0).all()  # 10 classes: chance is 0.1
-    assert table["accuracy_after_forget"].between(0.3, 1.0).all()
-    assert (table["forget_speedup"] > 0).all() and (table["forget_seconds"] > 0).all()
-    dp = table[table["privacy.epsilon"].notna()]
-    assert (dp["epsilon_spent_max"] <= 1.0 + 1e-6).all() and (dp["epsilon_spent_max"] > 0.5).all()
-    assert len(result["best"]) == 2  # one per (shards=2, ε ∈ {1, no DP})
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("sweep-test")
-    parent = client.get_run(result["parent_run_id"])
-    assert parent.data.tags["dpsisa.kind"] == "sweep" and parent.info.status == "FINISHED"
-    children = client.search_runs([experiment.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
-    assert len(children) == 4
-    assert {c.data.tags["dpsisa.trial_id"] for c in children} == set(table["trial_id"])
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert {"accuracy", "vote_accuracy", "accuracy_after_forget", "forget_seconds", "full_train_seconds",
-                "forget_speedup"} <= set(child.data.metrics)
-        assert child.data.params["tracking.enabled"] == "False" and child.data.params["shards.count"] == "2"
-        assert 0 < child.data.metrics["accuracy"] <= 1
-        # the trial's child run is its run directory's parent run (later verbs there nest under it)
-        assert RunDir(child.data.tags["dpsisa.run_dir"]).read_json(tracking.PARENT_FILE)["run_id"] == child.info.run_id
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"summary.csv", "summary.parquet", "accuracy_vs_epsilon.png", "mia_advantage_vs_epsilon.png",
-            "forget_speedup_vs_shards.png"} <= artifacts
-    # the trials' own jobs did not log runs of their own: only the parent and its children exist
-    assert len(client.search_runs([experiment.experiment_id])) == 5
-    # one forget engine: each trial's request went through a coordinator (pending → applied → done,
-    # with its receipt), not through a second path that marks requests done directly
-    for trial_id in table["trial_id"]:
-        run = RunDir(tmp_path / "sweeps" / "sweep_digits" / "runs" / trial_id)
-        requests = run.ledger().requests().to_pandas()
-        assert len(requests) == 5 and (requests["status"] == "done").all() and requests["applied_at"].notna().all()
-        assert all(receipts.read(run, rid) is not None for rid in requests["request_id"].unique())
-
-    # a second run of the same sweep is refused; --resume of a finished sweep adds no duplicate runs
-    with pytest.raises(sweep.SweepError, match="--resume"):
-        sweep.run_sweep(DIGITS_SWEEP, overrides)
-    resumed = sweep.run_sweep(DIGITS_SWEEP, overrides, resume=True)
-    assert resumed["parent_run_id"] == result["parent_run_id"] and len(resumed["table"]) == 4
-    assert len(client.search_runs([experiment.experiment_id])) == 5
-
-
-@pytest.mark.slow
-def test_an_interrupted_sweep_resumes_to_one_child_run_per_trial(ray_2cpu, tmp_path):
+def test_an_interrupted_sweep_resumes_to_one_child_run_per_trial_with_its_table_plots_and_receipts(ray_2cpu, tmp_path):
     """SIGINT the real command once a trial has reported, then --resume: every trial ends with
-    exactly one finished child run and the summary holds all of them. Two trials (the smoke sweep's
-    ε ∈ {1, no DP} at fc_gn): one finishes before the interrupt, the other after the resume."""
+    exactly one finished child run, the summary holds all of them, the parent carries the table and
+    plots, and each trial's forget went through a coordinator. Two trials (the smoke sweep's
+    ε ∈ {1, no DP} at fc_gn, one at a time): one finishes before the interrupt, the other after."""
     import os
     import signal
     import subprocess
@@ -276,10 +219,48 @@ def test_an_interrupted_sweep_resumes_to_one_child_run_per_trial(ray_2cpu, tmp_p
     done_before = len(client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'"))
     assert done_before == 1
 
-    resumed = sweep.run_sweep(two_trials, overrides, resume=True)
-    assert resumed["parent_run_id"] == interrupted[0].info.run_id
-    assert not resumed["errors"] and not resumed["unfinished"] and len(resumed["table"]) == 2
-    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{resumed['parent_run_id']}'")
-    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
-    assert sorted(c.data.tags["dpsisa.trial_id"] for c in children) == sorted(r["trial_id"] for r in resumed["table"])
-    assert client.get_run(resumed["parent_run_id"]).info.status == "FINISHED"
+    # a second run of the same sweep is refused; --resume finishes it
+    with pytest.raises(sweep.SweepError, match="--resume"):
+        sweep.run_sweep(two_trials, overrides)
+    result = sweep.run_sweep(two_trials, overrides, resume=True, log=print)
+    assert result["parent_run_id"] == interrupted[0].info.run_id
+    assert not result["errors"] and not result["unfinished"]
+    assert Path(result["storage_path"]) == (tmp_path / "sweeps" / "sweep_digits").resolve()
+    table = pd.DataFrame(result["table"])
+    assert len(table) == 2 and set(table["finetune.strategy"]) == {"fc_gn"} and table["privacy.epsilon"].isna().sum() == 1
+    assert table["accuracy"].between(0.3, 1.0).all()  # 10 classes: chance is 0.1
+    assert table["accuracy_after_forget"].between(0.3, 1.0).all()
+    assert (table["forget_speedup"] > 0).all() and (table["forget_seconds"] > 0).all()
+    dp = table[table["privacy.epsilon"].notna()]
+    assert (dp["epsilon_spent_max"] <= 1.0 + 1e-6).all() and (dp["epsilon_spent_max"] > 0.5).all()
+    assert len(result["best"]) == 2  # one per (shards=2, ε ∈ {1, no DP})
+
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.data.tags["dpsisa.kind"] == "sweep" and parent.info.status == "FINISHED"
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{result['parent_run_id']}'")
+    assert len(children) == 2 and {c.data.tags["dpsisa.trial_id"] for c in children} == set(table["trial_id"])
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"accuracy", "vote_accuracy", "accuracy_after_forget", "forget_seconds", "full_train_seconds",
+                "forget_speedup"} <= set(child.data.metrics)
+        assert child.data.params["tracking.enabled"] == "False" and child.data.params["shards.count"] == "2"
+        assert 0 < child.data.metrics["accuracy"] <= 1
+        # the trial's child run is its run directory's parent run (later verbs there nest under it)
+        assert RunDir(child.data.tags["dpsisa.run_dir"]).read_json(tracking.PARENT_FILE)["run_id"] == child.info.run_id
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.csv", "summary.parquet", "accuracy_vs_epsilon.png", "mia_advantage_vs_epsilon.png",
+            "forget_speedup_vs_shards.png"} <= artifacts
+    # the trials' own jobs did not log runs of their own: only the parent and its children exist
+    assert len(client.search_runs([experiment.experiment_id])) == 3
+    # one forget engine: each trial's request went through a coordinator (pending → applied → done,
+    # with its receipt), not through a second path that marks requests done directly
+    for trial_id in table["trial_id"]:
+        run = RunDir(tmp_path / "sweeps" / "sweep_digits" / "runs" / trial_id)
+        requests = run.ledger().requests().to_pandas()
+        assert len(requests) == 5 and (requests["status"] == "done").all() and requests["applied_at"].notna().all()
+        assert all(receipts.read(run, rid) is not None for rid in requests["request_id"].unique())
+
+    # --resume of a finished sweep adds no duplicate runs
+    again = sweep.run_sweep(two_trials, overrides, resume=True)
+    assert again["parent_run_id"] == result["parent_run_id"] and len(again["table"]) == 2
+    assert len(client.search_runs([experiment.experiment_id])) == 3
