@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from pipeline.errors import RecoverableError, UserError
 from pipeline.fs import PreconditionFailed, Storage, atomic_write, atomic_write_json  # noqa: F401 - re-exported
@@ -46,6 +45,8 @@ def sha256_hex(data: bytes) -> str:
 
 
 def torch_bytes(obj: Any) -> bytes:
+    import torch  # imported when used: a process that only reads manifests (the coordinator) never loads torch
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
@@ -71,6 +72,8 @@ def load_torch_bytes(data: bytes, path: Any, sha256: str | None = None, recorded
             f"checkpoint {path} failed its integrity check (its sha256 differs from the one in {recorded_in}): "
             "the file was modified or corrupted since it was written; it was not loaded. "
             "Restore it from a backup or retrain the run.")
+    import torch
+
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # outside the weights_only allowlist: possibly code

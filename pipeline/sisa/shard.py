@@ -16,16 +16,19 @@ import sys
 import threading
 import time
 import uuid
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from pipeline.core.checkpoints import INITIAL_DATA, Manifest, ShardStore, parameter_l2_distance, sha256_hex
-from pipeline.core.finetune import plan_for
-from pipeline.core.models import Classifier
 from pipeline.core.privacy import Recipe, release_epsilon, spent_epsilon
-from pipeline.core.train import ShardState, ShardTrainer, ids_digest, predict_proba, resolve_device
 from pipeline.storage.ledger import Ledger
+
+if TYPE_CHECKING:  # torch and Opacus load in the shard actor, not in processes that only spawn it
+    import torch
+
+    from pipeline.core.models import Classifier
+    from pipeline.core.train import ShardState
 
 SAMPLED_ACCURACY_IDS = 256  # progress accuracy: the first ids of slice 0 (trained on at every stage)
 
@@ -33,7 +36,11 @@ SAMPLED_ACCURACY_IDS = 256  # progress accuracy: the first ids of slice 0 (train
 class Shard:
     def __init__(self, run_dir: str, shard: int, config_dict: dict, recipe_dict: dict, threads: int = 1,
                  log_progress: bool = True, pretrained: Classifier | None = None):
+        import torch
+
         from pipeline.config import from_dict
+        from pipeline.core.finetune import plan_for
+        from pipeline.core.train import ShardTrainer, resolve_device
         from pipeline.storage.rundir import RunDir
 
         torch.set_num_threads(threads)
@@ -100,6 +107,7 @@ class Shard:
         return [owners[np.searchsorted(ids, s)] for s in slices]
 
     def _payload(self, stage: int, state: ShardState, slices: list[np.ndarray], version: int) -> dict:
+        from pipeline.core.train import ids_digest
         seen = np.concatenate(slices[: stage + 1])
         return {**state.payload(), "stage": stage, "version": version,
                 "ids_digest": ids_digest(seen), "samples": int(len(seen)), "seed": self.config.seed,
@@ -132,6 +140,7 @@ class Shard:
     def _stage_record(self, job: str, stage: int, state: ShardState, first_slice: np.ndarray, seconds: float) -> dict:
         """What a finished stage reports: its mean training loss, accuracy on a fixed set of the
         shard's own ids (no generator is touched: replays stay bit-exact) and ε through this stage."""
+        from pipeline.core.train import predict_proba
         rows = self._rows(first_slice[:SAMPLED_ACCURACY_IDS])
         predicted = predict_proba(self.trainer.model(state), self._inputs(self.x[rows])).argmax(1).cpu().numpy()
         return {"job": job, "stage": stage, "loss": self.trainer.last_loss,
@@ -169,6 +178,7 @@ class Shard:
         return {"shard": self.shard, "seconds": seconds, "epsilon": self.recipe.epsilon_spent, "progress": self.progress("fit")}
 
     def _state(self, manifest: Manifest, stage: int) -> ShardState:
+        from pipeline.core.train import ShardState
         payload = self.store.load_stage(manifest, stage)
         return ShardState.from_payload(payload)
 
@@ -215,6 +225,7 @@ class Shard:
 
     def _inputs(self, x: np.ndarray) -> torch.Tensor:
         """Images on the training device (a writable copy: object-store arrays are read-only)."""
+        import torch
         return torch.from_numpy(np.array(x, dtype=np.float32)).to(self.trainer.device)
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -225,6 +236,7 @@ class Shard:
         """Softmax outputs and the version that made them, in one call: it runs in the actor's
         default group, after a replay in progress commits, so a prediction comes wholly from one
         version and never from one that a committed forget retired."""
+        from pipeline.core.train import predict_proba
         model = self.model()
         return {"version": self._model[0], "probs": predict_proba(model, self._inputs(x)).cpu().numpy()}
 
@@ -232,6 +244,9 @@ class Shard:
         """Auditor's oracle: retrain from scratch without the forgotten ids (same seeds and recorded
         draws, same recipe) and compare every live stage's parameters bit for bit. With `x_eval`, also
         return the oracle's softmax outputs on it (for output-space distances)."""
+        import torch
+
+        from pipeline.core.train import ids_digest, predict_proba
         manifest = self.store.manifest()
         slices = self._slices(set(manifest.forgotten))
         mismatched: list[str] = []

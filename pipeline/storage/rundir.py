@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
@@ -22,11 +23,13 @@ import yaml
 from pipeline import config as config_mod
 from pipeline.config import Config
 from pipeline.core.checkpoints import CheckpointIntegrityError, ShardStore, load_torch_bytes, sha256_hex, torch_bytes
-from pipeline.core.models import Classifier
 from pipeline.core.privacy import Recipe, person_privacy
 from pipeline.errors import UserError
 from pipeline.fs import Storage
 from pipeline.storage.ledger import Ledger
+
+if TYPE_CHECKING:  # torch is loaded only where a model is built (not by the coordinator)
+    from pipeline.core.models import Classifier
 
 CONFIG, RECIPES, MODEL, PRETRAINED, SUMMARY = "config.yaml", "recipes.json", "model.json", "pretrained.pt", "train_summary.json"
 
