@@ -107,7 +107,7 @@ class Prober(threading.Thread):
 
     def __init__(self, run, name: str, tracking_uri: str, x: np.ndarray):
         super().__init__(daemon=True)
-        self.run, self.name, self.uri, self.x = run, name, tracking_uri, x
+        self.run_dir, self.name, self.uri, self.x = run, name, tracking_uri, x  # not `self.run`: Thread.run
         self.stop_event, self.served_erased, self.loads, self.predicts, self.errors = threading.Event(), 0, 0, 0, 0
         self.hung = 0
 
@@ -137,13 +137,13 @@ class Prober(threading.Thread):
 
         from pipeline.verbs import runs
 
-        done = done_first_versions(self.run.ledger())
+        done = done_first_versions(self.run_dir.ledger())
         version = self._bounded(lambda: MlflowClient(self.uri).get_model_version_by_alias(self.name, "live"))
         if version is not None and self._bounded(lambda: mlflow.pyfunc.load_model(f"models:/{self.name}/{version.version}")):
             self.loads += 1
             self.served_erased += bool(holds(json.loads(version.tags.get("dpsisa.shard_versions", "[]")), done))
-        done = done_first_versions(self.run.ledger())
-        answer = self._bounded(lambda: runs.serve(self.run, self.x, log=lambda m: None))
+        done = done_first_versions(self.run_dir.ledger())
+        answer = self._bounded(lambda: runs.serve(self.run_dir, self.x, log=lambda m: None))
         if answer is not None:
             self.predicts += 1
             self.served_erased += bool(holds(answer["model_versions"], done))
