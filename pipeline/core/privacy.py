@@ -25,7 +25,6 @@ import numpy as np
 from pipeline.config import Config, privacy_unit
 from pipeline.errors import UserError
 
-ACCOUNTANTS = ("prv", "rdp")  # Opacus accountants by name (imported when used: the coordinator never needs Opacus)
 # Calibration probes tiny σ values, where Opacus's RDP analysis notes that its largest order was
 # optimal; the bound it returns is still valid (only looser), and the search moves on.
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
@@ -100,9 +99,9 @@ def spent_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, a
     steps: dict[tuple[float, float], int] = {}
     for sigma, rate, count in history:
         steps[(sigma, rate)] = steps.get((sigma, rate), 0) + int(count)
-    from opacus.accountants import PRVAccountant, RDPAccountant
+    from opacus.accountants import PRVAccountant, RDPAccountant  # here: the coordinator's process never loads Opacus
 
-    acc = {"prv": PRVAccountant, "rdp": RDPAccountant}[accountant]()
+    acc = {"prv": PRVAccountant, "rdp": RDPAccountant}[accountant]()  # config.CHOICES["privacy.accountant"]
     acc.history = [(sigma, rate, count) for (sigma, rate), count in steps.items()]
     with np.errstate(divide="ignore"):  # PRV takes log(1 - q): -inf at q = 1 (no subsampling), which it handles
         return float(acc.get_epsilon(delta=delta))

@@ -256,8 +256,7 @@ class Shard:
         def compare(j: int, oracle: ShardState) -> None:
             nonlocal max_diff, live
             live = self._state(manifest, j)
-            for kind, tensors in (("", oracle.params), ("ema ", oracle.ema)):  # the served EMA weights too
-                kept = live.params if not kind else live.ema
+            for kind, tensors, kept in (("", oracle.params, live.params), ("ema ", oracle.ema, live.ema)):  # served EMA too
                 for name, tensor in tensors.items():
                     if name not in kept or not torch.equal(tensor, kept[name]):
                         mismatched.append(f"stage {j}: {kind}{name}")

@@ -17,7 +17,7 @@ from pipeline.sisa import cluster, coordinator
 from pipeline.sisa.driver import Ensemble, Placement
 from pipeline.sisa.results import ForgetResult
 from pipeline.storage import receipts
-from pipeline.storage.rundir import RunDir, RunError, open_run, trained_ids
+from pipeline.storage.rundir import RunDir, open_run, trained_ids
 from pipeline.tracking import mlflow_runs as tracking
 from pipeline.tracking import registry
 from pipeline.tracking.release import RegistryObserver
@@ -25,11 +25,6 @@ from pipeline.tracking.release import RegistryObserver
 
 def load_run_config(run_dir) -> Config:
     return open_run(run_dir).config()
-
-
-def _check_private_rows(data: datasets.Data) -> None:
-    if not np.array_equal(data.private.ids, np.arange(len(data.private.ids))):
-        raise RunError("private sample ids must equal their row positions; this data split is not supported.")
 
 
 class RunData:

@@ -31,22 +31,18 @@ from pipeline.tracking import mlflow_runs as tracking
 from pipeline.tracking import registry
 from pipeline.tracking.release import RegistryObserver
 from pipeline.verbs import references
-from pipeline.verbs.access import (  # noqa: F401  (runs.X kept for callers)
-    RunData,
-    _check_private_rows,
-    _log_completed,
-    _log_version,
-    load_run_config,
-    log_backlog,
-    opened,
-    worst_epsilon,
-)
+from pipeline.verbs.access import RunData, _log_version, load_run_config, opened, worst_epsilon  # noqa: F401  (runs.X kept for callers)
 from pipeline.verbs.queries import predict, prepare_input, request_status, serve, status, subject_status  # noqa: F401
 
 __all__ = ["RunError", "RunDir"]
 
 
 PARTITION_FILE = "partition.json"  # how each id's shard and slice follow from the key: recomputable from the ids
+
+
+def _check_private_rows(data: datasets.Data) -> None:
+    if not np.array_equal(data.private.ids, np.arange(len(data.private.ids))):
+        raise RunError("private sample ids must equal their row positions; this data split is not supported.")
 
 
 def _other_half(config: Config, n_private: int) -> list[int]:

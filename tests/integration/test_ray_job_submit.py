@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import own_ray_cluster
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,10 +56,7 @@ def stop_session(session: int, grace_s: float = 10.0) -> None:
 def ray_head(tmp_path_factory):
     """`ray start --head` in a subprocess of its own session (token auth stays on); after the module,
     that session's processes are stopped (`ray stop` would stop every Ray cluster on the host)."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
+    own_ray_cluster()  # the session's shared in-process cluster goes first
     port, dashboard = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
