@@ -1,12 +1,11 @@
-"""Typed run configuration: frozen dataclasses, YAML loading, dotted overrides, validation
-(the generic tree checking lives in `config_tree.py`).
-
-Every key a user can set lives here, with its default. Unknown keys and impossible values are
-rejected with the dotted key named, so a typo never silently falls back to a default.
+"""Typed run configuration: frozen dataclasses, YAML loading, dotted overrides, validation (generic
+tree checking: `config_tree.py`). Every key a user can set lives here, with its default. Unknown keys
+and impossible values are rejected with the dotted key named: a typo never falls back to a default.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -232,6 +231,11 @@ def privacy_unit(config: Config) -> str:
     if config.privacy.unit is not None:
         return config.privacy.unit
     return "subject" if config.partition.strategy == "by_subject" else "sample"
+
+
+def cache_root(config: Config) -> Path:
+    """Where runs share what they can recompute (pretrained models, noise calibrations)."""
+    return Path(config.pretrain.cache_dir or os.environ.get("DPSISA_CACHE") or Path.home() / ".cache" / "dpsisa")
 
 
 # read the private labels/features to place samples: refused under DP (keep in step with pipeline/data/partition.py)

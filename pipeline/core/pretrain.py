@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Config, digest
+from pipeline.config import Config, cache_root, digest
 from pipeline.core import models
 from pipeline.core.augment import augment
 from pipeline.core.checkpoints import load_torch, save_torch
@@ -24,8 +23,7 @@ class PretrainError(UserError, ValueError):
 
 
 def cache_dir(config: Config) -> Path:
-    root = config.pretrain.cache_dir or os.environ.get("DPSISA_CACHE") or Path.home() / ".cache" / "dpsisa"
-    return Path(root) / "pretrained"
+    return cache_root(config) / "pretrained"
 
 
 def seed(config: Config) -> int:

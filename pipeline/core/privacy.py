@@ -15,20 +15,25 @@ With unit "sample" a person owning k samples has only the group bound (kε, k·e
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config, privacy_unit
+from pipeline.config import Config, cache_root, privacy_unit
 from pipeline.errors import UserError
 
 # Calibration probes tiny σ values, where Opacus's RDP analysis notes that its largest order was
 # optimal; the bound it returns is still valid (only looser), and the search moves on.
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
 SIGMA_BOUNDS = (0.05, 500.0)
+CALIBRATION_VERSION = 1  # part of the calibration cache key: bump when `calibrate_noise`'s search changes
 
 
 class PrivacyError(UserError, ValueError):
@@ -90,6 +95,7 @@ def schedule(slice_sizes: list[int], batch_size: int, epochs: float,
     return tuple(stages)
 
 
+@lru_cache(maxsize=1024)
 def spent_epsilon(history: tuple[tuple[float, float, int], ...], delta: float, accountant: str) -> float:
     """ε of composing (noise_multiplier, sample_rate, steps) mechanisms, via Opacus.
 
@@ -132,6 +138,42 @@ def calibrate_noise(stages: tuple[Stage, ...], epsilon: float, delta: float, acc
     return high
 
 
+def _calibration_file(cache: Path, stages: tuple[Stage, ...], epsilon: float, delta: float, accountant: str) -> Path:
+    from opacus import __version__ as opacus_version
+
+    key = json.dumps({"version": CALIBRATION_VERSION, "opacus": opacus_version, "bounds": SIGMA_BOUNDS,
+                      "stages": [asdict(s) for s in stages], "epsilon": epsilon, "delta": delta,
+                      "accountant": accountant}, sort_keys=True)
+    return cache / "calibration" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def calibrated_noise(stages: tuple[Stage, ...], epsilon: float, delta: float, accountant: str,
+                     cache: Path | None) -> tuple[float, float]:
+    """(σ, ε spent at σ): `calibrate_noise`'s σ, remembered under `cache` (the calibration search
+    costs ~10 accountant calls, seconds; a run of the same schedule asks again). A remembered σ is
+    used only after ε is recomputed from it and lands in [0.995·target, target], the band a fresh
+    search ends in; anything else (an edited or stale file) is searched afresh and overwritten."""
+    path = None if cache is None else _calibration_file(cache, stages, epsilon, delta, accountant)
+    try:
+        sigma = float(json.loads(path.read_text())["sigma"]) if path is not None else None
+    except (OSError, ValueError, KeyError, TypeError):
+        sigma = None
+    if sigma is not None and math.isfinite(sigma) and SIGMA_BOUNDS[0] <= sigma <= SIGMA_BOUNDS[1]:
+        eps = spent_epsilon(_history(stages, sigma), delta, accountant)
+        if 0.995 * epsilon <= eps <= epsilon:
+            return sigma, eps
+    sigma = calibrate_noise(stages, epsilon, delta, accountant)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"sigma": sigma}))
+            os.replace(tmp, path)
+        except OSError:  # a read-only cache only costs the next run the search
+            pass
+    return sigma, spent_epsilon(_history(stages, sigma), delta, accountant)
+
+
 def make_recipe(config: Config, shard: int, slice_sizes: list[int], subject_counts: list[int] | None = None) -> Recipe:
     """Fix the shard's training recipe (and calibrate σ when DP is on). With privacy unit
     "subject", `subject_counts` gives the distinct subjects of each slice."""
@@ -143,8 +185,7 @@ def make_recipe(config: Config, shard: int, slice_sizes: list[int], subject_coun
     p = config.privacy
     sigma = eps = None
     if p.epsilon is not None:
-        sigma = calibrate_noise(stages, p.epsilon, p.delta, p.accountant)
-        eps = spent_epsilon(_history(stages, sigma), p.delta, p.accountant)
+        sigma, eps = calibrated_noise(stages, p.epsilon, p.delta, p.accountant, cache_root(config))
     return Recipe(shard, stages, config.train.batch_size, config.train.lr, config.train.momentum,
                   sigma, p.max_grad_norm, p.epsilon, eps, p.delta, p.accountant, unit)
 

@@ -15,14 +15,50 @@ def test_schedule_keeps_epochs_per_stage_and_rates_shrink_with_cumulative_data()
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 @pytest.mark.parametrize("epsilon", [0.5, 1.0, 3.0])
-def test_spent_epsilon_of_a_multi_slice_schedule_is_within_5_percent_below_target(accountant, epsilon):
-    cfg = C.load(None, [f"privacy.epsilon={epsilon}", f"privacy.accountant={accountant}", "train.batch_size=64"])
+def test_spent_epsilon_of_a_multi_slice_schedule_is_within_5_percent_below_target(accountant, epsilon, tmp_path):
+    cfg = C.load(None, [f"privacy.epsilon={epsilon}", f"privacy.accountant={accountant}", "train.batch_size=64",
+                        f"pretrain.cache_dir={tmp_path}"])  # an empty cache: the calibration search runs
     recipe = make_recipe(cfg, 0, [500, 500, 500, 500, 500])
     assert recipe.epsilon_spent <= epsilon
     assert recipe.epsilon_spent >= 0.95 * epsilon
     # the recipe's ε is what Opacus reports for the composition of all five stages
     history = [(recipe.noise_multiplier, s.sample_rate, s.steps) for s in recipe.stages]
     assert spent_epsilon(tuple(history), recipe.delta, accountant) == pytest.approx(recipe.epsilon_spent)
+
+
+def _cached_recipe(tmp_path, shard=0):
+    cfg = C.load(None, ["privacy.accountant=rdp", "train.batch_size=64", f"pretrain.cache_dir={tmp_path}"])
+    return make_recipe(cfg, shard, [300, 300])
+
+
+def test_a_calibration_is_remembered_and_the_same_schedule_is_not_searched_again(tmp_path, monkeypatch):
+    from pipeline.core import privacy
+
+    first = _cached_recipe(tmp_path)
+    assert len(list((tmp_path / "calibration").glob("*.json"))) == 1
+
+    def no_search(*args):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(privacy, "calibrate_noise", no_search)
+    again = _cached_recipe(tmp_path, shard=1)
+    assert (again.noise_multiplier, again.epsilon_spent) == (first.noise_multiplier, first.epsilon_spent)
+
+
+@pytest.mark.parametrize("stored", ["half", "double", "garbage"])
+def test_a_remembered_sigma_outside_the_target_band_is_searched_afresh_and_overwritten(tmp_path, stored):
+    """An edited or stale file never lowers the noise: too little (ε above target), too much (ε far
+    below it) or unreadable, the search runs again and its σ replaces the file."""
+    import json
+
+    first = _cached_recipe(tmp_path)
+    (path,) = (tmp_path / "calibration").glob("*.json")
+    sigma = first.noise_multiplier
+    path.write_text({"half": json.dumps({"sigma": sigma / 2}), "double": json.dumps({"sigma": sigma * 2}),
+                     "garbage": "{not json"}[stored])
+    again = _cached_recipe(tmp_path)
+    assert again.noise_multiplier == sigma and again.epsilon_spent <= again.epsilon_target
+    assert json.loads(path.read_text()) == {"sigma": sigma}
 
 
 def test_more_noise_for_a_smaller_budget():
