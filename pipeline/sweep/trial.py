@@ -14,6 +14,7 @@ from ray import tune
 from pipeline.storage.ledger import Ledger
 from pipeline.sweep.spec import SweepSpec, trial_bundles, trial_config, trial_dir
 from pipeline.verbs import runs
+from pipeline.verbs.access import held
 
 AFTER = "_after_forget"
 
@@ -79,15 +80,16 @@ def run_trial(point: dict[str, Any], spec: SweepSpec) -> None:
     placement = ray.util.get_current_placement_group()
     trained = runs.train(config, run_dir, log=log, placement=placement)
     doomed = Ledger(run_dir).sample_ids(spec.forget_count, config.seed) if spec.forget_count else None
-    # before forgetting, the ids to forget are attacked as `mia_forgotten` (still members)
-    metrics = {**evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement, probe_ids=doomed)),
-               "full_train_seconds": float(trained["full_train_seconds"])}
-    if trained.get("public_accuracy") is not None:  # what the private data bought: accuracy − public_accuracy
-        metrics["public_accuracy"] = float(trained["public_accuracy"])
-    if doomed:
-        forgot = runs.forget(run_dir, doomed, log, placement=placement)
-        metrics.update(forget_metrics(forgot.to_dict()))
-        metrics.update(evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement), AFTER))
+    with held(run_dir, log, placement):  # one coordinator (and shard actors) for the three verbs below
+        # before forgetting, the ids to forget are attacked as `mia_forgotten` (still members)
+        metrics = {**evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement, probe_ids=doomed)),
+                   "full_train_seconds": float(trained["full_train_seconds"])}
+        if trained.get("public_accuracy") is not None:  # what the private data bought: accuracy − public_accuracy
+            metrics["public_accuracy"] = float(trained["public_accuracy"])
+        if doomed:
+            forgot = runs.forget(run_dir, doomed, log, placement=placement)
+            metrics.update(forget_metrics(forgot.to_dict()))
+            metrics.update(evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement), AFTER))
     tune.report(metrics)
 
 

@@ -99,6 +99,19 @@ def opened(run_dir, log: Callable = print, placement: Placement | None = None, c
         yield config, data, Ensemble.attached(run, config, session.actors), session
 
 
+@contextmanager
+def held(run_dir, log: Callable = print, placement: Placement | None = None) -> Iterator[None]:
+    """Keep the run's coordinator and its shard actors up across the verbs run inside: each verb
+    attaches to it instead of starting one and closing it when done (a Tune trial's evaluate →
+    forget → evaluate start one coordinator, not three). Held by a client, not kept alive: it
+    closes when this block ends, like after any other last client."""
+    run = open_run(run_dir)
+    config = run.config()
+    cluster.connect(config.ray, log)
+    with coordinator.Session(run, config, log, observer=RegistryObserver(), placement=placement):
+        yield
+
+
 def worst_epsilon(epsilons: list[float | None]) -> float | None:
     """The largest ε over shards (a person lives in one shard); None without DP."""
     return None if not epsilons or None in epsilons else max(epsilons)

@@ -107,7 +107,7 @@ def _wait(client, job_id: str, timeout: float = 400) -> str:
         status = client.get_job_status(job_id)
         if status in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
             return status
-        time.sleep(2)
+        time.sleep(0.5)
     client.stop_job(job_id)
     raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n{client.get_job_logs(job_id)[-3000:]}")
 
