@@ -25,8 +25,6 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from pipeline.core.augment import augment
@@ -209,6 +207,9 @@ class ShardTrainer:
                 sgd.state[p]["momentum_buffer"] = state.momentum[name].clone().to(self.device)
         sampler = torch.Generator().manual_seed(stage_seed(self.seed, self.shard, stage_index, draw_purpose("sample", draw)))
         if recipe.private:
+            from opacus import GradSampleModule  # here: a shard actor that only predicts never loads Opacus (~1.5 s)
+            from opacus.optimizers import DPOptimizer
+
             noise = torch.Generator(device=self.device).manual_seed(
                 stage_seed(self.seed, self.shard, stage_index, draw_purpose("noise", draw)))
             module = GradSampleModule(module, batch_first=True, loss_reduction="sum")

@@ -153,7 +153,8 @@ def test_concurrent_forget_jobs_on_one_run_each_apply_once_and_log_to_the_mlflow
 
 
 def test_a_sweep_runs_as_a_ray_job_with_its_trials_on_the_cluster(ray_head, tmp_path):
-    """`ray job submit -- python jobs/sweep.py SWEEP.yaml`: Tune runs inside the job, on the cluster."""
+    """`ray job submit -- python jobs/sweep.py SWEEP.yaml`: Tune runs inside the job, on the cluster
+    (one trial: the grid, resume and table are test_sweep.py's; this pins the job path)."""
     import pandas as pd
     import yaml
     from mlflow.tracking import MlflowClient
@@ -165,7 +166,7 @@ def test_a_sweep_runs_as_a_ray_job_with_its_trials_on_the_cluster(ray_head, tmp_
     sweep_file.write_text(yaml.safe_dump({
         "name": "job_sweep", "base": str(ROOT / "jobs" / "configs" / "digits.yaml"),
         "overrides": {"shards.count": 1, "shards.slices": 2, "train.epochs": 1},
-        "grid": {"finetune.strategy": ["fc", "fc_gn"]}, "forget_count": 3}))
+        "grid": {"finetune.strategy": ["fc_gn"]}, "forget_count": 3}))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runtime_env = {"working_dir": str(ROOT), "env_vars": {
         "DPSISA_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": uri,
@@ -174,6 +175,6 @@ def test_a_sweep_runs_as_a_ray_job_with_its_trials_on_the_cluster(ray_head, tmp_
     assert _wait(client, job, timeout=600) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
     assert "best strategy per (shards, ε)" in client.get_job_logs(job)
     table = pd.read_csv(tmp_path / "sweeps" / "job_sweep" / "summary" / "summary.csv")
-    assert sorted(table["finetune.strategy"]) == ["fc", "fc_gn"] and table["accuracy_after_forget"].between(0.3, 1).all()
+    assert list(table["finetune.strategy"]) == ["fc_gn"] and table["accuracy_after_forget"].between(0.3, 1).all()
     runs = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])
-    assert sorted(r.data.tags["dpsisa.kind"] for r in runs) == ["sweep", "sweep_trial", "sweep_trial"]
+    assert sorted(r.data.tags["dpsisa.kind"] for r in runs) == ["sweep", "sweep_trial"]
