@@ -264,26 +264,28 @@ def test_predict_serves_the_live_ensemble_from_npy_input_raw_or_normalised(train
     from sklearn.datasets import load_digits
 
     from pipeline.data import datasets
+    from pipeline.verbs.access import held
 
     run_dir, _, home = trained
     _pin_env(monkeypatch, home)
-    raw = load_digits().images[:12].astype(np.uint8)  # 0..16 grey levels, as scikit-learn ships them
-    normalised = datasets.normalise("digits", raw)
-    np.save(tmp_path / "raw.npy", raw)
-    np.save(tmp_path / "x.npy", normalised)
-    cli.main(["predict", "--run-dir", str(run_dir), "--input", str(tmp_path / "x.npy"), "--json", "--quiet"])
-    served = json.loads(capsys.readouterr().out)
-    probs = np.asarray(served["probabilities"])
-    assert probs.shape == (12, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
-    assert served["predictions"] == probs.argmax(axis=1).tolist()
-    live = [ShardStore(run_dir, s).manifest().version for s in range(2)]
-    assert served["model_versions"] == live and served["pending_requests"] == []
-    assert np.allclose(probs, runs.predict(run_dir, {"x": normalised}, log=lambda m: None)["x"], atol=1e-6)
-    cli.main(["predict", "--run-dir", str(run_dir), "--input", str(tmp_path / "raw.npy"), "--json", "--quiet"])
-    assert np.allclose(json.loads(capsys.readouterr().out)["probabilities"], probs, atol=1e-6)
-    np.save(tmp_path / "bad.npy", normalised[:, 0])  # (N, 8, 8): the channel axis is missing
-    for bad in ("bad.npy", "missing.npy"):
-        with pytest.raises(SystemExit) as exit_info:
-            cli.main(["predict", "--run-dir", str(run_dir), "--input", str(tmp_path / bad), "--quiet"])
-        err = capsys.readouterr().err.strip()
-        assert exit_info.value.code == 3 and len(err.splitlines()) == 1 and "--input" in err
+    with held(run_dir, log=lambda m: None):  # one coordinator start serves the five predicts below
+        raw = load_digits().images[:12].astype(np.uint8)  # 0..16 grey levels, as scikit-learn ships them
+        normalised = datasets.normalise("digits", raw)
+        np.save(tmp_path / "raw.npy", raw)
+        np.save(tmp_path / "x.npy", normalised)
+        cli.main(["predict", "--run-dir", str(run_dir), "--input", str(tmp_path / "x.npy"), "--json", "--quiet"])
+        served = json.loads(capsys.readouterr().out)
+        probs = np.asarray(served["probabilities"])
+        assert probs.shape == (12, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+        assert served["predictions"] == probs.argmax(axis=1).tolist()
+        live = [ShardStore(run_dir, s).manifest().version for s in range(2)]
+        assert served["model_versions"] == live and served["pending_requests"] == []
+        assert np.allclose(probs, runs.predict(run_dir, {"x": normalised}, log=lambda m: None)["x"], atol=1e-6)
+        cli.main(["predict", "--run-dir", str(run_dir), "--input", str(tmp_path / "raw.npy"), "--json", "--quiet"])
+        assert np.allclose(json.loads(capsys.readouterr().out)["probabilities"], probs, atol=1e-6)
+        np.save(tmp_path / "bad.npy", normalised[:, 0])  # (N, 8, 8): the channel axis is missing
+        for bad in ("bad.npy", "missing.npy"):
+            with pytest.raises(SystemExit) as exit_info:
+                cli.main(["predict", "--run-dir", str(run_dir), "--input", str(tmp_path / bad), "--quiet"])
+            err = capsys.readouterr().err.strip()
+            assert exit_info.value.code == 3 and len(err.splitlines()) == 1 and "--input" in err
