@@ -57,11 +57,11 @@ def write(run: Storage, ledger, requests: list[str], shard_results: dict[int, di
 
 
 def write_each(run: Storage, ledger, applied: dict[str, tuple[dict[int, dict], list[str]]],
-               untracked: set[str] = frozenset(), completed_at=None) -> list[dict]:
+               completed_at=None) -> list[dict]:
     """Write the receipts of requests just marked done (request id → (results of the shards that
-    applied it, the requests replayed with it)), reading the ledger once; returns them. Requests
-    in `untracked` (no client waited for them, so none logs them to MLflow) also get a backlog
-    marker: the run's next command logs them, all in one MLflow run (`backlog`, `mark_logged`)."""
+    applied it, the requests replayed with it)), reading the ledger once; returns them. (Backlog
+    markers, `backlog` and `mark_logged`, exist only in runs from before the coordinator released
+    to MLflow itself; nothing writes them now, and the next command logs any it finds.)"""
     table = ledger.requests().to_pylist()
     out = []
     for request_id, (shard_results, batch) in applied.items():
@@ -70,8 +70,6 @@ def write_each(run: Storage, ledger, applied: dict[str, tuple[dict[int, dict], l
             receipt = build(rows, shard_results, batch, completed_at)
             receipt["privacy"] = _privacy(run, ledger, receipt)
             run.write_json(f"{FOLDER}/{request_id}.json", receipt)
-            if request_id in untracked:
-                run.write_json(f"{BACKLOG}/{request_id}", {})
             out.append(receipt)
     return out
 
