@@ -195,6 +195,10 @@ def cmd_unlearnable(args: argparse.Namespace) -> None:
 def cmd_audit(args: argparse.Namespace) -> None:
     from pipeline.verbs import audit, audit_whitebox, runs
 
+    if args.white_box and args.skip_clean:
+        from pipeline.errors import UserError
+
+        raise UserError("--skip-clean goes with the black-box audit (the white-box audit trains no clean model); drop one.")
     config = config_mod.load(args.config, args.overrides)
     run_dir = runs.resolve_local_dir(args.run_dir or f"audits/{runs.resolve_local_dir(None, config).name}")
     if args.white_box:

@@ -76,3 +76,14 @@ def test_white_box_audit_refuses_more_canaries_than_half_the_trainable_parameter
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 3 and len(err.splitlines()) == 1 and "finetune.strategy=full" in err
     assert not (tmp_path / "refused").exists()
+
+
+def test_skip_clean_with_the_white_box_audit_is_refused_with_one_line_and_exit_3(tmp_path, capsys):
+    from pipeline import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["audit", "jobs/configs/digits.yaml", "--white-box", "--skip-clean", "--run-dir",
+                  str(tmp_path / "refused"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 3 and len(err.splitlines()) == 1 and "--skip-clean" in err
+    assert not (tmp_path / "refused").exists()
