@@ -36,12 +36,28 @@ def pytest_unconfigure(config):
         os._exit(status)
 
 
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory):
+    """An empty MLflow sqlite store with its schema migrated, made once: a test's store starts as a
+    copy (making and migrating one costs ~2 s, and most integration tests log to MLflow)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
-    """Every test gets its own DPSISA_HOME and MLflow store; the pretrain cache is shared per session."""
+def _isolated_home(tmp_path, monkeypatch, request):
+    """Every test gets its own DPSISA_HOME and MLflow store (a copy of the empty template, unless
+    marked no_mlflow_store); the pretrain and calibration cache is shared per session."""
+    import shutil
+
     monkeypatch.setenv("DPSISA_HOME", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("DPSISA_CACHE", os.environ.get("DPSISA_TEST_CACHE", "/tmp/dpsisa-test-cache"))
+    if "/integration/" in f"/{request.node.nodeid}" and request.node.get_closest_marker("no_mlflow_store") is None:
+        shutil.copyfile(request.getfixturevalue("_mlflow_template"), tmp_path / "mlflow.db")
 
 
 @pytest.fixture

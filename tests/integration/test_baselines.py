@@ -60,6 +60,7 @@ def test_sisa_forgetting_at_one_shard_equals_retraining_with_its_recorded_draws_
     assert sisa.details["shards_replayed"] == [0]
 
 
+@pytest.mark.no_mlflow_store
 @pytest.mark.parametrize("args, message", [
     (["--forget", "5", "--methods", "retrain,nosuch"], "unknown method(s) nosuch"),
     (["--forget", "5", "--methods", "retrain,,sisa"], "empty item"),

@@ -202,6 +202,7 @@ def test_a_failing_verb_is_a_failed_child_and_an_old_run_dir_gets_a_parent(digit
     assert [m.step for m in client.get_metric_history(children[0].info.run_id, "x")] == [3]
 
 
+@pytest.mark.no_mlflow_store
 def test_a_group_run_holds_the_parent_runs_of_the_run_directories_made_inside_it(digits_config, tmp_path):
     config = digits_config()
     with pytest.raises(ValueError), groups.group("score", config, tmp_path / "refused"):
@@ -238,6 +239,7 @@ def test_an_existing_experiment_gets_the_model_development_kind(digits_config):
     assert MlflowClient().get_experiment(experiment_id).tags[tracking.EXPERIMENT_KIND_TAG] == tracking.EXPERIMENT_KIND
 
 
+@pytest.mark.no_mlflow_store
 def test_tracking_off_logs_nothing_and_writes_no_parent_file(digits_config, tmp_path):
     with tracking.verb_run("train", digits_config("tracking.enabled=false"), tmp_path) as run:
         run.log_metrics({"x": 1.0})

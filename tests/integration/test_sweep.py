@@ -199,7 +199,10 @@ def test_an_interrupted_sweep_resumes_to_one_child_run_per_trial_with_its_table_
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "sweep", str(two_trials), *overrides],
+    # jobs/sweep.py: what `ray job submit -- python jobs/sweep.py SWEEP.yaml` runs as the job's driver
+    # (a job's entrypoint is a process on the cluster with RAY_ADDRESS set; the job machinery itself
+    # is test_ray_job_submit.py's); `dpsisa sweep` is the same `sweep.main`
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "sweep.py"), str(two_trials), *overrides],
                             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     tune_dir = tmp_path / "sweeps" / "sweep_digits" / "tune"
     deadline = time.monotonic() + 600
