@@ -11,9 +11,15 @@ from pipeline import config as config_mod
 DIGITS = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "digits.yaml")
 
 
+# integration modules that start a Ray cluster of their own (shutting the shared one down first)
+OWN_CLUSTER = ("test_multinode.py", "test_ray_job_submit.py", "test_storage_outage.py", "test_sweep.py")
+
+
 def pytest_collection_modifyitems(items):
-    """Unit tests first (fast feedback, and they never see a Ray cluster an integration module left up)."""
-    items.sort(key=lambda item: "/integration/" in f"/{item.nodeid}")
+    """Unit tests first (fast feedback, and they never see a Ray cluster an integration module left
+    up); the modules with a cluster of their own last, so the shared one starts once, not once
+    after each of them."""
+    items.sort(key=lambda item: ("/integration/" in f"/{item.nodeid}", item.nodeid.split("::")[0].endswith(OWN_CLUSTER)))
 
 
 def pytest_sessionfinish(session, exitstatus):

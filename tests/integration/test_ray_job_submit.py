@@ -127,15 +127,15 @@ def test_concurrent_forget_jobs_on_one_run_each_apply_once_and_log_to_the_mlflow
         runtime_env=runtime_env)
     assert _wait(client, train) == JobStatus.SUCCEEDED, client.get_job_logs(train)[-3000:]
     assignments = pq.read_table(run_dir / "ledger" / "assignments.parquet")
-    targets = [int(assignments["sample_id"][k].as_py()) for k in (10, 20, 30)]
+    targets = [int(assignments["sample_id"][k].as_py()) for k in (10, 20)]
     forgets = [client.submit_job(entrypoint=f"{sys.executable} jobs/forget.py --run-dir {run_dir} --ids {t} --json",
-                                 runtime_env=runtime_env) for t in targets]  # three drivers at once, one coordinator
+                                 runtime_env=runtime_env) for t in targets]  # two drivers at once, one coordinator
     for job in forgets:
         assert _wait(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
         assert '"shards_retrained"' in client.get_job_logs(job)
     requests = pq.read_table(run_dir / "ledger" / "requests.parquet").to_pylist()
     assert sorted((r["sample_id"], r["status"]) for r in requests) == sorted((t, "done") for t in targets)
-    assert len({r["request_id"] for r in requests}) == 3
+    assert len({r["request_id"] for r in requests}) == 2
     bad = client.submit_job(entrypoint=f"{sys.executable} jobs/forget.py --run-dir {run_dir} --ids {targets[0]}",
                             runtime_env=runtime_env)
     assert _wait(client, bad) == JobStatus.FAILED  # already forgotten: a clear error, non-zero exit
@@ -144,9 +144,9 @@ def test_concurrent_forget_jobs_on_one_run_each_apply_once_and_log_to_the_mlflow
     tracking = MlflowClient(mlflow_server)  # every job's driver logged to the one server
     found = tracking.search_runs([tracking.get_experiment_by_name("dpsisa").experiment_id])
     verbs = sorted(r.data.tags["dpsisa.kind"] for r in found if "dpsisa.writer" not in r.data.tags)
-    assert verbs.count("train") == 1 and verbs.count("forget") == 3 and verbs.count("run") == 1
+    assert verbs.count("train") == 1 and verbs.count("forget") == 2 and verbs.count("run") == 1
     released = [r for r in found if r.data.tags.get("dpsisa.writer") == "coordinator"]  # the coordinator's registrations
     logged = {a.path for r in released for a in tracking.list_artifacts(r.info.run_id, "receipts")}
-    assert 1 <= len(released) <= 3 and logged == {f"receipts/{r['request_id']}.json" for r in requests}
+    assert 1 <= len(released) <= 2 and logged == {f"receipts/{r['request_id']}.json" for r in requests}
     parent = next(r for r in found if r.data.tags["dpsisa.kind"] == "run").info.run_id
     assert all(r.data.tags.get("mlflow.parentRunId") == parent for r in found if r.data.tags["dpsisa.kind"] != "run")

@@ -35,12 +35,6 @@ def transfer_run(ray_2cpu, tmp_path_factory):
     return config, home / "run", summary, home
 
 
-def _pin_env(monkeypatch, home):
-    """The run's MLflow store for the verbs after training (the autouse fixture gives each test its own)."""
-    monkeypatch.setenv("DPSISA_HOME", str(home))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
-
-
 def test_public_accuracy_equals_an_independent_evaluation_of_the_cached_public_model_and_is_below_the_ensembles(transfer_run):
     config, run_dir, summary, _ = transfer_run
     run = RunDir(run_dir)
@@ -67,16 +61,9 @@ def test_every_shard_starts_from_the_reinitialised_head_the_public_seed_gives(tr
     assert all(torch.equal(a, b) for a, b in zip(stored.state_dict().values(), recomputed.state_dict().values()))
 
 
-def test_a_forget_with_ema_on_verifies_exact(transfer_run, monkeypatch):
-    _, run_dir, _, home = transfer_run
-    _pin_env(monkeypatch, home)
-    result = runs.forget(run_dir, [3, 40], _quiet)
-    assert result.shards_retrained
-    verified = runs.verify(run_dir, all_shards=True, log=_quiet)
-    assert verified["exact"] is True, verified["shards"]
-
-
 def test_a_forget_with_augmult_and_ema_on_verifies_exact(transfer_run, tmp_path):
+    """End to end through Ray with both levers on (EMA alone and augmult alone replay bit for bit in
+    tests/unit/test_transfer.py)."""
     from pipeline import config as C
 
     config = C.load("jobs/configs/digits_transfer.yaml", [*LEVERS, "finetune.augmult=2", "data.private_limit=200",
