@@ -80,6 +80,18 @@ def test_bad_requests_exit_3_with_one_line_and_write_nothing(tmp_path, capsys, a
     assert not (tmp_path / "cmp").exists() and not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.no_mlflow_store
+def test_baselines_under_person_level_privacy_are_refused_with_one_line_and_write_nothing(tmp_path, capsys):
+    """The baselines train one model on a single slice of samples: no data subjects per slice, so
+    privacy.unit=subject (the default when partitioning by subject) cannot be accounted; refused."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["baselines", CONFIG, "partition.strategy=by_subject", "--forget", "5", "--methods", "retrain",
+                  "--out-dir", "cmp", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 3 and len(err.splitlines()) == 1 and "privacy.unit=sample" in err
+    assert not (tmp_path / "cmp").exists() and not (tmp_path / "mlflow.db").exists()
+
+
 @pytest.mark.slow
 def test_the_comparison_prints_the_json_table_writes_plots_and_logs_one_parent_with_a_child_per_method(
         ray_2cpu, tmp_path, capsys):
