@@ -15,11 +15,15 @@ DIGITS = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "digit
 OWN_CLUSTER = ("test_multinode.py", "test_ray_job_submit.py", "test_storage_outage.py", "test_sweep.py")
 
 
+def _integration(item) -> bool:
+    return "/integration/" in f"/{item.nodeid}"
+
+
 def pytest_collection_modifyitems(items):
     """Unit tests first (fast feedback, and they never see a Ray cluster an integration module left
     up); the modules with a cluster of their own last, so the shared one starts once, not once
     after each of them."""
-    items.sort(key=lambda item: ("/integration/" in f"/{item.nodeid}", item.nodeid.split("::")[0].endswith(OWN_CLUSTER)))
+    items.sort(key=lambda item: (_integration(item), item.nodeid.split("::")[0].endswith(OWN_CLUSTER)))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -62,7 +66,7 @@ def _isolated_home(tmp_path, monkeypatch, request):
     monkeypatch.setenv("DPSISA_HOME", str(tmp_path))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("DPSISA_CACHE", os.environ.get("DPSISA_TEST_CACHE", "/tmp/dpsisa-test-cache"))
-    if "/integration/" in f"/{request.node.nodeid}" and request.node.get_closest_marker("no_mlflow_store") is None:
+    if _integration(request.node) and request.node.get_closest_marker("no_mlflow_store") is None:
         shutil.copyfile(request.getfixturevalue("_mlflow_template"), tmp_path / "mlflow.db")
 
 

@@ -63,7 +63,6 @@ class Shard:
         # per-stage progress of the running (or last) fit/forget; `progress` reads it from another thread
         self._progress: list[dict] = []
         self._progress_lock = threading.Lock()
-        self._epsilon_through: dict[int, float | None] = {}
         self._subject_of: tuple[np.ndarray, np.ndarray] | None = None  # (sorted ids, their subjects) of this shard
 
     def _set_data(self, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
@@ -154,10 +153,8 @@ class Shard:
             return None
         if stage == len(r.stages) - 1:
             return r.epsilon_spent  # computed at train time over all stages
-        if stage not in self._epsilon_through:
-            history = tuple((r.noise_multiplier, s.sample_rate, s.steps) for s in r.stages[: stage + 1])
-            self._epsilon_through[stage] = spent_epsilon(history, r.delta, r.accountant)
-        return self._epsilon_through[stage]
+        history = tuple((r.noise_multiplier, s.sample_rate, s.steps) for s in r.stages[: stage + 1])
+        return spent_epsilon(history, r.delta, r.accountant)  # memoised in core.privacy
 
     def progress(self, job: str) -> list[dict]:
         """Progress records of `job` ("fit" or a forget request id) so far; the driver polls this

@@ -105,10 +105,7 @@ def held(run_dir, log: Callable = print, placement: Placement | None = None) -> 
     attaches to it instead of starting one and closing it when done (a Tune trial's evaluate →
     forget → evaluate start one coordinator, not three). Held by a client, not kept alive: it
     closes when this block ends, like after any other last client."""
-    run = open_run(run_dir)
-    config = run.config()
-    cluster.connect(config.ray, log)
-    with coordinator.Session(run, config, log, observer=RegistryObserver(), placement=placement):
+    with opened(run_dir, log, placement=placement, complete_pending=False):
         yield
 
 
