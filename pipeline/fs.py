@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -139,6 +140,10 @@ class Storage:
         return self.fs.get_file_info(self.key(rel)).type == pafs.FileType.File
 
     def read_bytes(self, rel: str) -> bytes:
+        """The whole object as one version. On S3 one GET (pyarrow's input stream sizes the object
+        with a HEAD, then reads ranges: an object replaced in between came back torn)."""
+        if self._s3_location() is not None:
+            return self.read_tagged(rel)[0]
         try:
             with self.fs.open_input_stream(self.key(rel)) as stream:
                 return stream.read()
@@ -262,11 +267,15 @@ def _s3_client():
     return _s3_client_for(os.environ.get("AWS_ENDPOINT_URL"), os.environ.get("AWS_ACCESS_KEY_ID"))
 
 
+_CLIENT_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=4)
 def _s3_client_for(endpoint: str | None, key_id: str | None):
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint)
+    with _CLIENT_LOCK:  # boto3's default session is not safe to build clients from in several threads at once
+        return boto3.client("s3", endpoint_url=endpoint)
 
 
 def _raise_s3(exc: Exception, storage: Storage, rel: str) -> None:

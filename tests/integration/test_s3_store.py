@@ -57,3 +57,34 @@ def test_a_stale_writer_cannot_commit_a_shard_manifest_on_s3(s3_store):
     assert store.manifest().to_dict() == a.to_dict() and set(store.storage.list()) == objects
     with pytest.raises(PreconditionFailed):  # create-only (If-None-Match: *) refuses an existing object
         store.storage.write_if("manifest.json", b"{}", None)
+
+
+def test_a_reader_sees_the_old_or_the_new_object_whole_while_a_writer_replaces_it_on_s3(s3_store):
+    """Objects are replaced by other processes while a run is read (the ledger, manifests): every read
+    is one object version, never the old object's length filled from the new one's bytes."""
+    import threading
+
+    from pipeline.fs import Storage
+
+    store = Storage(f"{s3_store.bucket_uri}/{uuid.uuid4().hex}")
+    versions = [bytes([n]) * (200 + 7919 * n) for n in range(6)]  # every version a different length
+    store.write_bytes("obj", versions[0])
+    stop, torn = threading.Event(), []
+
+    def write() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            store.write_bytes("obj", versions[n % len(versions)])
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    try:
+        for _ in range(300):
+            data = store.read_bytes("obj")
+            if data not in versions:
+                torn.append((len(data), data[:1], data[-1:]))
+    finally:
+        stop.set()
+        writer.join(10)
+    assert torn == []
