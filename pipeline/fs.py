@@ -157,7 +157,11 @@ class Storage:
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Replace `rel` atomically for readers (temp file + rename locally, one PUT on object stores)."""
         if self.local:
-            atomic_write(Path(self.key(rel)), data)
+            try:
+                atomic_write(Path(self.key(rel)), data)
+            except OSError as exc:  # a read-only folder, a full disk: the write did not happen
+                raise StorageError(f"cannot write {self.uri}/{rel}: {exc.strerror or exc} (this write changed "
+                                   "nothing; make the folder writable and rerun)") from None
             return
         try:
             with self.fs.open_output_stream(self.key(rel)) as stream:
@@ -253,8 +257,13 @@ class Storage:
                 yield
             return
         path = Path(self.key(rel))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as handle:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise StorageError(f"cannot lock {self.uri}/{rel}: {exc.strerror or exc} (nothing was changed; make the "
+                               "folder writable and rerun)") from None
+        with handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield
@@ -279,8 +288,9 @@ def _s3_client_for(endpoint: str | None, key_id: str | None):
 
 
 def _raise_s3(exc: Exception, storage: Storage, rel: str) -> None:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-    status = getattr(exc, "response", {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    response = getattr(exc, "response", None) or {}  # botocore's connection errors carry none
+    code = response.get("Error", {}).get("Code", "")
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
         raise PreconditionFailed(f"{storage.uri}/{rel} changed since it was read; not replaced") from None
     if code in ("NoSuchKey", "404") or status == 404:

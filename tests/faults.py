@@ -2,8 +2,12 @@
 flight (production actors carry no test hooks)."""
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import ray
 
@@ -42,6 +46,29 @@ def kill_shard_while_pending(run, shard: int, timeout_s: float = 120.0) -> threa
     thread.killed = done  # type: ignore[attr-defined]
     thread.start()
     return thread
+
+
+@contextlib.contextmanager
+def read_only(folder) -> Iterator[None]:
+    """Make a local folder refuse new files (a read-only ledger) for the block, from the test side:
+    `chmod a-w` for an ordinary user; as root, whom permission bits do not stop, `chattr +i` (needs
+    CAP_LINUX_IMMUTABLE; the test is skipped, saying so, where the machine lacks it)."""
+    import pytest
+
+    folder = str(folder)
+    if os.geteuid() != 0:
+        mode = os.stat(folder).st_mode
+        os.chmod(folder, mode & ~0o222)
+        undo = lambda: os.chmod(folder, mode)  # noqa: E731
+    else:
+        made = subprocess.run(["chattr", "+i", folder], capture_output=True, text=True)
+        if made.returncode != 0:
+            pytest.skip(f"cannot make {folder} read-only as root: chattr +i: {made.stderr.strip()}")
+        undo = lambda: subprocess.run(["chattr", "-i", folder], check=True)  # noqa: E731
+    try:
+        yield
+    finally:
+        undo()
 
 
 class SwitchableProxy:

@@ -314,3 +314,45 @@ def test_one_request_per_subject_recorded_at_once_is_applied_by_one_replay_per_s
     for subjects in by_shard.values():  # one replay per shard applied that shard's requests together
         batch = sorted(rid[s] for s in subjects)
         assert all(sorted(run.read_json(f"receipts/{rid[s]}.json")["batch"]) == batch for s in subjects)
+
+
+def test_a_read_only_ledger_refuses_a_request_in_one_line_and_a_writer_that_meets_one_finishes_once_it_is_writable(run, capsys):
+    """An operator error on a local run directory: the ledger folder stops taking new files. A new
+    request is refused with one line and exit 4 and records nothing; a request already accepted
+    stays durable while the writer cannot mark it, and is done, with its receipt, once the folder is
+    writable again, with no further command."""
+    from faults import read_only
+
+    from pipeline import cli
+
+    free = _free_subjects(run)
+    recorded = run.ledger().requests().to_pandas()
+    with read_only(run.path / "ledger"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["forget", "--run-dir", run.uri, "--subject", free[0], "--quiet"])
+        assert exit_info.value.code == 4
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "cannot write" in err and "requests.parquet" in err, err
+    assert run.ledger().requests().to_pandas().equals(recorded)  # nothing recorded, nothing lost
+
+    versions = {s: run.shard(s).manifest().version for s in (0, 1)}
+    rid = runs.submit(run, None, log=lambda m: None, subjects=[free[1]])["request_id"]
+    with read_only(run.path / "ledger"):  # the replay commits its shard; marking the request fails and is retried
+        deadline = time.monotonic() + 120
+        while {s: run.shard(s).manifest().version for s in (0, 1)} == versions and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert {s: run.shard(s).manifest().version for s in (0, 1)} != versions, "the replay did not commit"
+        time.sleep(3)
+        assert run.ledger().status_of(rid) == "pending"  # recorded, not yet marked: durable
+        assert coordinator.find(run, run.config()) is not None  # the writer is alive, backing off
+    deadline = time.monotonic() + 120
+    while run.ledger().status_of(rid) != "done" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert run.ledger().status_of(rid) == "done" and run.exists(f"receipts/{rid}.json")
+
+
+def _free_subjects(run: RunDir) -> list[str]:
+    table = run.ledger().assignments().to_pandas()
+    taken = set(run.ledger().forgotten_ids(status=None))
+    free = table.groupby("subject_id").filter(lambda rows: not (set(rows["sample_id"]) & taken))
+    return sorted(set(free["subject_id"]))

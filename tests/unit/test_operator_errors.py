@@ -46,3 +46,14 @@ def test_the_demo_finds_its_default_config_wherever_the_package_lives():
     from pipeline.cli.demo import DEFAULT_CONFIG
 
     assert DEFAULT_CONFIG.is_file() and DEFAULT_CONFIG.name == "fmnist.yaml"
+
+
+def test_an_s3_connection_dropped_before_any_response_is_a_storage_error_naming_the_object(tmp_path):
+    """botocore's connection errors carry no response: still one StorageError (exit 4), not an AttributeError."""
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+
+    from pipeline.fs import Storage, StorageError, _raise_s3
+
+    for exc in (ConnectionClosedError(endpoint_url="http://127.0.0.1:9/b/k"), EndpointConnectionError(endpoint_url="http://127.0.0.1:9")):
+        with pytest.raises(StorageError, match="recipes.json"):
+            _raise_s3(exc, Storage(tmp_path), "recipes.json")
