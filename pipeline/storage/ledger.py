@@ -51,9 +51,17 @@ def new_request_id() -> str:
 
 
 class Ledger:
-    def __init__(self, run_dir: Storage | Path | str):
+    def __init__(self, run_dir: Storage | Path | str, keep_requests: bool = False):
+        """`keep_requests`: keep the request log in memory (read once, then updated by this
+        instance's own writes). Only for the run's one writer, its coordinator, which no other
+        process writes behind; after a fault it calls `refresh()` to read it again."""
         self.storage = (run_dir if isinstance(run_dir, Storage) else Storage(run_dir)).sub("ledger")
         self._assignments: pa.Table | None = None
+        self._keep_requests, self._requests = keep_requests, None
+
+    def refresh(self) -> None:
+        """Forget the request log kept in memory: the next read takes it from storage."""
+        self._requests = None
 
     @property
     def dir(self) -> str:
@@ -62,7 +70,14 @@ class Ledger:
     def _write(self, name: str, table: pa.Table) -> None:
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        self.storage.write_bytes(name, buffer.getvalue())
+        if name != REQUESTS:
+            self.storage.write_bytes(name, buffer.getvalue())
+            return
+        with self._thread_lock():  # no reader refills the kept log from storage while it changes
+            self._requests = None  # a failed write may still have landed: read it again next time
+            self.storage.write_bytes(name, buffer.getvalue())
+            if self._keep_requests:
+                self._requests = table
 
     def _read(self, name: str, schema: pa.Schema | None = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.storage.read_bytes(name)), schema=schema)
@@ -73,7 +88,7 @@ class Ledger:
         coordinator accepts requests while its worker marks a batch done), and across processes on
         a local disk (a file lock). On object storage the run's coordinator is the only writing
         process and its lease keeps other clusters out."""
-        with _THREAD_LOCKS.setdefault(self.storage.uri, threading.RLock()), self.storage.file_lock(".lock"):
+        with self._thread_lock(), self.storage.file_lock(".lock"):
             yield
 
     # -- assignments --------------------------------------------------------------------------
@@ -119,11 +134,25 @@ class Ledger:
         return [ids[(slices == r) & keep] for r in range(int(slices.max()) + 1)]
 
     # -- requests -----------------------------------------------------------------------------
+    def _thread_lock(self) -> threading.RLock:
+        return _THREAD_LOCKS.setdefault(self.storage.uri, threading.RLock())
+
     def requests(self) -> pa.Table:
+        kept = self._requests
+        if kept is not None:
+            return kept
+        if not self._keep_requests:
+            return self._read_requests()
+        with self._thread_lock():  # filled while no write is under way (writes hold this lock)
+            if self._requests is None:
+                self._requests = self._read_requests()
+            return self._requests
+
+    def _read_requests(self) -> pa.Table:
         try:
             table = self._read(REQUESTS)
         except FileNotFoundError:
-            return REQUEST_SCHEMA.empty_table()
+            table = REQUEST_SCHEMA.empty_table()
         for name in REQUEST_SCHEMA.names:  # a ledger from before a column existed: nulls
             if name not in table.column_names:
                 table = table.append_column(name, pa.nulls(table.num_rows, REQUEST_SCHEMA.field(name).type))

@@ -107,8 +107,8 @@ class RunDir(Storage):
         return model.eval()
 
     # -- parts ------------------------------------------------------------------------------
-    def ledger(self) -> Ledger:
-        return Ledger(self)
+    def ledger(self, keep_requests: bool = False) -> Ledger:
+        return Ledger(self, keep_requests)
 
     def shard(self, shard: int) -> ShardStore:
         return ShardStore(self, shard)

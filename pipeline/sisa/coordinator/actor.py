@@ -34,7 +34,7 @@ class Coordinator(Writer):
         self.config = self.run.config()
         self.keep_alive = keep_alive
         self.lease = Lease(self.run, cluster_identity())
-        self.ledger = self.run.ledger()
+        self.ledger = self.run.ledger(keep_requests=True)  # the run's one writer: its request log in memory
         self.ensemble: Ensemble | None = None
         self._opened = threading.Event()
         self._open_error: Exception | None = None

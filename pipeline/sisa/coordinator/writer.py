@@ -98,6 +98,7 @@ class Writer:
         self._running.clear()
         self._started.clear()
         self.queue = ErasureQueue()
+        self.ledger.refresh()  # the request log again from storage
 
     def _recover_receipts(self) -> None:
         try:
