@@ -102,6 +102,7 @@ def main() -> None:
     parser.add_argument("--partitions", default="uniform,by_subject")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    stdout, sys.stdout = sys.stdout, sys.stderr  # stdout: the one JSON object (Ray forwards worker output to sys.stdout)
     config = config_mod.load(args.config, [f"shards.count={args.shards}", f"shards.slices={args.slices}",
                                            "tracking.enabled=false", *args.overrides])
     cluster.connect(config.ray, log)
@@ -127,7 +128,7 @@ def main() -> None:
         out[partition] = result
     out["note"] = ("2-core CPU machine: the driver, the run's coordinator and S shard actors share the cores; "
                    "a shard replays once for every request waiting for it, from the earliest slice any of them hit.")
-    print(json.dumps(out))
+    print(json.dumps(out), file=stdout)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,7 @@ def main() -> None:
     parser.add_argument("--slice", type=int, default=-1, help="slice the forgotten ids come from (-1: the last)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    stdout, sys.stdout = sys.stdout, sys.stderr  # stdout: the one JSON object (Ray forwards worker output to sys.stdout)
     config = config_mod.load(args.config, ["shards.count=2", "shards.slices=3", "tracking.enabled=false", *args.overrides])
     slices = config.shards.slices
     if not -slices <= args.slice < slices:
@@ -148,7 +149,7 @@ def main() -> None:
                    "shard_seconds is the shard actor's own forget: manifest read, stage load, replay, ε of the release, "
                    "its data file less the erased ids and the manifest commit; the overhead is everything else (the "
                    "coordinator's ledger writes and receipt, Ray calls, the client's polling).")
-    print(json.dumps(out))
+    print(json.dumps(out), file=stdout)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ def _shard_of(run: runs.RunDir, subject: str) -> int:
     return int(table.loc[table["subject_id"] == subject, "shard"].iloc[0])
 
 
-def demo(config_path: str | None, overrides: list[str], run_dir: str | None, log: Callable[[str], None]) -> dict:
+def demo(config_path: str | None, overrides: list[str], run_dir: str | None, log: Callable[[str], None],
+         out=None) -> dict:
     defaults = DEMO_DEFAULTS + (DEFAULT_CONFIG_DEMO if config_path is None else [])
     config = config_mod.load(config_path or DEFAULT_CONFIG, [*defaults, *overrides])
     path = runs.resolve_run_dir(run_dir, config)
@@ -91,7 +92,7 @@ def demo(config_path: str | None, overrides: list[str], run_dir: str | None, log
         f"  receipts             {path.uri}/receipts/",
         f"  attacks              dpsisa evaluate --run-dir {path.uri}   (membership inference; --attack lira)",
         f"  MLflow               mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)",
-    ]))
+    ]), file=out, flush=True)
     burst_result = {"requests": submitted, "batches": [list(b) for b in batches], "replays": replays, "seconds": burst_seconds}
     return {"train": trained, "forget": forgot, "burst": burst_result, "verify": verified, "epsilon": epsilon,
             "privacy_unit": status["privacy_unit"]}

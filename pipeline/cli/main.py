@@ -46,8 +46,11 @@ def _subjects(args: argparse.Namespace) -> list[str]:
     return parse_subjects(args.subject, source="--subject")
 
 
+_RESULT = [sys.stdout]  # the command's result (the demo's summary too) goes to the real stdout, set by main()
+
+
 def _print(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
-    print(json.dumps(result, default=str) if as_json else human(result))
+    print(json.dumps(result, default=str) if as_json else human(result), file=_RESULT[0], flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -222,7 +225,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from pipeline.cli.demo import demo
 
-    demo(args.config, args.overrides, args.run_dir, _log(False))
+    demo(args.config, args.overrides, args.run_dir, _log(False), out=_RESULT[0])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -327,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.errors import RecoverableError, UserError
 
     args = parser().parse_args(argv)
+    _RESULT[0], sys.stdout = sys.stdout, sys.stderr  # stdout: the result alone; Ray's forwarded worker output → stderr
     try:
         args.func(args)
     except UserError as exc:
@@ -336,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dpsisa {args.command}: failed: {exc}. Pending work is recorded in the ledger; "
               "rerun `dpsisa status --run-dir DIR` (or the same command) to complete it.", file=sys.stderr)
         sys.exit(exc.exit_code)
+    finally:
+        sys.stdout = _RESULT[0]
 
 
 if __name__ == "__main__":

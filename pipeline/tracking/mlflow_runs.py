@@ -35,6 +35,11 @@ RUN_FILES = ("config.yaml", "recipes.json", "train_summary.json")
 LEDGER_FILES = ("assignments.parquet", "requests.parquet")
 SWEEP_TRIAL_KIND = "sweep_trial"  # dpsisa.kind of a sweep's per-trial run (pipeline/sweep/mlflow_runs.py)
 
+# MLflow writes "View run … at: http://…" to stdout when a run on a tracking server ends: stdout is
+# for the one `--json` object (and the coordinator's stdout reaches every driver through Ray's log
+# forwarding). Set MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=false to see the links again.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 
 def tracking_uri(config: Config) -> str:
     """config.tracking.uri, else $MLFLOW_TRACKING_URI, else sqlite:///<home>/mlflow.db."""

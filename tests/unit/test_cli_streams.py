@@ -1,0 +1,30 @@
+"""stdout carries a command's result alone: what libraries (MLflow's run links) and Ray's log
+forwarding write to sys.stdout while a command runs goes to stderr."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+cli_main = importlib.import_module("pipeline.cli.main")  # the module (pipeline.cli.main is also its function)
+
+
+def test_while_a_command_runs_other_writes_to_stdout_go_to_stderr_and_stdout_holds_the_one_json_object(monkeypatch, capsys):
+    def command(args: argparse.Namespace) -> None:
+        print("🏃 View run forget at: http://127.0.0.1:5000/#/experiments/1/runs/x")  # as MLflow does
+        sys.stdout.write("(Coordinator pid=1) worker output\n")  # as Ray's log forwarding does
+        cli_main._print({"status": "done"}, True, str)
+
+    def parser() -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser()
+        p.set_defaults(func=command, command="fake")
+        return p
+
+    monkeypatch.setattr(cli_main, "parser", parser)
+    stdout = sys.stdout
+    cli_main.main([])
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"status": "done"} and out.count("\n") == 1
+    assert "View run" in err and "worker output" in err
+    assert sys.stdout is stdout  # restored after the command
