@@ -111,20 +111,25 @@ class Prober(threading.Thread):
         self.stop_event, self.served_erased, self.loads, self.predicts, self.errors = threading.Event(), 0, 0, 0, 0
         self.hung = 0
 
-    def _bounded(self, fn, timeout_s: float = 120.0):
+    def _bounded(self, fn, timeout_s: float = 120.0, what: str = "call"):
         box: dict = {}
+        started = time.monotonic()
 
         def call():
             try:
                 box["value"] = fn()
             except Exception as exc:  # noqa: BLE001 - an unavailable store is not a wrong answer
                 box["error"] = exc
+            if time.monotonic() - started > timeout_s:
+                log(f"prober: the hung {what} ended after {time.monotonic() - started:.0f}s "
+                    f"({'error: ' + str(box['error'])[:200] if 'error' in box else 'answered'})")
 
         worker = threading.Thread(target=call, daemon=True)
         worker.start()
         worker.join(timeout_s)
         if worker.is_alive():
             self.hung += 1
+            log(f"prober: {what} did not answer within {timeout_s:g}s (counted as a hung client)")
             return None
         if "error" in box:
             self.errors += 1
@@ -138,12 +143,14 @@ class Prober(threading.Thread):
         from pipeline.verbs import runs
 
         done = done_first_versions(self.run_dir.ledger())
-        version = self._bounded(lambda: MlflowClient(self.uri).get_model_version_by_alias(self.name, "live"))
-        if version is not None and self._bounded(lambda: mlflow.pyfunc.load_model(f"models:/{self.name}/{version.version}")):
+        version = self._bounded(lambda: MlflowClient(self.uri).get_model_version_by_alias(self.name, "live"),
+                                what="@live lookup")
+        if version is not None and self._bounded(lambda: mlflow.pyfunc.load_model(f"models:/{self.name}/{version.version}"),
+                                                 what="@live load"):
             self.loads += 1
             self.served_erased += bool(holds(json.loads(version.tags.get("dpsisa.shard_versions", "[]")), done))
         done = done_first_versions(self.run_dir.ledger())
-        answer = self._bounded(lambda: runs.serve(self.run_dir, self.x, log=lambda m: None))
+        answer = self._bounded(lambda: runs.serve(self.run_dir, self.x, log=lambda m: None), what="predict")
         if answer is not None:
             self.predicts += 1
             self.served_erased += bool(holds(answer["model_versions"], done))
@@ -235,7 +242,10 @@ class NoEraseObserver:
             return registry.register_live(config, run, mlrun.run_id, ids_digest(ids), request_ids)
 
 
-def run_chaos(requests: int, faults: int, seed: int, controls: bool, rate_per_s: float = 0.5) -> dict:
+def run_chaos(requests: int, faults: int, seed: int, controls: bool, rate_per_s: float = 0.5,
+              kinds: tuple[str, ...] = KINDS, outage_s: float = 15.0) -> dict:
+    """One chaos run; `kinds` (cycled through in order) and `outage_s` (how long the store is flaky or
+    the tracking server down) let the suite run a small, quick version."""
     import ray
     from faults import SwitchableProxy
     from ray.cluster_utils import Cluster
@@ -273,7 +283,7 @@ def run_chaos(requests: int, faults: int, seed: int, controls: bool, rate_per_s:
             chosen = rng.sample(subjects, min(requests, len(subjects)))
             arrivals = np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate_per_s, len(chosen)))
             span = float(arrivals[-1]) + 10.0
-            schedule = sorted((rng.uniform(2.0, span), KINDS[k % len(KINDS)]) for k in range(faults))
+            schedule = sorted((rng.uniform(2.0, span), kinds[k % len(kinds)]) for k in range(faults))
             from pipeline.data import datasets
 
             prober = Prober(run, name, server.uri, datasets.load(config.data).test.x[:8])
@@ -300,11 +310,11 @@ def run_chaos(requests: int, faults: int, seed: int, controls: bool, rate_per_s:
                         workers.append(cluster.add_node(num_cpus=1))
                     elif kind == "storage_flaky":
                         proxy.flaky(0.3, rng)
-                        time.sleep(15)
+                        time.sleep(outage_s)
                         proxy.on()
                     elif kind == "mlflow_down":
                         server.stop()
-                        time.sleep(15)
+                        time.sleep(outage_s)
                         server.start()
                     elif kind == "stale_commit":
                         stale_outcomes.append(stale_commit(run, rng.randrange(config.shards.count), fenced=True))
@@ -333,6 +343,7 @@ def run_chaos(requests: int, faults: int, seed: int, controls: bool, rate_per_s:
                         worker.join(180)
                         if worker.is_alive():
                             hung[0] += 1
+                            log(f"submit of {subject} did not answer within 180s (counted as a hung client)")
                             break
                         if "rid" in box:
                             accepted[box["rid"]] = time.time()
@@ -410,9 +421,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rate", type=float, default=0.5, help="mean requests per second (Poisson)")
     parser.add_argument("--controls", action="store_true", help="also run the negative controls (after the checks)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"fault kinds, cycled in this order (of {', '.join(KINDS)})")
+    parser.add_argument("--outage-s", type=float, default=15.0, help="how long the store is flaky or MLflow is down")
     args = parser.parse_args()
-    result = run_chaos(args.requests, args.faults, args.seed, args.controls, args.rate)
-    print(json.dumps(result, default=str))
+    stdout, sys.stdout = sys.stdout, sys.stderr  # stdout: the one JSON object (Ray forwards worker output to sys.stdout)
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown or not kinds:
+        parser.error(f"unknown fault kind(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(KINDS)}")
+    result = run_chaos(args.requests, args.faults, args.seed, args.controls, args.rate, kinds, args.outage_s)
+    print(json.dumps(result, default=str), file=stdout)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ DIGITS = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "digit
 
 
 # integration modules that start a Ray cluster of their own (shutting the shared one down first)
-OWN_CLUSTER = ("test_multinode.py", "test_ray_job_submit.py", "test_storage_outage.py", "test_sweep.py")
+OWN_CLUSTER = ("test_chaos.py", "test_multinode.py", "test_ray_job_submit.py", "test_storage_outage.py", "test_sweep.py")
 
 
 def _integration(item) -> bool:
