@@ -10,6 +10,7 @@ import threading
 import time
 
 from pipeline.sisa.coordinator.lease import Lease, cluster_identity
+from pipeline.sisa.coordinator.protocol import Submitted, WaitAnswer
 from pipeline.sisa.coordinator.release import Applied, Backoff, ReleaseObserver
 from pipeline.sisa.coordinator.writer import Writer
 from pipeline.sisa.driver import Ensemble, Placement
@@ -112,11 +113,11 @@ class Coordinator(Writer):
             self._clients += 1
             return list(self.ensemble.actors)
 
-    def submit(self, request_id: str, ids: list[int], logs: bool = False) -> dict:
+    def submit(self, request_id: str, ids: list[int], logs: bool = False) -> Submitted:
         """Record a request durably (validated, in order); a retried submission of the same
         request id is recognised and not recorded twice. `logs`: as for `wait`."""
         self.submit_batch({request_id: ids}, logs)
-        return {"request_id": request_id, "status": "pending"}
+        return Submitted(request_id)
 
     def submit_batch(self, requests: dict[str, list[int]], logs: bool = False) -> list[str]:
         """Record several requests at once (one ledger write; all of them or none), so that an
@@ -148,7 +149,7 @@ class Coordinator(Writer):
             self._lock.notify_all()
         return sorted(self.ledger.pending())
 
-    def wait(self, request_id: str, timeout_s: float = WAIT_POLL_S, since: int = 0, logs: bool = False) -> dict:
+    def wait(self, request_id: str, timeout_s: float = WAIT_POLL_S, since: int = 0, logs: bool = False) -> WaitAnswer:
         """Block up to `timeout_s` for `request_id`; returns its status (`pending`, `applied`, `done`,
         `failed` or `unknown`), its batch's stage records from `since` on, the result when done, and
         what the writer is retrying meanwhile (`error`, None when healthy). `logs`: kept for old clients."""
@@ -158,27 +159,27 @@ class Coordinator(Writer):
             while True:
                 records = self._records.get(request_id, [])[since:]
                 if request_id in self._results:
-                    return {"status": "done", "result": self._results[request_id], "records": records}
+                    return WaitAnswer("done", records, result=self._results[request_id])
                 if request_id in self._failed:
                     kind, message = self._failed[request_id]
-                    return {"status": "failed", "kind": kind, "error": message, "records": records}
+                    return WaitAnswer("failed", records, error=message, kind=kind)
                 if self._open_error is not None:
-                    return {"status": "failed", "kind": "open", "error": str(self._open_error), "records": records}
+                    return WaitAnswer("failed", records, error=str(self._open_error), kind="open")
                 if request_id not in self.queue and request_id not in self._applied and not self._busy and not self._wake:
                     try:
                         status = self.ledger.status_of(request_id)
                     except Exception as exc:  # noqa: BLE001 - storage down: the client keeps waiting, told why
                         self._error, status = f"ledger: {exc.__class__.__name__}: {exc}", "pending"
                     if status == "done":
-                        return {"status": "done", "result": None, "records": records}
+                        return WaitAnswer("done", records)
                     if status is None:
-                        return {"status": "unknown", "result": None, "records": records}
+                        return WaitAnswer("unknown", records)
                     self._wake = True  # recorded but not in hand (left by another writer): take it up
                     self._lock.notify_all()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or records:
-                    return {"status": "applied" if request_id in self._applied else "pending", "records": records,
-                            "error": None if self._error == "lease" else self._error}
+                    return WaitAnswer("applied" if request_id in self._applied else "pending", records,
+                                      error=None if self._error == "lease" else self._error)
                 self._lock.wait(min(remaining, 0.2))
 
     def release(self) -> bool:

@@ -155,30 +155,30 @@ class Session:
                 self.__enter__()
                 self.call("resume")
                 continue
-            seen += len(answer["records"])
-            for record in answer["records"]:  # every waiting client sees its replays' progress, not only the first
+            seen += len(answer.records)
+            for record in answer.records:  # every waiting client sees its replays' progress, not only the first
                 loss = "" if record.get("loss") is None else f"loss {record['loss']:.4f}, "
                 self.log(f"request {request_id}: shard {record['shard']} replayed stage {record['stage']} "
                          f"({loss}{record.get('seconds', 0.0):.1f}s)")
                 if on_stage is not None:
                     on_stage(record["shard"], {k: v for k, v in record.items() if k != "shard"})
-            if answer["status"] == "failed":
-                if answer["kind"] == "integrity":
-                    raise CheckpointIntegrityError(answer["error"])
-                raise ShardFailure(f"{answer['error']} (request {request_id} stays pending; follow it with "
+            if answer.status == "failed":
+                if answer.kind == "integrity":
+                    raise CheckpointIntegrityError(answer.error)
+                raise ShardFailure(f"{answer.error} (request {request_id} stays pending; follow it with "
                                    f"`dpsisa request --run-dir {self.run.uri} --id {request_id} --wait`)")
-            if answer["status"] == "done":
-                result = ForgetResult(**answer["result"]) if answer["result"] else self._from_receipt(request_id, ids)
+            if answer.status == "done":
+                result = ForgetResult(**answer.result) if answer.result else self._from_receipt(request_id, ids)
                 result.seconds = time.perf_counter() - start
                 return result
-            if answer["status"] == "unknown":
+            if answer.status == "unknown":
                 raise ShardFailure(f"the coordinator does not know request {request_id}")
-            if answer.get("error") and answer["error"] != shown:
-                shown = answer["error"]
-                self.log(f"request {request_id} is {answer['status']}; the run's coordinator is retrying: {shown}")
+            if answer.error and answer.error != shown:
+                shown = answer.error
+                self.log(f"request {request_id} is {answer.status}; the run's coordinator is retrying: {shown}")
             if time.monotonic() >= deadline:
                 raise RequestTimeout(
-                    f"request {request_id} is not done after {self.timeout_s:g}s (it stays recorded as {answer['status']} and "
+                    f"request {request_id} is not done after {self.timeout_s:g}s (it stays recorded as {answer.status} and "
                     f"the coordinator keeps working on it); follow it with "
                     f"`dpsisa request --run-dir {self.run.uri} --id {request_id} --wait`")
 
@@ -196,8 +196,7 @@ class Session:
 
     def complete_pending(self, on_stage: OnStage | None = None) -> dict[str, ForgetResult]:
         """Have the coordinator finish requests a crash left pending; wait for them."""
-        ledger = self.run.ledger()
-        pending = {**ledger.pending(), **ledger.applied()}
+        pending = self.run.ledger().unfinished()
         if not pending:
             return {}
         self.log(f"completing {len(pending)} pending forget request(s) through the run's coordinator")
