@@ -177,13 +177,17 @@ class Ledger:
         statuses = {st for rid, st in zip(table["request_id"].to_pylist(), table["status"].to_pylist()) if rid == request_id}
         return next((st for st in STATUSES if st in statuses), None)
 
-    def _with_status(self, wanted: str) -> dict[str, list[int]]:
+    def _with_status(self, *wanted: str) -> dict[str, list[int]]:
         table = self.requests()
         out: dict[str, list[int]] = {}
         for rid, sid, status in zip(table["request_id"].to_pylist(), table["sample_id"].to_pylist(), table["status"].to_pylist()):
-            if status == wanted:
+            if status in wanted:
                 out.setdefault(rid, []).append(sid)
         return out
+
+    def unfinished(self) -> dict[str, list[int]]:
+        """request_id → ids of every request not yet done (pending or applied), from one read."""
+        return self._with_status("pending", "applied")
 
     def pending(self) -> dict[str, list[int]]:
         """request_id → ids of every request recorded but not yet applied by its shards."""

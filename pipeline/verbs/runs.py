@@ -149,7 +149,7 @@ def forget(run_dir, ids: list[int] | None, log: Callable = print, placement: Pla
     run = resolve_run_dir(run_dir)
     config = run.config()
     ids = _ids_of(run, ids, subjects, log)
-    with tracking.verb_run("forget", config, run) as mlrun:
+    with tracking.verb_run("forget", config, run, optional=True) as mlrun:
         with opened(run, log, placement=placement, timeout_s=timeout_s) as (config, data, ensemble, session):
             result = session.forget(ids, on_stage=mlrun.log_stage)
         result.full_train_seconds = run.summary()["full_train_seconds"]
@@ -167,11 +167,12 @@ def forget(run_dir, ids: list[int] | None, log: Callable = print, placement: Pla
 
 
 def _ids_of(run: RunDir, ids: list[int] | None, subjects: list[str] | None, log: Callable) -> list[int]:
+    ledger = run.ledger()
     if subjects:
-        owned = run.ledger().subjects_to_ids(subjects)
+        owned = ledger.subjects_to_ids(subjects)
         ids = sorted(i for sample_ids in owned.values() for i in sample_ids)
         log(f"subject(s) {', '.join(subjects)}: {len(ids)} sample(s)")
-    run.ledger().validate(ids)  # fail fast, before any actor starts (the coordinator re-checks under its lock)
+    ledger.validate(ids)  # fail fast, before any actor starts (the coordinator decides, under its lock)
     return ids
 
 
@@ -186,9 +187,10 @@ def submit(run_dir, ids: list[int] | None, log: Callable = print, subjects: list
     if each:
         if not subjects:
             raise RunError("--each makes one request per data subject: give --subject or --subjects-file.")
-        owned = run.ledger().subjects_to_ids(subjects)
+        ledger = run.ledger()
+        owned = ledger.subjects_to_ids(subjects)
         groups = [(s, sorted(owned[s])) for s in subjects]
-        run.ledger().validate([i for _, g in groups for i in g])  # fail fast; the coordinator re-checks
+        ledger.validate([i for _, g in groups for i in g])  # fail fast; the coordinator decides under its lock
         log(f"{len(groups)} subject(s), one request each: {sum(len(g) for _, g in groups)} sample(s)")
     else:
         groups = [(None, _ids_of(run, ids, subjects, log))]
@@ -223,7 +225,7 @@ def evaluate_run(run_dir, log: Callable = print, placement: Placement | None = N
     run = resolve_run_dir(run_dir)
     if reference_models is not None:
         references.check_count(reference_models)
-    with tracking.verb_run("evaluate", run.config(), run) as mlrun:
+    with tracking.verb_run("evaluate", run.config(), run, optional=True) as mlrun:
         refs = references.ensure(run, run.config(), reference_models, reference_dir, log, train=train) if reference_models else []
         with opened(run, log, placement=placement) as (config, data, ensemble, _):
             metrics = evaluate.ensemble_metrics(ensemble, data.get())
@@ -242,7 +244,7 @@ def evaluate_run(run_dir, log: Callable = print, placement: Placement | None = N
 def verify(run_dir, all_shards: bool = False, log: Callable = print) -> dict:
     """Retrain touched shards from scratch without their forgotten ids; compare bit for bit."""
     run = resolve_run_dir(run_dir)
-    with tracking.verb_run("verify", run.config(), run) as mlrun:
+    with tracking.verb_run("verify", run.config(), run, optional=True) as mlrun:
         with opened(run, log) as (config, data, ensemble, _):
             touched = [s for s in range(config.shards.count) if all_shards or run.shard(s).manifest().version > 0]
             log(f"verifying shard(s) {touched} against from-scratch retraining ...")
