@@ -22,3 +22,5 @@ class RecoverableError(DpsisaError):
     """Work failed and stays recorded: rerunning the command (or `dpsisa status`) completes it."""
 
     exit_code = 4
+    hint = ("Pending work is recorded in the ledger; rerun `dpsisa status --run-dir DIR` (or the same command) to "
+            "complete it.")  # what the CLI adds after the message; a subclass says what fits it

@@ -38,6 +38,9 @@ URI_SCHEMES = ("s3://", "gs://", "gcs://", "file://", "hdfs://", "abfs://", "abf
 class StorageError(RecoverableError, RuntimeError):
     """The run directory's storage cannot be reached (exit 4: nothing recorded is lost; rerun later)."""
 
+    hint = ("Nothing recorded is lost; rerun the command once the storage answers (`dpsisa status --run-dir DIR` "
+            "shows where requests stand).")
+
 
 class StorageNameError(StorageError, UserError):
     """The run directory's location cannot be used as given (exit 3); the message says what to fix."""

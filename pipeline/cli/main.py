@@ -337,8 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dpsisa {args.command}: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except RecoverableError as exc:  # a shard actor that died for good: one line, not a traceback
-        print(f"dpsisa {args.command}: failed: {exc}. Pending work is recorded in the ledger; "
-              "rerun `dpsisa status --run-dir DIR` (or the same command) to complete it.", file=sys.stderr)
+        print(f"dpsisa {args.command}: failed: {exc}." + (f" {exc.hint}" if exc.hint else ""), file=sys.stderr)
         sys.exit(exc.exit_code)
     finally:
         sys.stdout = _RESULT[0]

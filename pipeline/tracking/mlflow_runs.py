@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Config
+from pipeline.errors import RecoverableError
 from pipeline.fs import Storage
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -256,12 +258,51 @@ def write_parent(run_dir, run_id: str, experiment_id: str, uri: str) -> None:
     _storage(run_dir).write_json(PARENT_FILE, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri})
 
 
+class TrackingUnavailable(RecoverableError):
+    """The tracking server does not answer (exit 4): `train` stops before any work; other verbs go on untracked."""
+
+    hint = "Nothing was trained or written."
+
+
+def unreachable(uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why an http(s) tracking server does not answer `/health` within `timeout_s` (None: it does,
+    or the store is not a server). Checked before a verb's MLflow calls, which MLflow itself retries
+    for minutes."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError:  # it answered (an auth proxy, an older server): reachable
+        return None
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc))
+
+
 @contextmanager
-def verb_run(kind: str, config: Config, run_dir, tags: dict[str, str] | None = None) -> Iterator[Untracked]:
+def verb_run(kind: str, config: Config, run_dir, tags: dict[str, str] | None = None,
+             optional: bool = False) -> Iterator[Untracked]:
     """A child run of the run directory's parent for one verb, open while the verb runs: FINISHED
     when the block ends, FAILED (KILLED on Ctrl-C) when it raises, which is re-raised. `train`
-    starts a new parent run. Yields an `Untracked` (no-op) object when tracking is off."""
+    starts a new parent run. Yields an `Untracked` (no-op) object when tracking is off. A tracking
+    server that does not answer raises TrackingUnavailable at once (not after MLflow's minutes of
+    retries); with `optional` (a client verb's own bookkeeping: an erasure never waits for MLflow)
+    it yields an `Untracked` instead and says so in one line on stderr. The coordinator's release
+    is not optional: its registry step must happen before a request is done, so it fails and is
+    retried with backoff."""
     if not config.tracking.enabled:
+        yield Untracked()
+        return
+    why = unreachable(tracking_uri(config))
+    if why is not None:
+        message = (f"the MLflow tracking server at {tracking_uri(config)} does not answer ({why}); start it, or set "
+                   "tracking.enabled=false")
+        if not optional:
+            raise TrackingUnavailable(message)
+        print(f"warning: {message}. This {kind} runs without its MLflow run.", file=sys.stderr, flush=True)
         yield Untracked()
         return
     from mlflow import MlflowClient

@@ -54,7 +54,7 @@ def _log_version(config: Config, run: RunDir, mlrun, requests: list[str]) -> dic
 def _log_completed(config: Config, run: RunDir, completed: dict[str, ForgetResult]) -> None:
     """Each request finished on behalf of a crashed writer becomes a forget child run in MLflow."""
     for result in completed.values():
-        with tracking.verb_run("forget", config, run, tags={"dpsisa.completed_pending": "true"}) as mlrun:
+        with tracking.verb_run("forget", config, run, tags={"dpsisa.completed_pending": "true"}, optional=True) as mlrun:
             mlrun.log_dataset(config, *trained_ids(run))
             mlrun.log_summary(result.to_dict())
 
@@ -66,8 +66,8 @@ def log_backlog(config: Config, run: RunDir) -> int:
     if not config.tracking.enabled:
         return 0
     backlog = receipts.backlog(run)
-    if not backlog:
-        return 0
+    if not backlog or tracking.unreachable(tracking.tracking_uri(config)):
+        return 0  # (a tracking server that does not answer: the next command logs them)
     seconds = [(datetime.fromisoformat(r["completed_at"]) - datetime.fromisoformat(r["requested_at"])).total_seconds()
                for r in backlog]
     with tracking.verb_run("forget", config, run, tags={"dpsisa.no_wait": "true", "dpsisa.requests": str(len(backlog))}) as mlrun:

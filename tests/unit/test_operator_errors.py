@@ -57,3 +57,35 @@ def test_an_s3_connection_dropped_before_any_response_is_a_storage_error_naming_
     for exc in (ConnectionClosedError(endpoint_url="http://127.0.0.1:9/b/k"), EndpointConnectionError(endpoint_url="http://127.0.0.1:9")):
         with pytest.raises(StorageError, match="recipes.json"):
             _raise_s3(exc, Storage(tmp_path), "recipes.json")
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_against_a_tracking_server_that_does_not_answer_is_one_line_exit_4_before_any_work(tmp_path, capsys):
+    uri = f"http://127.0.0.1:{_unused_port()}"
+    started = time.monotonic()
+    code, err = _exit_and_stderr(["train", "jobs/configs/digits.yaml", f"tracking.uri={uri}", "--run-dir", str(tmp_path / "run"),
+                                  "--quiet"], capsys)
+    assert code == 4 and len(err.splitlines()) == 1 and uri in err and "tracking.enabled=false" in err, err
+    assert time.monotonic() - started < 30  # not MLflow's minutes of retries
+    assert not (tmp_path / "run" / "ledger").exists()
+
+
+def test_other_verbs_go_on_without_their_mlflow_run_when_the_tracking_server_does_not_answer(tmp_path, capsys):
+    from pipeline import config as config_mod
+    from pipeline.tracking import mlflow_runs
+
+    config = config_mod.load("jobs/configs/digits.yaml", [f"tracking.uri=http://127.0.0.1:{_unused_port()}"])
+    started = time.monotonic()
+    with mlflow_runs.verb_run("forget", config, tmp_path, optional=True) as mlrun:
+        mlrun.log_summary({"ids": 1})  # a no-op
+    assert isinstance(mlrun, mlflow_runs.Untracked) and time.monotonic() - started < 30
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "does not answer" in err and "without its MLflow run" in err
+    with pytest.raises(mlflow_runs.TrackingUnavailable):  # the coordinator's release must not go on untracked
+        with mlflow_runs.verb_run("forget", config, tmp_path):
+            pass
