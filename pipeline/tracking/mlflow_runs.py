@@ -296,9 +296,10 @@ def verb_run(kind: str, config: Config, run_dir, tags: dict[str, str] | None = N
     if not config.tracking.enabled:
         yield Untracked()
         return
-    why = unreachable(tracking_uri(config))
+    uri = tracking_uri(config)
+    why = unreachable(uri)
     if why is not None:
-        message = (f"the MLflow tracking server at {tracking_uri(config)} does not answer ({why}); start it, or set "
+        message = (f"the MLflow tracking server at {uri} does not answer ({why}); start it, or set "
                    "tracking.enabled=false")
         if not optional:
             raise TrackingUnavailable(message)

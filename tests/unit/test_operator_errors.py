@@ -13,6 +13,13 @@ from pipeline.fs import Storage, StorageError, StorageNameError
 from pipeline.sisa import cluster
 
 
+def _unused_port() -> int:
+    """A port nobody listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _exit_and_stderr(argv: list[str], capsys) -> tuple[int, str]:
     with pytest.raises(SystemExit) as caught:
         cli.main(argv)
@@ -25,9 +32,7 @@ def test_a_run_dir_naming_no_bucket_is_one_line_exit_3(capsys):
 
 
 def test_an_address_with_no_ray_cluster_behind_it_fails_fast_naming_the_fix():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _unused_port()
     started = time.monotonic()
     with pytest.raises(cluster.ClusterError, match=r"no Ray cluster at 127\.0\.0\.1:\d+ .*ray start --head"):
         cluster.connect(RayConfig(address=f"127.0.0.1:{port}"))
@@ -57,12 +62,6 @@ def test_an_s3_connection_dropped_before_any_response_is_a_storage_error_naming_
     for exc in (ConnectionClosedError(endpoint_url="http://127.0.0.1:9/b/k"), EndpointConnectionError(endpoint_url="http://127.0.0.1:9")):
         with pytest.raises(StorageError, match="recipes.json"):
             _raise_s3(exc, Storage(tmp_path), "recipes.json")
-
-
-def _unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_train_against_a_tracking_server_that_does_not_answer_is_one_line_exit_4_before_any_work(tmp_path, capsys):
