@@ -2,6 +2,7 @@
 real Parquet ledger, digits), with and without the coordinator killed mid-request."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -18,13 +19,30 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run(ray_2cpu, tmp_path_factory):
     """A trained digits run (2 shards × 3 slices, partitioned by data subject); MLflow off: the test
-    threads share one process."""
+    threads share one process. Its coordinator is kept alive (`train --keep-alive`, as a serving
+    deployment runs it), so the tests below share one warm coordinator and its shard actors; the
+    tests about a coordinator's own life (started over pending requests, closing itself when idle)
+    stop it first and warm the run again after (`_cold`). The cold path of every verb, a
+    coordinator started and closed per command, is what test_pipeline.py and the golden run take."""
     from pipeline import config as C
 
     config = C.load("jobs/configs/digits.yaml", ["tracking.enabled=false", "partition.strategy=by_subject"])
     run = RunDir(tmp_path_factory.mktemp("coord") / "run")
-    runs.train(config, run, log=lambda m: None)
+    runs.train(config, run, keep_alive=True, log=lambda m: None)
     return run
+
+
+@contextlib.contextmanager
+def _cold(run: RunDir):
+    """No coordinator during the block (the next command starts one, which closes when done); the
+    run's kept-alive coordinator is back afterwards."""
+    runs.stop(run, log=lambda m: None)
+    try:
+        yield
+    finally:
+        runs.stop(run, log=lambda m: None)
+        with coordinator.Session(run, run.config(), lambda m: None, keep_alive=True):
+            pass
 
 
 def _ids_of_shard(run: RunDir, shard: int, count: int, skip: set[int]) -> list[int]:
@@ -156,9 +174,10 @@ def test_requests_pending_when_the_coordinator_starts_are_applied_as_one_batch(r
     taken = set(run.ledger().forgotten_ids(status=None))
     targets = _ids_of_shard(run, 0, 3, taken)
     before = run.shard(0).manifest().version
-    with run.ledger().locked():  # accepted while no coordinator ran (e.g. it died right after accepting them)
-        rids = [run.ledger().append_request([i]) for i in targets]
-    cli.main(["request", "--run-dir", run.uri, "--id", rids[-1], "--wait", "--json", "--quiet"])
+    with _cold(run):
+        with run.ledger().locked():  # accepted while no coordinator ran (e.g. it died right after accepting them)
+            rids = [run.ledger().append_request([i]) for i in targets]
+        cli.main(["request", "--run-dir", run.uri, "--id", rids[-1], "--wait", "--json", "--quiet"])
     answer = json.loads(capsys.readouterr().out)
     assert answer["status"] == "done" and answer["receipt"]["request_id"] == rids[-1]
     assert run.shard(0).manifest().version == before + 1  # one replay for the three of them
@@ -178,21 +197,22 @@ def test_no_wait_returns_pending_at_once_and_the_idle_coordinator_then_closes_it
     saved = (run.path / "config.yaml").read_text()
     config = yaml.safe_load(saved)
     config["ray"]["idle_close_s"] = 2.0
-    (run.path / "config.yaml").write_text(yaml.safe_dump(config))
-    try:
-        target = _ids_of_shard(run, 1, 1, set(run.ledger().forgotten_ids(status=None)))[0]
-        cli.main(["forget", "--run-dir", run.uri, "--ids", str(target), "--no-wait", "--json", "--quiet"])
-        submitted = json.loads(capsys.readouterr().out)
-        assert submitted["status"] == "pending" and submitted["ids"] == 1
-        deadline = time.monotonic() + 120
-        while run.ledger().pending() and time.monotonic() < deadline:  # nobody waits: the coordinator applies it
-            time.sleep(0.2)
-        assert not run.ledger().pending() and run.exists(f"receipts/{submitted['request_id']}.json")
-        while coordinator.find(run, run.config()) is not None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert coordinator.find(run, run.config()) is None  # closed itself, lease and placement group released
-    finally:
-        (run.path / "config.yaml").write_text(saved)
+    with _cold(run):
+        (run.path / "config.yaml").write_text(yaml.safe_dump(config))
+        try:
+            target = _ids_of_shard(run, 1, 1, set(run.ledger().forgotten_ids(status=None)))[0]
+            cli.main(["forget", "--run-dir", run.uri, "--ids", str(target), "--no-wait", "--json", "--quiet"])
+            submitted = json.loads(capsys.readouterr().out)
+            assert submitted["status"] == "pending" and submitted["ids"] == 1
+            deadline = time.monotonic() + 120
+            while run.ledger().pending() and time.monotonic() < deadline:  # nobody waits: the coordinator applies it
+                time.sleep(0.2)
+            assert not run.ledger().pending() and run.exists(f"receipts/{submitted['request_id']}.json")
+            while coordinator.find(run, run.config()) is not None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert coordinator.find(run, run.config()) is None  # closed itself, lease and placement group released
+        finally:
+            (run.path / "config.yaml").write_text(saved)
 
 
 def _ids_in_slice(run: RunDir, shard: int, slice_: int, count: int) -> list[int]:
