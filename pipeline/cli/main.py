@@ -298,7 +298,7 @@ def parser() -> argparse.ArgumentParser:
     baselines.add_argument("--forget-fractions", default=None, help="deletion-rate curve, e.g. 0.001,0.01,0.05,0.1")
     baselines.add_argument("--out-dir", default=None, help="output folder (relative: under $DPSISA_HOME or cwd)")
     output_flags(baselines)
-    audit = add("audit", cmd_audit, "one-run canary audit: a 95% lower bound on ε from one training run", run_dir_required=False)
+    audit = add("audit", cmd_audit, "one-run canary audit: a 95%% lower bound on ε from one training run", run_dir_required=False)
     audit.add_argument("config", help="YAML config, e.g. jobs/configs/audit_digits.yaml")
     audit.add_argument("overrides", nargs="*", help="key=value overrides, e.g. privacy.epsilon=2")
     audit.add_argument("--canaries", type=int, default=None,
