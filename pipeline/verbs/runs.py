@@ -53,14 +53,17 @@ def _other_half(config: Config, n_private: int) -> list[int]:
 
 
 def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = print, placement: Placement | None = None,
-          exclude_ids: list[int] | None = None) -> dict:
+          exclude_ids: list[int] | None = None, hold: bool = False) -> dict:
     """Partition, pretrain (cached), calibrate DP, train all shards in parallel, evaluate, track.
 
     The run directory gets everything the shard actors need to (re)start anywhere: the config,
     recipes, the pretrained model and each shard's own data file. `exclude_ids` leaves private ids
     out of the partition altogether: the retrain-from-scratch oracle that unlearning scores compare
     against (the ledger then does not know those ids). With `keep_alive`, the run's coordinator
-    and its shard actors stay up after training (warm forgets; `dpsisa stop` releases them)."""
+    and its shard actors stay up after training (warm forgets; `dpsisa stop` releases them). `hold`
+    does the same for a caller in this process that goes on with the run and then calls `stop`
+    (e.g. `score`: its forget replays on the actors that trained), without the note meant for a
+    command that ends."""
     run = resolve_run_dir(run_dir)
     if run.is_run():
         raise RunError(f"run directory {run.uri} already holds a run; choose a new --run-dir.")
@@ -107,7 +110,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
         run.write_recipes(recipes)
         run.write_config(config)
         registry.write_input_example(run, data.test.x)
-        warm = keep_alive and placement is None
+        warm = (keep_alive or hold) and placement is None
         session = coordinator.Session(run, config, log, keep_alive=True, observer=RegistryObserver()).__enter__() if warm else None
         if session is not None:  # train on the actors the run's coordinator keeps: no second start for warm forgets
             ensemble = Ensemble.attached(run, config, session.actors)
@@ -122,7 +125,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
             full_train_seconds = time.perf_counter() - fit_start
             run.write_summary({
                 "full_train_seconds": full_train_seconds, "shard_seconds": [per_shard[s]["seconds"] for s in sorted(per_shard)],
-                "keep_alive": keep_alive, "pretrain": pretrain_info, "excluded_ids": excluded})
+                "keep_alive": warm, "pretrain": pretrain_info, "excluded_ids": excluded})
             metrics = evaluate.ensemble_metrics(ensemble, data)
             metrics["public_accuracy"] = evaluate.public_accuracy(source, pretrain_info["source_classes"], config, data)
         except BaseException:
@@ -133,7 +136,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
             ensemble.shutdown()  # (the coordinator's actors are not this ensemble's: they stay)
             if session is not None:
                 session.__exit__(None, None, None)
-        if warm:
+        if warm and not hold:
             log("the run's coordinator and its shard actors stay up (warm forgets); `dpsisa stop` releases them")
         summary = {"run_dir": run.uri, "full_train_seconds": full_train_seconds,
                    "total_seconds": time.perf_counter() - started, **metrics}

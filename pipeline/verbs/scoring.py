@@ -101,10 +101,13 @@ def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20,
         seed = config.seed + i
         log(f"== unlearned model {i + 1}/{k} (seed {seed}): train on all data, then forget {len(forget)} ids")
         run_dir = out_dir / f"unlearned-{i}"
-        runs.train(config.with_overrides({"seed": seed}), run_dir, log=log)
-        predict_into("original", run_dir)
-        forget_seconds.append(runs.forget(run_dir, forget, log=log).seconds)
-        predict_into("unlearned", run_dir)
+        runs.train(config.with_overrides({"seed": seed}), run_dir, log=log, hold=True)  # the forget replays on the actors
+        try:                                                                            # that trained: no second start
+            predict_into("original", run_dir)
+            forget_seconds.append(runs.forget(run_dir, forget, log=log).seconds)
+            predict_into("unlearned", run_dir)
+        finally:
+            runs.stop(run_dir, log=log)
     for i in range(k):
         seed = config.seed + k + i
         log(f"== retrained model {i + 1}/{k} (seed {seed}): train from scratch without the forget set")

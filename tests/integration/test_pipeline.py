@@ -14,6 +14,7 @@ from pipeline.core.checkpoints import ShardStore
 from pipeline.storage.ledger import Ledger
 from pipeline.storage.rundir import RunDir
 from pipeline.verbs import runs
+from pipeline.verbs.access import held
 
 pytestmark = pytest.mark.slow
 
@@ -231,9 +232,10 @@ def test_forgotten_ids_are_at_chance_for_the_attack_after_forgetting(trained, mo
     ledger = Ledger(run_dir)
     taken = ledger.forgotten_ids(status=None)
     doomed = [int(i) for i in ledger.assignments()["sample_id"].to_numpy() if int(i) not in taken][:60]
-    before = runs.evaluate_run(run_dir, log=lambda m: None, probe_ids=doomed)["mia_forgotten"]["posterior"]
-    runs.forget(run_dir, doomed, log=lambda m: None)
-    after = runs.evaluate_run(run_dir, log=lambda m: None)["mia_forgotten"]["posterior"]
+    with held(run_dir, log=lambda m: None):  # one coordinator start for the three verbs (as a sweep trial holds it)
+        before = runs.evaluate_run(run_dir, log=lambda m: None, probe_ids=doomed)["mia_forgotten"]["posterior"]
+        runs.forget(run_dir, doomed, log=lambda m: None)
+        after = runs.evaluate_run(run_dir, log=lambda m: None)["mia_forgotten"]["posterior"]
     assert after["n_members"] == len(doomed) + len(taken)  # these 60 and those forgotten earlier in this module
     low, high = after["accuracy_ci"]
     assert low <= 0.5 + 1e-9, f"forgotten ids still distinguishable: {after}"
@@ -264,7 +266,6 @@ def test_predict_serves_the_live_ensemble_from_npy_input_raw_or_normalised(train
     from sklearn.datasets import load_digits
 
     from pipeline.data import datasets
-    from pipeline.verbs.access import held
 
     run_dir, _, home = trained
     _pin_env(monkeypatch, home)

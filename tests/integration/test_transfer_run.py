@@ -68,7 +68,10 @@ def test_a_forget_with_augmult_and_ema_on_verifies_exact(transfer_run, tmp_path)
 
     config = C.load("jobs/configs/digits_transfer.yaml", [*LEVERS, "finetune.augmult=2", "data.private_limit=200",
                                                          "data.test_limit=100", "tracking.enabled=false"])
-    runs.train(config, tmp_path / "augmult", log=_quiet)
-    assert runs.forget(tmp_path / "augmult", [5], _quiet).shards_retrained
-    verified = runs.verify(tmp_path / "augmult", all_shards=True, log=_quiet)
+    runs.train(config, tmp_path / "augmult", keep_alive=True, log=_quiet)  # one coordinator for forget and verify
+    try:
+        assert runs.forget(tmp_path / "augmult", [5], _quiet).shards_retrained
+        verified = runs.verify(tmp_path / "augmult", all_shards=True, log=_quiet)
+    finally:
+        runs.stop(tmp_path / "augmult", log=_quiet)
     assert verified["exact"] is True, verified["shards"]
