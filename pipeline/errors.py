@@ -24,3 +24,6 @@ class RecoverableError(DpsisaError):
     exit_code = 4
     hint = ("Pending work is recorded in the ledger; rerun `dpsisa status --run-dir DIR` (or the same command) to "
             "complete it.")  # what the CLI adds after the message; a subclass says what fits it
+    # The longest a writer that retries this error waits between tries (None: its usual backoff, up to
+    # 30 s). A subclass whose retry is a cheap probe sets it low, so work resumes soon after a recovery.
+    retry_cap_s: float | None = None

@@ -260,8 +260,8 @@ def write_parent(run_dir, run_id: str, experiment_id: str, uri: str) -> None:
 
 class TrackingUnavailable(RecoverableError):
     """The tracking server does not answer (exit 4): `train` stops before any work; other verbs go on untracked."""
-
     hint = "Nothing was trained or written."
+    retry_cap_s = 5.0  # a retry is one /health probe (≤ 5 s): the coordinator's release tries again this often
 
 
 def unreachable(uri: str, timeout_s: float = 5.0) -> str | None:

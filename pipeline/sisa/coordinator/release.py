@@ -46,8 +46,11 @@ class Backoff:
     def __init__(self, low: float = BACKOFF_MIN_S, high: float = BACKOFF_MAX_S):
         self.low, self.high, self.delay, self.until = low, high, low, 0.0
 
-    def failed(self) -> float:
-        wait, self.delay = self.delay, min(self.high, self.delay * 2)
+    def failed(self, cap: float | None = None) -> float:
+        """The wait before the next try; `cap` bounds it (and the next ones until a success) for
+        errors whose retry is cheap (`RecoverableError.retry_cap_s`)."""
+        high = self.high if cap is None else min(self.high, cap)
+        wait, self.delay = min(self.delay, high), min(high, self.delay * 2)
         self.until = time.monotonic() + wait
         return wait
 

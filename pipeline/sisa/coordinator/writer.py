@@ -77,7 +77,7 @@ class Writer:
         return False
 
     def _fault(self, where: str, exc: Exception, backoff: Backoff) -> None:
-        wait = backoff.failed()
+        wait = backoff.failed(getattr(exc, "retry_cap_s", None))  # e.g. an unreachable tracking server: probed every 5 s
         message = f"{where}: {exc.__class__.__name__}: {exc}"
         if message != self._error:
             self._warn(f"{message}; retrying in {wait:g}s (requests stay recorded)")
