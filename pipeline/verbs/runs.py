@@ -20,7 +20,6 @@ from pipeline.core.privacy import make_recipe
 from pipeline.core.train import resolve_device
 from pipeline.data import datasets, subjects
 from pipeline.data.partition import key_record, partition
-from pipeline.evaluation import evaluate, lira
 from pipeline.sisa import cluster, coordinator
 from pipeline.sisa.driver import Ensemble, Placement, ShardLayout
 from pipeline.sisa.results import ForgetResult
@@ -30,7 +29,6 @@ from pipeline.storage.rundir import RunDir, RunError, trained_ids
 from pipeline.tracking import mlflow_runs as tracking
 from pipeline.tracking import registry
 from pipeline.tracking.release import RegistryObserver
-from pipeline.verbs import references
 from pipeline.verbs.access import RunData, _log_version, load_run_config, opened, worst_epsilon  # noqa: F401  (runs.X kept for callers)
 from pipeline.verbs.queries import predict, prepare_input, request_status, serve, status, subject_status  # noqa: F401
 
@@ -49,6 +47,8 @@ def _other_half(config: Config, n_private: int) -> list[int]:
     """Private ids a run with `data.keep_half` leaves out: its LiRA non-members (`pipeline/references.py`)."""
     if config.data.keep_half is None:
         return []
+    from pipeline.evaluation import lira
+
     return np.flatnonzero(~lira.paired_halves(1, n_private, config.data.keep_half)[0]).tolist()
 
 
@@ -64,6 +64,9 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
     does the same for a caller in this process that goes on with the run and then calls `stop`
     (e.g. `score`: its forget replays on the actors that trained), without the note meant for a
     command that ends."""
+    # evaluation is imported by the verbs that use it: scipy and scikit-learn (~1.6 s) stay out of forget and status
+    from pipeline.evaluation import evaluate
+
     run = resolve_run_dir(run_dir)
     if run.is_run():
         raise RunError(f"run directory {run.uri} already holds a run; choose a new --run-dir.")
@@ -225,6 +228,9 @@ def evaluate_run(run_dir, log: Callable = print, placement: Placement | None = N
     """Test metrics and membership-inference attacks; `probe_ids` (e.g. ids about to be
     forgotten) are attacked in place of the forgotten ids. With `reference_models` K, also LiRA
     with K reference runs (trained first, or reused from `reference_dir`; `pipeline/references.py`)."""
+    from pipeline.evaluation import evaluate
+    from pipeline.verbs import references
+
     run = resolve_run_dir(run_dir)
     if reference_models is not None:
         references.check_count(reference_models)
@@ -246,6 +252,8 @@ def evaluate_run(run_dir, log: Callable = print, placement: Placement | None = N
 
 def verify(run_dir, all_shards: bool = False, log: Callable = print) -> dict:
     """Retrain touched shards from scratch without their forgotten ids; compare bit for bit."""
+    from pipeline.evaluation import evaluate
+
     run = resolve_run_dir(run_dir)
     with tracking.verb_run("verify", run.config(), run, optional=True) as mlrun:
         with opened(run, log) as (config, data, ensemble, _):

@@ -22,3 +22,15 @@ def test_help_renders_for_the_tool_and_every_command(argv, capsys):
     assert exit_info.value.code == 0
     captured = capsys.readouterr()
     assert "usage: dpsisa" in captured.out + captured.err
+
+
+def test_the_verbs_that_do_not_evaluate_load_neither_scipy_nor_scikit_learn():
+    """`dpsisa forget`, `status`, `request` (and every `ray job submit` of them) import
+    `pipeline.verbs.runs`; the evaluation stack (~1.6 s of imports) loads only in the verbs that use it."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, pipeline.verbs.runs, pipeline.verbs.queries; "
+             "print(sorted(m for m in ('scipy.stats', 'sklearn') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
