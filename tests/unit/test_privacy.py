@@ -26,6 +26,34 @@ def test_spent_epsilon_of_a_multi_slice_schedule_is_within_5_percent_below_targe
     assert spent_epsilon(tuple(history), recipe.delta, accountant) == pytest.approx(recipe.epsilon_spent)
 
 
+@pytest.mark.parametrize("accountant, sizes, batch, epochs, epsilon", [
+    ("prv", [400, 400, 400], 50, 1, 2.0), ("prv", [1000] * 4, 256, 2, 8.0), ("rdp", [400, 400, 400], 50, 1, 2.0),
+    ("rdp", [200, 200], 64, 4, 1.0), ("rdp", [1000] * 4, 256, 2, 8.0), ("rdp", [100] * 5, 64, 10, 0.5)])
+def test_the_calibration_lands_in_its_band_within_five_accountant_calls(accountant, sizes, batch, epochs, epsilon, monkeypatch):
+    """The search is a secant from the μ-GDP guess: a handful of accountant calls where bisection over
+    SIGMA_BOUNDS made ~12 (seconds each with PRV; the suite calibrates dozens of schedules)."""
+    from pipeline.core import privacy
+
+    calls = []
+    real = privacy.spent_epsilon
+    monkeypatch.setattr(privacy, "spent_epsilon", lambda *a: calls.append(a[0][0][0]) or real(*a))
+    stages = schedule(sizes, batch, epochs)
+    sigma = privacy.calibrate_noise.__wrapped__(stages, epsilon, 1e-5, accountant)
+    assert privacy.CALIBRATION_BAND * epsilon <= real(tuple((sigma, s.sample_rate, s.steps) for s in stages), 1e-5,
+                                                      accountant) <= epsilon
+    assert len(set(calls)) <= 5, calls
+
+
+def test_a_target_that_even_the_largest_sigma_misses_is_refused_and_a_lax_one_needs_little_noise():
+    from pipeline.core import privacy
+
+    stages = schedule([20, 20], 16, 50)
+    with pytest.raises(privacy.PrivacyError, match="cannot be met even with"):
+        calibrate_noise.__wrapped__(stages, 0.01, 1e-5, "rdp")
+    lax = calibrate_noise.__wrapped__(schedule([400, 400, 400], 50, 1), 5000.0, 1e-5, "rdp")
+    assert privacy.SIGMA_BOUNDS[0] <= lax < 0.1
+
+
 def _cached_recipe(tmp_path, shard=0):
     cfg = C.load(None, ["privacy.accountant=rdp", "train.batch_size=64", f"pretrain.cache_dir={tmp_path}"])
     return make_recipe(cfg, shard, [300, 300])
