@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
+# two pytest-xdist workers, whole test files each, the longest files first (tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: run test test-fast data install lint bench clean
 
@@ -36,7 +38,7 @@ run: install data
 	$(BIN)/dpsisa demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Unit tests only: pure, no Ray cluster, no training runs.
 test-fast: $(VENV)/.installed-test

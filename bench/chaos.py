@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -76,9 +77,9 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.home / 'mlflow.db'}", "--artifacts-destination", str(self.home / "art")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline:  # up once /health answers (it listens before its app has loaded)
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2):
                     return
             except OSError:
                 time.sleep(0.3)

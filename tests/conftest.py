@@ -19,11 +19,31 @@ def _integration(item) -> bool:
     return "/integration/" in f"/{item.nodeid}"
 
 
+# integration modules by their time on 2 CPUs, longest first (measured with --durations=0; a stale
+# order only costs time): `make test` runs two pytest-xdist workers, and starting the longest
+# modules first keeps one worker from idling at the end while the other runs a long one.
+LONGEST_FIRST = ("test_pipeline.py", "test_chaos.py", "test_ray_job_submit.py", "test_coordinator.py", "test_audit.py",
+                 "test_done_means_gone.py", "test_s3_runs.py", "test_baselines.py", "test_golden.py", "test_sweep.py",
+                 "test_storage_outage.py", "test_score_command.py", "test_mlflow_runs.py", "test_transfer_run.py",
+                 "test_multinode.py", "test_demo.py")
+
+
+def _module(item) -> str:
+    return item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+
+
+def _longest_first(item) -> int:
+    return LONGEST_FIRST.index(_module(item)) if _module(item) in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(items):
     """Unit tests first (fast feedback, and they never see a Ray cluster an integration module left
-    up); the modules with a cluster of their own last, so the shared one starts once, not once
-    after each of them."""
-    items.sort(key=lambda item: (_integration(item), item.nodeid.split("::")[0].endswith(OWN_CLUSTER)))
+    up); then the integration modules on the shared cluster; the modules with a cluster of their own
+    last, so the shared one starts once (per worker), not once after each of them; within each
+    group, the longest first. `make test` hands whole files to two pytest-xdist workers in this
+    order (--dist loadfile --no-loadscope-reorder), so on each worker too no unit test runs after an
+    integration module, and the shared cluster starts once."""
+    items.sort(key=lambda item: (_integration(item), _module(item) in OWN_CLUSTER, _longest_first(item)))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -38,7 +58,8 @@ def pytest_unconfigure(config):
     SIGSEGV (make: exit 2). The verbs' own processes are checked on their own exit codes (ray job
     submit, the sweep command), so this hides nothing they do."""
     status = getattr(config, "_dpsisa_exitstatus", None)
-    if status is not None and os.environ.get("DPSISA_TEST_FINALIZE") != "1":  # set it to debug finalisation
+    worker = hasattr(config, "workerinput")  # a pytest-xdist worker: the controller ends the session
+    if status is not None and not worker and os.environ.get("DPSISA_TEST_FINALIZE") != "1":  # set it to debug finalisation
         import sys
 
         sys.stdout.flush()

@@ -57,10 +57,13 @@ def ray_head(tmp_path_factory):
     """`ray start --head` in a subprocess of its own session (token auth stays on); after the module,
     that session's processes are stopped (`ray stop` would stop every Ray cluster on the host)."""
     own_ray_cluster()  # the session's shared in-process cluster goes first
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, agent, agent_grpc = _free_port(), _free_port(), _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    # free ports for the dashboard agent too: another cluster on the host (a second test worker's)
+    # may hold the default one, and the job API needs this head's agent
     head = subprocess.Popen([RAY, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-                             f"--dashboard-port={dashboard}", "--disable-usage-stats"], env=env, start_new_session=True,
+                             f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
+                             f"--dashboard-agent-grpc-port={agent_grpc}", "--disable-usage-stats"], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = head.communicate(timeout=180)
@@ -112,6 +115,19 @@ def _wait(client, job_id: str, timeout: float = 400) -> str:
     raise AssertionError(f"job {job_id} did not finish in {timeout}s:\n{client.get_job_logs(job_id)[-3000:]}")
 
 
+def _submit_when_the_agent_is_up(client, timeout_s: float = 120, **job) -> str:
+    """The first submission: a head just started answers 500 "No available agent" until its
+    dashboard agent has registered (seconds; longer on a loaded machine), and says to try again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return client.submit_job(**job)
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def test_concurrent_forget_jobs_on_one_run_each_apply_once_and_log_to_the_mlflow_server(ray_head, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -122,8 +138,8 @@ def test_concurrent_forget_jobs_on_one_run_each_apply_once_and_log_to_the_mlflow
     runtime_env = {"working_dir": str(ROOT), "env_vars": {
         "DPSISA_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server,
         "DPSISA_CACHE": os.environ.get("DPSISA_CACHE", str(tmp_path / "cache"))}}
-    train = client.submit_job(
-        entrypoint=f"{sys.executable} jobs/train.py jobs/configs/digits.yaml train.epochs=1 --run-dir {run_dir}",
+    train = _submit_when_the_agent_is_up(
+        client, entrypoint=f"{sys.executable} jobs/train.py jobs/configs/digits.yaml train.epochs=1 --run-dir {run_dir}",
         runtime_env=runtime_env)
     assert _wait(client, train) == JobStatus.SUCCEEDED, client.get_job_logs(train)[-3000:]
     assignments = pq.read_table(run_dir / "ledger" / "assignments.parquet")

@@ -1,5 +1,7 @@
 """The central claim: a shard retrained after forgetting equals, bit for bit on CPU, the same
 shard trained from scratch without the forgotten ids — for every strategy, DP on and off."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -121,7 +123,10 @@ def test_replayed_shard_equals_from_scratch_training_without_a_forgotten_subject
 
 # sha256 of the parameters and momentum after training three fixed slices of digits (half the private
 # ids in a numpy-seeded order, cut in three: no partition code involved) with unit "sample",
-# recorded with the code before person-level DP (a364d86) on the project's CPU machine.
+# recorded with the code before person-level DP (a364d86) on the project's CPU machine. With DP the
+# recipe's σ is the one that code's calibration chose (bisection; the secant search of calibration v2
+# lands on 3.67063 for the same schedule, within the same ε band), so the pin stays on the training step.
+BEFORE_SUBJECTS_SIGMA = 3.6661006105110596
 BEFORE_SUBJECTS = {
     ("fc_gn", "1.0"): "95f9fa9caff33fca11b45e865b55080d86e00ac00cf307a3158c20886a81602b",
     ("fc_gn", "null"): "cd4eac9a0628dd3ec0d1d617479ddeec63a8598f23169f225f5517fcca4e0561",
@@ -138,6 +143,8 @@ def test_unit_sample_trains_bit_identically_to_the_code_before_person_level_dp(d
     slices = np.array_split(order[: len(order) // 2], SLICES)
     recipe = privacy.make_recipe(cfg, 0, [len(s) for s in slices])
     assert recipe.unit == "sample"
+    if recipe.private:
+        recipe = dataclasses.replace(recipe, noise_multiplier=BEFORE_SUBJECTS_SIGMA)
     state = ShardTrainer(model, finetune.plan_for(model, strategy, 0.05), recipe, seed=0, shard=0).train(_data(digits_data, slices))
     digest = hashlib.sha256()
     for tensors in (state.params, state.momentum):
