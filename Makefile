@@ -42,7 +42,7 @@ test: $(VENV)/.installed-test
 
 # Unit tests only: pure, no Ray cluster, no training runs.
 test-fast: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests/unit $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check pipeline tests bench jobs

@@ -59,20 +59,47 @@ def _top_magnitude_masks(model: Classifier, fraction: float) -> dict[str, torch.
     return {name: w.abs() >= threshold for name, w in convs.items()}
 
 
+# The finetuning strategies by name: `finetune.strategy` (and `baselines.dp_strategy`) choose one;
+# config validation offers exactly these names (tests/unit/test_config.py checks that it does).
+STRATEGIES: dict[str, Callable[[Classifier, float], FinetunePlan]] = {}
+
+
+def strategy(name: str) -> Callable[[Callable[[Classifier, float], FinetunePlan]], Callable[[Classifier, float], FinetunePlan]]:
+    """Register a strategy: a function (model, conv_fraction) → the plan it trains."""
+    def register(build: Callable[[Classifier, float], FinetunePlan]) -> Callable[[Classifier, float], FinetunePlan]:
+        STRATEGIES[name] = build
+        return build
+    return register
+
+
+@strategy("full")
+def _full(model: Classifier, conv_fraction: float) -> FinetunePlan:
+    return FinetunePlan("full", [n for n, _ in model.named_parameters()])
+
+
+@strategy("fc")
+def _head(model: Classifier, conv_fraction: float) -> FinetunePlan:
+    return FinetunePlan("fc", _names(model, _is_head))
+
+
+@strategy("fc_gn")
+def _head_and_norms(model: Classifier, conv_fraction: float) -> FinetunePlan:
+    return FinetunePlan("fc_gn", _names(model, _is_head_or_norm))
+
+
+@strategy("fc_gn_conv")
+def _head_norms_and_top_convs(model: Classifier, conv_fraction: float) -> FinetunePlan:
+    masks = _top_magnitude_masks(model, conv_fraction)
+    names = set(_names(model, _is_head_or_norm)) | set(masks)
+    ordered = [n for n, _ in model.named_parameters() if n in names]
+    return FinetunePlan("fc_gn_conv", ordered, masks)
+
+
 def plan_for(model: Classifier, strategy: str, conv_fraction: float = 0.05) -> FinetunePlan:
     """The parameters `strategy` trains on `model` (masks computed from its current weights)."""
-    if strategy == "full":
-        return FinetunePlan(strategy, [n for n, _ in model.named_parameters()])
-    if strategy == "fc":
-        return FinetunePlan(strategy, _names(model, _is_head))
-    if strategy == "fc_gn":
-        return FinetunePlan(strategy, _names(model, _is_head_or_norm))
-    if strategy == "fc_gn_conv":
-        masks = _top_magnitude_masks(model, conv_fraction)
-        names = set(_names(model, _is_head_or_norm)) | set(masks)
-        ordered = [n for n, _ in model.named_parameters() if n in names]
-        return FinetunePlan(strategy, ordered, masks)
-    raise FinetuneError(f"finetune.strategy '{strategy}' unknown; choose full, fc, fc_gn or fc_gn_conv.")
+    if strategy not in STRATEGIES:
+        raise FinetuneError(f"finetune.strategy '{strategy}' unknown; choose one of {', '.join(STRATEGIES)}.")
+    return STRATEGIES[strategy](model, conv_fraction)
 
 
 def apply_plan(model: nn.Module, plan: FinetunePlan, prefix: str = "") -> list[nn.Parameter]:

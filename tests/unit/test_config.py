@@ -127,6 +127,12 @@ def test_the_refused_strategies_are_exactly_the_data_dependent_ones_partition_of
     assert set(C.CHOICES["partition.strategy"]) == {*STRATEGIES, "by_subject"}
 
 
+def test_config_offers_exactly_the_registered_finetune_strategies():
+    from pipeline.core.finetune import STRATEGIES
+
+    assert C.CHOICES["finetune.strategy"] == C.CHOICES["baselines.dp_strategy"] == tuple(STRATEGIES)
+
+
 def test_every_shipped_run_config_loads():
     from pathlib import Path
 
