@@ -88,7 +88,11 @@ class MlflowServer:
     def stop(self) -> None:
         if self.proc is not None:
             os.killpg(self.proc.pid, 15)
-            self.proc.wait(timeout=30)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a loaded machine: its workers did not finish in time
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait(timeout=30)
             self.proc = None
 
 
@@ -387,17 +391,19 @@ def run_chaos(requests: int, faults: int, seed: int, controls: bool, rate_per_s:
             if controls:
                 out["controls"] = run_controls(run, config, name, server.uri, accepted)
         finally:
-            if prober is not None:
-                prober.stop_event.set()
-            ray.shutdown()
-            cluster.shutdown()
-            server.stop()
-            proxy.close()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            try:
+                if prober is not None:
+                    prober.stop_event.set()
+                ray.shutdown()
+                cluster.shutdown()
+                server.stop()
+                proxy.close()
+            finally:  # the caller's environment comes back even when a shutdown step fails
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
     out["seconds"] = round(time.monotonic() - started, 1)
     return out
 

@@ -149,6 +149,24 @@ def _leave_cluster_clean(ray, timeout_s: float = 20.0) -> None:
         time.sleep(0.2)
 
 
+@pytest.fixture(scope="module")
+def one_multi_process_cluster_at_a_time():
+    """Held for a whole module, host-wide (a file lock): the chaos test's multi-node cluster and the
+    ray-job test's `ray start --head` never run side by side on two pytest-xdist workers. Run side
+    by side on 2 cores, the head's raylet once exited mid-job (its dashboard agent exited with code
+    0; the cause was not found), so the second waits for the first."""
+    import fcntl
+    import tempfile
+    from pathlib import Path
+
+    with open(Path(tempfile.gettempdir()) / "dpsisa-tests-own-cluster.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 @pytest.fixture(scope="session")
 def _shared_ray(s3_store):
     """Session scope; the S3 fixture starts first so that Ray's workers inherit its AWS variables."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import own_ray_cluster
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_multi_process_cluster_at_a_time")]
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "chaos.py"
 

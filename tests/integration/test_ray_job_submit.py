@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import own_ray_cluster
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_multi_process_cluster_at_a_time")]
 ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 
