@@ -211,16 +211,16 @@ class Config:
         return from_dict(merged)
 
 
+FINETUNE_STRATEGIES = ("full", "fc", "fc_gn", "fc_gn_conv")  # core.finetune.STRATEGIES (config stays torch-free)
 CHOICES = {
     "data.name": ("fashion_mnist", "digits", "mnist", "cifar10", "cifar100"),
     "model.name": ("gn_cnn", "resnet18_gn", "mlp"),
     "partition.strategy": ("uniform", "class_balanced", "kmeans", "by_subject"),
-    "finetune.strategy": ("full", "fc", "fc_gn", "fc_gn_conv"),  # core.finetune.STRATEGIES (config stays torch-free)
+    "finetune.strategy": FINETUNE_STRATEGIES,
     "privacy.accountant": ("prv", "rdp"),
     "train.device": ("auto", "cpu", "cuda"),
-    "baselines.dp_strategy": ("full", "fc", "fc_gn", "fc_gn_conv"),
+    "baselines.dp_strategy": FINETUNE_STRATEGIES,
 }
-
 
 UNITS = ("sample", "subject")
 
