@@ -35,6 +35,7 @@ from pipeline.core.train import ShardTrainer, predict_proba  # noqa: E402
 from pipeline.data import datasets  # noqa: E402
 from pipeline.data.partition import partition  # noqa: E402
 from pipeline.evaluation import attacks
+from pipeline.logs import show as show_messages  # noqa: E402
 
 
 def ensemble(config, data, model, device) -> tuple[np.ndarray, np.ndarray]:
@@ -77,9 +78,10 @@ def main() -> None:
                         help="grid: the monolithic row and the strategy × ε × S grid; partitions: the partition comparison")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    show_messages()  # the verbs' progress on stderr (stdout: one JSON object)
     base = config_mod.load(args.config, args.overrides)
     data = datasets.load(base.data)
-    model, _ = pretrained_model(base, data, log=lambda m: print(m, file=sys.stderr))
+    model, _ = pretrained_model(base, data)
     rows = []
 
     def run(**overrides) -> None:

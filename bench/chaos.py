@@ -159,10 +159,10 @@ class Prober(threading.Thread):
             self.loads += 1
             self.served_erased += bool(holds(json.loads(version.tags.get("dpsisa.shard_versions", "[]")), done))
         done = done_first_versions(self.run_dir.ledger())
-        answer = self._bounded(lambda: runs.serve(self.run_dir, self.x, log=lambda m: None), what="predict")
+        answer = self._bounded(lambda: runs.serve(self.run_dir, self.x), what="predict")
         if answer is not None:
             self.predicts += 1
-            self.served_erased += bool(holds(answer["model_versions"], done))
+            self.served_erased += bool(holds(answer.model_versions, done))
 
     def run(self) -> None:
         import mlflow
@@ -232,7 +232,7 @@ def check(run, name: str, tracking_uri: str, accepted: dict[str, float], verify:
         "duplicated": duplicated,
         "registry_versions_loadable_with_erased_data": loadable,
         "receipts_missing": sum(1 for rid, s in status.items() if s == "done" and receipts.read(run, rid) is None),
-        "verify_exact": bool(runs.verify(run, all_shards=True, log=lambda m: None)["exact"]) if verified else None,
+        "verify_exact": bool(runs.verify(run, all_shards=True).exact) if verified else None,
         "p50_accept_to_done_s": round(float(np.percentile(seconds, 50)), 2) if seconds else None,
         "p99_accept_to_done_s": round(float(np.percentile(seconds, 99)), 2) if seconds else None,
     }
@@ -289,7 +289,7 @@ def run_chaos(requests: int, faults: int, seed: int, controls: bool, rate_per_s:
                 f"tracking.uri={server.uri}", "partition.strategy=by_subject", "ray.idle_close_s=600"])
             run = RunDir(f"{store.bucket_uri}/chaos-{uuid.uuid4().hex[:8]}/run")
             log(f"training {run.uri}")
-            runs.train(config, run, log=lambda m: None)
+            runs.train(config, run)
             name = registry.model_name(config, run)
             subjects = sorted(set(run.ledger().assignments().to_pandas()["subject_id"]))
             chosen = rng.sample(subjects, min(requests, len(subjects)))
@@ -346,7 +346,7 @@ def run_chaos(requests: int, faults: int, seed: int, controls: bool, rate_per_s:
 
                     def submit(subject=subject, box=box):
                         try:
-                            box["rid"] = runs.submit(run, None, log=lambda m: None, subjects=[subject])["request_id"]
+                            box["rid"] = runs.submit(run, None, subjects=[subject]).request_id
                         except Exception as exc:  # noqa: BLE001 - refused while storage is down: retried below
                             box["error"] = exc
 
@@ -377,7 +377,7 @@ def run_chaos(requests: int, faults: int, seed: int, controls: bool, rate_per_s:
                     break
                 try:  # a request a lost cluster left behind: the run's next command (this one) finishes it
                     runs.request_status(run, next(iter(r for r in accepted if run.ledger().status_of(r) != "done")),
-                                        wait=True, log=lambda m: None, timeout_s=60)
+                                        wait=True, timeout_s=60)
                 except Exception:  # noqa: BLE001
                     time.sleep(2)
             prober.stop_event.set()
@@ -416,7 +416,7 @@ def run_controls(run, config, name: str, tracking_uri: str, accepted: dict[str, 
     table = run.ledger().assignments().to_pandas()
     taken = set(run.ledger().requests().to_pandas()["subject_id"].dropna())
     subject = sorted(set(table["subject_id"]) - taken)[0]
-    with coordinator.Session(run, config, log=lambda m: None, keep_alive=True, observer=NoEraseObserver()) as session:
+    with coordinator.Session(run, config, keep_alive=True, observer=NoEraseObserver()) as session:
         rid = session.submit_batch([sorted(run.ledger().subjects_to_ids([subject])[subject])])[0]
         session.wait(rid, [], time.perf_counter())
     coordinator.stop(run, config)

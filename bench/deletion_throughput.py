@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import config as config_mod  # noqa: E402
+from pipeline.logs import show as show_messages  # noqa: E402
 from pipeline.sisa import cluster
 from pipeline.storage.rundir import RunDir  # noqa: E402
 from pipeline.verbs import runs  # noqa: E402
@@ -60,13 +61,13 @@ def coalesced(run: RunDir, subjects: list[str], rate_per_hour: float, seed: int)
             time.sleep(delay)
         else:
             late.append(-delay)
-        submitted.append(runs.submit(run, None, log=lambda m: None, subjects=[subject])["request_id"])
+        submitted.append(runs.submit(run, None, subjects=[subject]).request_id)
         if (k + 1) % max(1, len(subjects) // 20) == 0:
             log(f"  submitted {k + 1}/{len(subjects)} ({len(run.ledger().pending())} pending)")
     deadline = time.monotonic() + 3600
     while run.ledger().pending() and time.monotonic() < deadline:
         time.sleep(1.0)
-    runs.request_status(run, submitted[-1], wait=True, log=lambda m: None)  # (raises if it cannot finish)
+    runs.request_status(run, submitted[-1], wait=True)  # (raises if it cannot finish)
     table = run.ledger().requests().to_pandas()
     table = table[table["request_id"].isin(submitted)]
     per_request = table.groupby("request_id").agg(requested=("requested_at", "min"), completed=("completed_at", "max"))
@@ -85,7 +86,7 @@ def coalesced(run: RunDir, subjects: list[str], rate_per_hour: float, seed: int)
 def one_at_a_time(run: RunDir, subjects: list[str]) -> dict:
     seconds = []
     for k, subject in enumerate(subjects):
-        seconds.append(runs.forget(run, None, log=lambda m: None, subjects=[subject]).seconds)
+        seconds.append(runs.forget(run, None, subjects=[subject]).seconds)
         log(f"  one at a time {k + 1}/{len(subjects)}: {seconds[-1]:.1f}s")
     return {"requests": len(seconds), "requests_per_hour": round(3600 / statistics.mean(seconds), 1),
             "p50_seconds": round(_quantile(seconds, 0.5), 2), "p99_seconds": round(_quantile(seconds, 0.99), 2)}
@@ -102,10 +103,11 @@ def main() -> None:
     parser.add_argument("--partitions", default="uniform,by_subject")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    show_messages()  # the verbs' progress on stderr (stdout: one JSON object)
     stdout, sys.stdout = sys.stdout, sys.stderr  # stdout: the one JSON object (Ray forwards worker output to sys.stdout)
     config = config_mod.load(args.config, [f"shards.count={args.shards}", f"shards.slices={args.slices}",
                                            "tracking.enabled=false", *args.overrides])
-    cluster.connect(config.ray, log)
+    cluster.connect(config.ray)
     out: dict = {"benchmark": "deletion_throughput", "dataset": config.data.name, "shards": args.shards,
                  "slices": args.slices, "strategy": config.finetune.strategy, "epsilon": config.privacy.epsilon,
                  "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count()}}
@@ -113,7 +115,7 @@ def main() -> None:
     for partition in args.partitions.split(","):
         run = RunDir(root / partition)
         log(f"== {partition}: training S={args.shards}, R={args.slices} (kept warm)")
-        trained = runs.train(config.with_overrides({"partition.strategy": partition}), run, keep_alive=True, log=log)
+        trained = runs.train(config.with_overrides({"partition.strategy": partition}), run, keep_alive=True)
         chosen = _subjects(run, args.requests + args.serial_requests, config.seed)
         log(f"== {partition}: {args.requests} requests at {args.rate:g}/h, coalesced")
         result = {"full_train_seconds": round(trained["full_train_seconds"], 1),
@@ -123,8 +125,8 @@ def main() -> None:
         result["one_at_a_time"] = one_at_a_time(run, chosen[args.requests:])
         result["throughput_ratio"] = round(result["coalesced"]["requests_per_hour"]
                                            / result["one_at_a_time"]["requests_per_hour"], 1)
-        result["verify_exact"] = runs.verify(run, log=lambda m: None)["exact"]
-        runs.stop(run, log=lambda m: None)
+        result["verify_exact"] = runs.verify(run).exact
+        runs.stop(run)
         out[partition] = result
     out["note"] = ("2-core CPU machine: the driver, the run's coordinator and S shard actors share the cores; "
                    "a shard replays once for every request waiting for it, from the earliest slice any of them hit.")

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline import config as config_mod  # noqa: E402
+from pipeline.logs import show as show_messages  # noqa: E402
 from pipeline.storage.rundir import RunDir  # noqa: E402
 from pipeline.verbs import runs  # noqa: E402
 
@@ -64,13 +65,13 @@ def pick_targets(run_dir, slice_index: int, trials: int, shards: int, seed: int)
 
 
 def measure(config, run_dir, slice_index: int, trials: int, warmup: int) -> dict:
-    trained = runs.train(config, run_dir, keep_alive=True, log=log)
+    trained = runs.train(config, run_dir, keep_alive=True)
     rows = []
     try:
         targets = pick_targets(run_dir, slice_index, warmup + trials, config.shards.count, config.seed)
         for n, target in enumerate(targets):
             started = time.perf_counter()
-            result = runs.forget(run_dir, [target], log=log)
+            result = runs.forget(run_dir, [target])
             verb = time.perf_counter() - started
             shard, shard_s = max(result.shard_seconds.items(), key=lambda kv: kv[1])
             overhead = result.seconds - shard_s
@@ -83,7 +84,7 @@ def measure(config, run_dir, slice_index: int, trials: int, warmup: int) -> dict
                              "seconds": result.seconds, "shard_seconds": shard_s, "overhead": overhead,
                              "fraction": overhead / max(shard_s, 1e-9), "verb": verb})
     finally:
-        runs.stop(run_dir, log=log)
+        runs.stop(run_dir)
 
     def col(key: str, digits: int = 3) -> list:
         return [round(r[key], digits) if isinstance(r[key], float) else r[key] for r in rows]
@@ -113,6 +114,7 @@ def main() -> None:
     parser.add_argument("--slice", type=int, default=-1, help="slice the forgotten ids come from (-1: the last)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    show_messages()  # the verbs' progress on stderr (stdout: one JSON object)
     stdout, sys.stdout = sys.stdout, sys.stderr  # stdout: the one JSON object (Ray forwards worker output to sys.stdout)
     config = config_mod.load(args.config, ["shards.count=2", "shards.slices=3", "tracking.enabled=false", *args.overrides])
     slices = config.shards.slices

@@ -22,6 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import config as config_mod  # noqa: E402
+from pipeline.logs import show as show_messages  # noqa: E402
 from pipeline.storage.ledger import Ledger  # noqa: E402
 from pipeline.verbs import runs
 
@@ -32,10 +33,11 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    show_messages()  # the verbs' progress on stderr (stdout: one JSON object)
     config = config_mod.load(args.config, ["shards.count=5", "shards.slices=5", "tracking.enabled=false", *args.overrides])
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     run_dir = Path(tempfile.mkdtemp(prefix="dpsisa-bench-")) / "run"
-    trained = runs.train(config, run_dir, keep_alive=True, log=log)
+    trained = runs.train(config, run_dir, keep_alive=True)
     import ray
 
     cores_used = min(config.shards.count, int(ray.cluster_resources().get("CPU", 1)))
@@ -44,11 +46,11 @@ def main() -> None:
     walls, replayed = [], []
     for trial in range(args.trials):
         target = int(rng.choice(ids))
-        result = runs.forget(run_dir, [target], log=log).to_dict()
+        result = runs.forget(run_dir, [target]).to_dict()
         walls.append(result["seconds"])
         replayed.append(sum(result["slices_retrained"].values()))
         log(f"trial {trial + 1}/{args.trials}: id {target}: {result['seconds']:.2f}s, stages {result['slices_retrained']}")
-    runs.stop(run_dir, log=log)
+    runs.stop(run_dir)
     S, R = config.shards.count, config.shards.slices
     bound = S * 2 * R / (R + 1)
     median = statistics.median(walls)

@@ -92,24 +92,24 @@ def main() -> None:
     _count_reads()
     config = config_mod.load(str(ROOT / "jobs/configs/digits.yaml"), ["tracking.enabled=false", "partition.strategy=by_subject"])
     run = RunDir(Path(tempfile.mkdtemp(prefix="dpsisa-reads-run-")) / "run")
-    runs.train(config, run, keep_alive=True, log=lambda m: None)
+    runs.train(config, run, keep_alive=True)
     subjects = sorted(set(run.ledger().assignments()["subject_id"].to_pylist()))[: args.requests]
-    runs.forget(run, None, log=lambda m: None, subjects=[subjects[0]])  # warm: the coordinator has read its log once
+    runs.forget(run, None, subjects=[subjects[0]])  # warm: the coordinator has read its log once
     (folder / "on").mkdir()
     os.environ["DPSISA_BENCH_READS"] = str(folder / "on")
     started = time.monotonic()
     for subject in subjects[1:]:
         if args.mode == "wait":
-            runs.forget(run, None, log=lambda m: None, subjects=[subject])
+            runs.forget(run, None, subjects=[subject])
         else:
             os.environ["DPSISA_BENCH_READS"] = str(folder / "off")
-            rid = runs.submit(run, None, log=lambda m: None, subjects=[subject])["request_id"]
+            rid = runs.submit(run, None, subjects=[subject]).request_id
             while run.ledger().status_of(rid) != "done":
                 time.sleep(0.2)
             os.environ["DPSISA_BENCH_READS"] = str(folder / "on")
     seconds = time.monotonic() - started
     os.environ["DPSISA_BENCH_READS"] = str(folder / "off")
-    runs.stop(run, log=lambda m: None)
+    runs.stop(run)
     count = len(subjects) - 1
     reads = _tally(folder / "on")
     per_request = {name: {role: round(n / count, 1) for role, n in sorted(roles.items())} for name, roles in reads.items()}

@@ -52,7 +52,7 @@ def main() -> None:
         config = config_mod.load(args.config, [*args.overrides, *parse(spec)])
         model = models.build(config.model.name, data.input_shape, classes, config.model.width, pretrain.seed(config))
         start = time.perf_counter()
-        pretrain._fit(model, data.public.x, data.public.y, config, lambda m: None)
+        pretrain._fit(model, data.public.x, data.public.y, config)
         seconds = time.perf_counter() - start
         accuracy = None
         if classes == data.num_classes:  # the public model's head already predicts the private classes

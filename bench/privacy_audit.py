@@ -33,12 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _row(epsilon: str, config, args, out: Path) -> dict:
     started = time.perf_counter()
-    quiet = (lambda _: None)
-    one_run = audit.run_audit(config, args.canaries, log=quiet, run_dir=out / f"audit-eps-{epsilon}")
+    one_run = audit.run_audit(config, args.canaries, run_dir=out / f"audit-eps-{epsilon}")
     audit_seconds = time.perf_counter() - started
     target = out / f"lira-eps-{epsilon}"
-    trained = runs.train(config.with_overrides({"data.keep_half": 1}), target, log=quiet)
-    lira = runs.evaluate_run(target, log=quiet, reference_models=args.reference_models)["lira"]
+    trained = runs.train(config.with_overrides({"data.keep_half": 1}), target)
+    lira = runs.evaluate_run(target, reference_models=args.reference_models)["lira"]
     print(f"ε={epsilon}: bound {one_run['epsilon_lower_bound']:.3f}, LiRA offline TPR@0.1% "
           f"{lira['offline']['tpr_at_0_1pct_fpr']:.4f} ({time.perf_counter() - started:.0f}s)", file=sys.stderr)
     return {

@@ -57,7 +57,7 @@ class _ScaledNoise:
 
 def _row(label: str, config, canaries: int, out: Path, noise_scale: float = 1.0) -> dict:
     with _ScaledNoise(noise_scale):
-        result = audit_whitebox.run_whitebox_audit(config, canaries, run_dir=out / f"whitebox-{label}", log=lambda _: None)
+        result = audit_whitebox.run_whitebox_audit(config, canaries, run_dir=out / f"whitebox-{label}")
     row = {"row": label, "epsilon_target": config.privacy.epsilon, "noise_scale": noise_scale,
            **{k: result[k] for k in KEYS}}
     print(f"{label}: bound {row['epsilon_lower_bound']:.3f}, ideal {row['epsilon_lower_bound_ideal']}, "

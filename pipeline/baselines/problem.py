@@ -7,8 +7,8 @@ observe that one training run.
 """
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,6 +20,8 @@ from pipeline.core.pretrain import pretrained_model
 from pipeline.core.privacy import make_recipe
 from pipeline.data import datasets
 from pipeline.data.partition import partition
+
+logger = logging.getLogger(__name__)
 
 
 def original_config(config: Config) -> Config:
@@ -54,7 +56,7 @@ def choose_forget(n: int, labels: np.ndarray, num_classes: int, seed: int, count
     return np.sort(rng.choice(n, size=count, replace=False)).astype(np.int64)
 
 
-def load_problem(config: Config, log: Callable[[str], None] = print, count: int | None = None,
+def load_problem(config: Config, count: int | None = None,
                  fraction: float | None = None, forget_class: int | None = None,
                  data: datasets.Data | None = None) -> Problem:
     """Data, forget set, pretrained model, plan and recipe; the original is not trained yet."""
@@ -62,7 +64,7 @@ def load_problem(config: Config, log: Callable[[str], None] = print, count: int 
     data = data or datasets.load(config.data)
     n = len(data.private.y)
     forget = choose_forget(n, data.private.y, data.num_classes, config.seed, count, fraction, forget_class)
-    pretrained, _ = pretrained_model(config, data, log)
+    pretrained, _ = pretrained_model(config, data)
     order = partition(data.private.ids, data.private.y, 1, 1, "uniform", config.seed)["sample_id"]
     recipe = make_recipe(config, 0, [n])
     plan = plan_for(pretrained, "full")
@@ -90,14 +92,13 @@ class _Hooks:
         self.seconds += time.perf_counter() - start
 
 
-def train_original(problem: Problem, recorders: dict[str, Recorder] | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+def train_original(problem: Problem, recorders: dict[str, Recorder] | None = None) -> dict:
     """Train the original in place (`problem.original`); return timing (recording overhead apart)."""
     recorders = recorders or {}
     hooks = _Hooks(list(recorders.values())) if recorders else None
     trainer = problem.trainer()
     x, y = problem.x[problem.train_order], problem.y[problem.train_order]
-    log(f"original model: {problem.config.model.name} finetuned `full` on {len(y)} private ids "
+    logger.info(f"original model: {problem.config.model.name} finetuned `full` on {len(y)} private ids "
         f"({problem.config.train.epochs:g} epoch(s), recorders: {', '.join(recorders) or 'none'})")
     start = time.perf_counter()
     torch.manual_seed(problem.config.seed)

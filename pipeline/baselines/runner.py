@@ -8,8 +8,8 @@ in parallel on whatever the cluster has.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,8 @@ from pipeline.config import Config
 from pipeline.core.train import predict_logits, predict_proba
 from pipeline.sisa import cluster
 from pipeline.tracking import groups
+
+logger = logging.getLogger(__name__)
 
 ORACLE = "retrain"
 RETAIN_SAMPLE = 2000
@@ -107,10 +109,10 @@ def _retain_rows(problem: Problem) -> np.ndarray:
 class _Tasks:
     """Submit (method, seed) tasks to Ray and collect them as they finish, with progress."""
 
-    def __init__(self, log: Callable[[str], None]):
+    def __init__(self):
         import ray
 
-        self.ray, self.log = ray, log
+        self.ray = ray
         self.remote = ray.remote(num_cpus=1, max_retries=0)(run_method)
         self.pending: dict = {}
 
@@ -138,7 +140,7 @@ class _Tasks:
             result["tag"] = tag
             results.append(result)
             what = "unlearned" if result["role"] == "method" else "oracle trained"
-            self.log(f"  [{len(results)}/{total}] {name}{tag} seed {seed}: {what} in {result['run'].seconds:.1f}s")
+            logger.info(f"  [{len(results)}/{total}] {name}{tag} seed {seed}: {what} in {result['run'].seconds:.1f}s")
         return results
 
 
@@ -169,39 +171,39 @@ def _rows(results: list[dict], methods: list[str], seeds: list[int], labels: Lab
 def run_comparison(config: Config, out_dir: Path, methods: list[str], *, count: int | None = None,
                    fraction: float | None = None, forget_class: int | None = None, k: int = 2,
                    fractions: list[float] | None = None, permutations: int = 100,
-                   log: Callable[[str], None] = print) -> dict:
+                   ) -> dict:
     """The whole comparison; returns {"rows": [...], "original": {...}, "curve": [...], ...}."""
     if k < 1:
         raise BaselineError(f"--k must be at least 1 (runs per method and oracle retrains); got {k}.")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise BaselineError(f"{out_dir} is not empty; choose a new --out-dir.")
     started = time.perf_counter()
-    problem = load_problem(config, log, count, fraction, forget_class)  # refuses bad forget specs before any write
+    problem = load_problem(config, count, fraction, forget_class)  # refuses bad forget specs before any write
     out_dir.mkdir(parents=True, exist_ok=True)
     groups.start_group()  # the request passed its checks: the command's MLflow run shows as RUNNING from here
     problem.workdir = str(out_dir / "work")
     torch.set_num_threads(1)
     recorders = {n: r for n in methods if (r := get(n).recorder(problem)) is not None}
-    original_info = train_original(problem, recorders, log)
+    original_info = train_original(problem, recorders)
     records = {n: r.record() for n, r in recorders.items()}
     retain_rows = _retain_rows(problem)
     labels = _labels(problem, retain_rows)
     inputs = {"forget": torch.from_numpy(problem.x[problem.forget_ids]),
               "retain": torch.from_numpy(problem.x[retain_rows]), "test": torch.from_numpy(problem.x_test)}
     original = original_gap(_predictions([problem.original], inputs), labels, config.seed)
-    log(f"original: forget accuracy {original['forget_accuracy']:.3f} vs test {original['test_accuracy']:.3f} "
+    logger.info(f"original: forget accuracy {original['forget_accuracy']:.3f} vs test {original['test_accuracy']:.3f} "
         f"(gap {original['gap_points']:+.1f} points), MIA AUC on the forget set {original['mia_auc']:.3f}")
 
     import ray
 
-    cluster.connect(config.ray, log)
+    cluster.connect(config.ray)
     problem_ref = ray.put(problem)
     record_refs = {n: ray.put(records.get(n)) for n in set(methods) | {ORACLE}}
     seeds = [config.seed + i for i in range(k)]
     oracle_seeds = oracle_seeds_for(seeds)
     exact = [n for n in methods if independent(n)]
-    tasks = _Tasks(log)
-    log(f"running {len(methods)} method(s) × {k} seed(s) + {k} oracle retrain(s) + {len(exact)} exact row oracle(s) "
+    tasks = _Tasks()
+    logger.info(f"running {len(methods)} method(s) × {k} seed(s) + {k} oracle retrain(s) + {len(exact)} exact row oracle(s) "
         f"× {k} independent seed(s) as Ray tasks ...")
     tasks.submit_rows(problem_ref, methods, seeds, oracle_seeds, record_refs, retain_rows)
     results = tasks.gather()
@@ -209,7 +211,7 @@ def run_comparison(config: Config, out_dir: Path, methods: list[str], *, count: 
     shared = [r for r in results if r["method"] == ORACLE and r["role"] == "method"]
     oracle = {key: float(np.mean([accuracies(r["run"].probs, labels)[key] for r in shared]))
               for key in ("forget_accuracy", "retain_accuracy", "test_accuracy")}
-    curve = _curve(problem, methods, fractions, record_refs, log) if fractions else []
+    curve = _curve(problem, methods, fractions, record_refs) if fractions else []
     return {"rows": rows, "original": {**original, **original_info, "samples": int(len(problem.train_order))},
             "oracle": {"name": ORACLE, **oracle},
             "forget": {"count": int(len(problem.forget_ids)), "fraction": fraction, "class": forget_class},
@@ -222,15 +224,14 @@ def run_comparison(config: Config, out_dir: Path, methods: list[str], *, count: 
             "total_seconds": time.perf_counter() - started}
 
 
-def _curve(problem: Problem, methods: list[str], fractions: list[float], record_refs: dict,
-           log: Callable[[str], None]) -> list[dict]:
+def _curve(problem: Problem, methods: list[str], fractions: list[float], record_refs: dict) -> list[dict]:
     """Deletion-rate curve: one seed per (fraction, method), same original, each fraction its own forget set."""
     import ray
 
     seed = problem.config.seed
     curve_methods = [m for m in methods if METHODS[m].family != "certified"]
-    tasks, labels = _Tasks(log), {}
-    log(f"deletion-rate curve: fractions {fractions} × {len(curve_methods)} method(s) ...")
+    tasks, labels = _Tasks(), {}
+    logger.info(f"deletion-rate curve: fractions {fractions} × {len(curve_methods)} method(s) ...")
     for f in fractions:
         forget = choose_forget(len(problem.y), problem.y, problem.num_classes, seed, fraction=f)
         variant = dataclasses.replace(problem, forget_ids=forget)

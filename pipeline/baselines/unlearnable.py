@@ -12,8 +12,9 @@ inputs, so x_norm + δ / std is what they are fed, and the returned noise is in 
 """
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,8 @@ from pipeline.config import Config
 from pipeline.core.models import build
 from pipeline.core.train import resolve_device, stage_seed
 from pipeline.data import datasets
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_FRACTIONS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 STOP_ACCURACY = 0.99  # Huang et al.'s stop condition: error of the noise model on x + δ below 1%
@@ -68,7 +71,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 def error_minimizing_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budget: float, steps: int, rounds: int, *,
                            mean: Sequence[float], std: Sequence[float], optimizer: torch.optim.Optimizer, batch_size: int,
                            generator: torch.Generator, train_steps: int = TRAIN_STEPS, stop_accuracy: float = STOP_ACCURACY,
-                           log: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+                           ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Sample-wise error-minimizing noise δ (one per row of x) by the min-min bi-level search of
     Huang et al. 2021, min_θ E[min_{‖δ‖∞≤ε} CE(f_θ(x + δ), y)], exactly as their reference code:
 
@@ -119,8 +122,7 @@ def error_minimizing_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, b
             p.requires_grad_(flag)
         facts.update(rounds=r + 1, train_accuracy=accuracy(model, x + delta, y), loss=_loss(model, x + delta, y),
                      clean_loss=_loss(model, x, y))
-        if log:
-            log(f"unlearnable noise round {r + 1}/{rounds}: accuracy on x+δ {facts['train_accuracy']:.4f}, "
+        logger.info(f"unlearnable noise round {r + 1}/{rounds}: accuracy on x+δ {facts['train_accuracy']:.4f}, "
                 f"CE on x+δ {facts['loss']:.4f} vs on clean x {facts['clean_loss']:.4f}")
         if facts["train_accuracy"] >= stop_accuracy:
             break
@@ -166,7 +168,7 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
     return out
 
 
-def run_unlearnable(config: Config, fractions: Sequence[float] = DEFAULT_FRACTIONS, log: Callable[[str], None] = print,
+def run_unlearnable(config: Config, fractions: Sequence[float] = DEFAULT_FRACTIONS,
                     data: datasets.Data | None = None, random_control: bool = True) -> dict[str, Any]:
     """Seed 002's experiment: how much does an unlearnable part Du spoil (or not) a model trained
     from scratch on Dc ∪ Du, compared with one trained on the clean part Dc alone?
@@ -191,7 +193,7 @@ def run_unlearnable(config: Config, fractions: Sequence[float] = DEFAULT_FRACTIO
     x_test = torch.from_numpy(np.array(data.test.x, np.float32)).to(device)
     y_test = torch.from_numpy(np.asarray(data.test.y, np.int64)).to(device)
     n, shape = len(y), data.input_shape
-    log(f"unlearnable examples on {data.name}: {n} private, {len(y_test)} test samples, ε = {b.unlearnable_budget:.5f} pixels")
+    logger.info(f"unlearnable examples on {data.name}: {n} private, {len(y_test)} test samples, ε = {b.unlearnable_budget:.5f} pixels")
 
     start = time.perf_counter()
     noise_model = build(config.model.name, shape, data.num_classes, config.model.width, stage_seed(config.seed, 0, 0, "noise/init"))
@@ -199,9 +201,10 @@ def run_unlearnable(config: Config, fractions: Sequence[float] = DEFAULT_FRACTIO
     generator = torch.Generator().manual_seed(stage_seed(config.seed, 0, 0, "noise/search"))
     delta, facts = error_minimizing_noise(noise_model, x, y, b.unlearnable_budget, b.unlearnable_steps, b.unlearnable_rounds,
                                           mean=mean, std=std, optimizer=_optimiser(noise_model, config),
-                                          batch_size=config.train.batch_size, generator=generator, log=log)
+                                          batch_size=config.train.batch_size, generator=generator)
     noise_seconds = time.perf_counter() - start
-    log(f"noise made in {noise_seconds:.1f}s ({facts['rounds']} rounds), noise model accuracy on x+δ {facts['train_accuracy']:.4f}")
+    logger.info(f"noise made in {noise_seconds:.1f}s ({facts['rounds']} rounds), noise model accuracy on x+δ "
+                f"{facts['train_accuracy']:.4f}")
 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(stage_seed(config.seed, 0, 0, "unlearnable/subset")))
     rows = []
@@ -226,7 +229,7 @@ def run_unlearnable(config: Config, fractions: Sequence[float] = DEFAULT_FRACTIO
                "seconds": time.perf_counter() - t0}
         rows.append(row)
         shown = "n/a (Dc empty)" if clean_acc is None else f"{clean_acc:.4f}"
-        log(f"fraction {f:.2f}: |Du| {n_u}, |Dc| {n - n_u}; test accuracy Dc only {shown}, "
+        logger.info(f"fraction {f:.2f}: |Du| {n_u}, |Dc| {n - n_u}; test accuracy Dc only {shown}, "
             f"Dc+Du {with_acc:.4f} ({row['seconds']:.1f}s)")
 
     out: dict[str, Any] = {"rows": rows, "budget": b.unlearnable_budget, "steps": b.unlearnable_steps,
@@ -240,6 +243,6 @@ def run_unlearnable(config: Config, fractions: Sequence[float] = DEFAULT_FRACTIO
         u = torch.rand(x.shape, generator=g).to(device)
         noisy = x + torch.maximum(torch.minimum((2 * u - 1) * b.unlearnable_budget / _channel(std, x), hi), lo)
         out["random_noise_accuracy"] = accuracy(train_from_scratch(config, noisy, y, shape, data.num_classes), x_test, y_test)
-        log(f"control: all {n} private samples with uniform random noise of the same budget → test accuracy "
+        logger.info(f"control: all {n} private samples with uniform random noise of the same budget → test accuracy "
             f"{out['random_noise_accuracy']:.4f}")
     return out

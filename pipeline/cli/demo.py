@@ -2,14 +2,16 @@
 erasure requests, verify, track (the attacks: `dpsisa evaluate`, printed at the end)."""
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from pipeline import config as config_mod
 from pipeline.verbs import runs
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "fmnist.yaml"
 DEMO_DEFAULTS = ["partition.strategy=by_subject"]  # a person's samples in one shard and one slice: ε per person (privacy.unit)
@@ -35,21 +37,20 @@ def _shard_of(run: runs.RunDir, subject: str) -> int:
     return int(table.loc[table["subject_id"] == subject, "shard"].iloc[0])
 
 
-def demo(config_path: str | None, overrides: list[str], run_dir: str | None, log: Callable[[str], None],
-         out=None) -> dict:
+def demo(config_path: str | None, overrides: list[str], run_dir: str | None, out=None) -> dict:
     defaults = DEMO_DEFAULTS + (DEFAULT_CONFIG_DEMO if config_path is None else [])
     config = config_mod.load(config_path or DEFAULT_CONFIG, [*defaults, *overrides])
     path = runs.resolve_run_dir(run_dir, config)
-    log(f"== 1/4 train: {config.shards.count} shards × {config.shards.slices} slices, {config.finetune.strategy}, "
+    logger.info(f"== 1/4 train: {config.shards.count} shards × {config.shards.slices} slices, {config.finetune.strategy}, "
         f"ε={config.privacy.epsilon}, δ={config.privacy.delta}, partition {config.partition.strategy} → {path}")
-    trained = runs.train(config, path, keep_alive=True, log=log)  # warm coordinator and shard actors for what follows
-    log(f"   test accuracy {trained['accuracy']:.4f} (vote {trained['vote_accuracy']:.4f}), "
+    trained = runs.train(config, path, keep_alive=True)  # warm coordinator and shard actors for what follows
+    logger.info(f"   test accuracy {trained['accuracy']:.4f} (vote {trained['vote_accuracy']:.4f}), "
         f"full training {trained['full_train_seconds']:.1f}s")
 
     (person,) = _subjects(path, 1, config.seed, set())
-    log(f"== 2/4 erase data subject {person} (everything they own)")
-    forgot = runs.forget(path, None, log=log, subjects=[person]).to_dict()
-    log(f"   {forgot['ids']} sample(s): retrained shard(s) {forgot['shards_retrained']} from stage(s) {forgot['from_stage']}, "
+    logger.info(f"== 2/4 erase data subject {person} (everything they own)")
+    forgot = runs.forget(path, None, subjects=[person]).to_dict()
+    logger.info(f"   {forgot['ids']} sample(s): retrained shard(s) {forgot['shards_retrained']} from stage(s) {forgot['from_stage']}, "
         f"{forgot['seconds']:.1f}s vs full training {forgot['full_train_seconds']:.1f}s (×{forgot['speedup']:.1f}); "
         f"receipt {path.uri}/receipts/{forgot['request_id']}.json")
 
@@ -59,42 +60,42 @@ def demo(config_path: str | None, overrides: list[str], run_dir: str | None, log
     half = BURST // 2
     burst = sorted(_subjects(path, half, config.seed + 1, {person}, [home])
                    + _subjects(path, BURST - half, config.seed + 2, {person}, [other]))
-    log(f"== 3/4 a burst of {BURST} erasure requests, one per subject (subjects of shards {sorted({home, other})}), "
+    logger.info(f"== 3/4 a burst of {BURST} erasure requests, one per subject (subjects of shards {sorted({home, other})}), "
         f"submitted at once: {burst}")
     started = time.perf_counter()
-    submitted = [r["request_id"] for r in runs.submit(path, None, log=lambda m: None, subjects=burst, each=True)["requests"]]
-    answers = [runs.request_status(path, rid, wait=True, log=lambda m: None) for rid in submitted]
+    submitted = [r.request_id for r in runs.submit(path, None, subjects=burst, each=True).requests]
+    answers = [runs.request_status(path, rid, wait=True) for rid in submitted]
     burst_seconds = time.perf_counter() - started
-    replays = sorted({(int(shard), entry["new_version"]) for a in answers for shard, entry in a["receipt"]["shards"].items()})
-    batches = sorted({tuple(a["receipt"]["batch"]) for a in answers}, key=len)
-    log(f"   {BURST} requests applied by {len(replays)} shard replay(s) {replays} (shard, new version): "
+    replays = sorted({(int(shard), entry["new_version"]) for a in answers for shard, entry in a.receipt["shards"].items()})
+    batches = sorted({tuple(a.receipt["batch"]) for a in answers}, key=len)
+    logger.info(f"   {BURST} requests applied by {len(replays)} shard replay(s) {replays} (shard, new version): "
         f"requests waiting for the same shard were coalesced, in groups of {[len(b) for b in batches]}; "
         f"{burst_seconds:.1f}s")
 
-    log("== 4/4 verify: retrain the touched shards from scratch without the erased samples, compare bit for bit")
-    verified = runs.verify(path, log=log)
-    status = runs.status(path, log=lambda m: None)
-    epsilon = [s["epsilon"] for s in status["shards"]]  # each shard's live version
-    runs.stop(path, log=lambda m: None)
+    logger.info("== 4/4 verify: retrain the touched shards from scratch without the erased samples, compare bit for bit")
+    verified = runs.verify(path)
+    status = runs.status(path)
+    epsilon = [s.epsilon for s in status.shards]  # each shard's live version
+    runs.stop(path)
     uri = __import__("pipeline.tracking.mlflow_runs", fromlist=["x"]).tracking_uri(config)
     print("\n".join([
         "",
         "dpsisa demo summary",
         f"  run directory        {path}",
-        f"  test accuracy        {trained['accuracy']:.4f} before erasing, {verified['unlearning']['test_accuracy']:.4f} after",
-        f"  privacy              ε ≤ {max(e or 0 for e in epsilon):.3f} per {status['privacy_unit']}, per shard "
+        f"  test accuracy        {trained['accuracy']:.4f} before erasing, {verified.unlearning['test_accuracy']:.4f} after",
+        f"  privacy              ε ≤ {max(e or 0 for e in epsilon):.3f} per {status.privacy['privacy_unit']}, per shard "
         f"(target {config.privacy.epsilon}, δ={config.privacy.delta})" if config.privacy.epsilon else
         "  privacy              no DP",
         f"  erased one subject   {forgot['ids']} samples → shard {forgot['shards_retrained']} replayed from stage "
         f"{list(forgot['from_stage'].values())} in {forgot['seconds']:.1f}s (full training "
         f"{forgot['full_train_seconds']:.1f}s, ×{forgot['speedup']:.1f}; {forgot['work_fraction']:.0%} of the training work)",
         f"  burst                {BURST} subjects → {len(replays)} shard replays (coalesced), {burst_seconds:.1f}s",
-        f"  unlearning exact     {verified['exact']} (shards checked {verified['shards_checked']}; "
-        f"{verified['receipts_verified']} receipts stamped)",
+        f"  unlearning exact     {verified.exact} (shards checked {verified.shards_checked}; "
+        f"{verified.receipts_verified} receipts stamped)",
         f"  receipts             {path.uri}/receipts/",
         f"  attacks              dpsisa evaluate --run-dir {path.uri}   (membership inference; --attack lira)",
         f"  MLflow               mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)",
     ]), file=out, flush=True)
     burst_result = {"requests": submitted, "batches": [list(b) for b in batches], "replays": replays, "seconds": burst_seconds}
-    return {"train": trained, "forget": forgot, "burst": burst_result, "verify": verified, "epsilon": epsilon,
-            "privacy_unit": status["privacy_unit"]}
+    return {"train": trained, "forget": forgot, "burst": burst_result, "verify": verified.to_dict(), "epsilon": epsilon,
+            "privacy_unit": status.privacy["privacy_unit"]}

@@ -33,58 +33,6 @@ def human_eval(m: dict) -> str:
     return text
 
 
-def human_forget(r: dict) -> str:
-    return (f"request {r['request_id']}: forgot {r['ids']} id(s); retrained shard(s) {r['shards_retrained']} "
-            f"(stages replayed {r['slices_retrained']}) in {r['seconds']:.1f}s vs full training "
-            f"{r['full_train_seconds']:.1f}s (speed-up ×{r['speedup']:.1f}; {r['work_fraction']:.0%} of the training work replayed)")
-
-
-def human_submitted(r: dict) -> str:
-    def follow(request_id: str) -> str:
-        return f"`dpsisa request --run-dir {r['run_dir']} --id {request_id} --wait`"
-
-    if "requests" in r:
-        return "\n".join([f"{len(r['requests'])} requests recorded as pending ({r['ids']} id(s)); follow one with {follow('ID')}",
-                          *(f"  request {x['request_id']}: subject {x['subject']}, {x['ids']} id(s)" for x in r["requests"])])
-    return f"request {r['request_id']}: {r['ids']} id(s) recorded as pending; follow it with {follow(r['request_id'])}"
-
-
-def human_subject(r: dict) -> str:
-    lines = [f"subject {r['subject']}: {len(r['samples'])} sample(s), {'all erased' if r['erased'] else 'not (all) erased'}"]
-    for x in r["samples"]:
-        saw = x["versions_that_saw_it"]
-        lines.append(f"  id {x['sample_id']}: shard {x['shard']} slice {x['slice']}, {x['status']}"
-                     + (f" (request {x['request_id']})" if x["request_id"] else "")
-                     + f"; versions that saw it: {saw[0]}..{saw[-1]}; live version {x['live_version']}")
-    return "\n".join(lines)
-
-
-def human_verify(v: dict) -> str:
-    lines = [f"{'EXACT' if v['exact'] else 'NOT EXACT'}: shard(s) {v['shards_checked']} equal a from-scratch "
-             "retraining without the forgotten ids" + ("" if v["exact"] else " — MISMATCH")]
-    lines += [f"  shard {s['shard']} v{s['version']}: exact={s['exact']} ({s['forgotten']} forgotten)"
-              + (f" mismatches {s['mismatches'][:3]}" if s["mismatches"] else "") for s in v["shards"]]
-    u = v.get("unlearning")
-    if u:
-        forget = "n/a" if u["forget_accuracy"] is None else f"{u['forget_accuracy']:.3f}"
-        lines.append(f"  yardstick: forget-set accuracy {forget}, retain {u['retain_accuracy']:.3f}, test {u['test_accuracy']:.4f} "
-                     f"(oracle {u['oracle_test_accuracy']:.4f}), KL(live ‖ oracle) {u['kl_to_oracle']:.3g}")
-    return "\n".join(lines)
-
-
-def human_status(s: dict) -> str:
-    applied = f", {len(s['applied'])} applied (registry pending)" if s.get("applied") else ""
-    lines = [f"run {s['run_dir']}: {len(s['done'])} done{applied}, {len(s['pending'])} pending forget request(s)"]
-    for sh in s["shards"]:
-        eps = "no DP" if sh["epsilon"] is None else (
-            f"ε {sh['epsilon']:.3f} per release (cumulative over its {sh['releases']} releases {sh['epsilon_cumulative']:.3f}"
-            + (": above the per-release target because each release is a new mechanism)"
-               if s["epsilon_target"] is not None and sh["epsilon_cumulative"] > s["epsilon_target"] else ")"))
-        lines.append(f"  shard {sh['shard']}: v{sh['version']}, {sh['samples']} samples, "
-                     f"{sh['forgotten']} forgotten, {eps}")
-    return "\n".join(lines)
-
-
 def human_score(r: dict) -> str:
     retrained = r["retrained"]
 

@@ -7,21 +7,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pipeline.cli.formatters as formatters  # (not `from pipeline.cli import`: that is the package, which imports this module)
 from pipeline import config as config_mod
+from pipeline.logs import show as show_messages
+
+logger = logging.getLogger(__name__)
 
 EXIT_USAGE, EXIT_INPUT, EXIT_FAILURE = 2, 3, 4
-
-
-def _log(quiet: bool) -> Callable[[str], None]:
-    def log(message: str) -> None:
-        if not quiet:
-            print(message, file=sys.stderr, flush=True)
-    return log
 
 
 def _ids(args: argparse.Namespace) -> list[int]:
@@ -49,8 +46,12 @@ def _subjects(args: argparse.Namespace) -> list[str]:
 _RESULT = [sys.stdout]  # the command's result (the demo's summary too) goes to the real stdout, set by main()
 
 
-def _print(result: dict, as_json: bool, human: Callable[[dict], str]) -> None:
-    print(json.dumps(result, default=str) if as_json else human(result), file=_RESULT[0], flush=True)
+def _print(result, as_json: bool, human: Callable[[dict], str] | None = None) -> None:
+    """A verb's result on stdout: one JSON object with --json, else its human summary (a typed result's
+    own `human`, or `human(dict)` for the verbs that return metric dicts)."""
+    payload = result.to_dict() if hasattr(result, "to_dict") else result
+    text = json.dumps(payload, default=str) if as_json else (human(payload) if human is not None else result.human())
+    print(text, file=_RESULT[0], flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -58,9 +59,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = config_mod.load(args.config, args.overrides)
     run_dir = runs.resolve_run_dir(args.run_dir, config)
-    log = _log(args.quiet)
-    log(f"run directory: {run_dir}")
-    summary = runs.train(config, run_dir, keep_alive=args.keep_alive, log=log)
+    logger.info(f"run directory: {run_dir}")
+    summary = runs.train(config, run_dir, keep_alive=args.keep_alive)
     _print(summary, args.json, lambda m: f"trained {run_dir} in {m['full_train_seconds']:.1f}s: " + formatters.human_eval(m))
 
 
@@ -73,20 +73,19 @@ def cmd_forget(args: argparse.Namespace) -> None:
         raise runs.RunError("--each (one request per subject) needs --subject/--subjects-file and --no-wait; follow each "
                        "request with `dpsisa request --id ID --wait`.")
     if args.no_wait:
-        submitted = runs.submit(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects, each=args.each)
-        _print(submitted, args.json, formatters.human_submitted)
+        submitted = runs.submit(runs.resolve_run_dir(args.run_dir), ids, subjects=subjects, each=args.each)
+        _print(submitted, args.json)
         return
-    result = runs.forget(runs.resolve_run_dir(args.run_dir), ids, _log(args.quiet), subjects=subjects, timeout_s=args.timeout)
-    _print(result.to_dict(), args.json, formatters.human_forget)
+    result = runs.forget(runs.resolve_run_dir(args.run_dir), ids, subjects=subjects, timeout_s=args.timeout)
+    _print(result, args.json)
 
 
 def cmd_request(args: argparse.Namespace) -> None:
     from pipeline.verbs import runs
 
-    result = runs.request_status(runs.resolve_run_dir(args.run_dir), args.id, wait=args.wait, log=_log(args.quiet),
+    result = runs.request_status(runs.resolve_run_dir(args.run_dir), args.id, wait=args.wait,
                                  timeout_s=args.timeout)
-    _print(result, args.json, lambda r: f"request {r['request_id']}: {r['status']} ({r['ids']} id(s))"
-           + (f"; new versions {({s: e['new_version'] for s, e in r['receipt']['shards'].items()})}" if r["receipt"] else ""))
+    _print(result, args.json)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -97,16 +96,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise UserError("--attack lira needs --reference-models K (K ≥ 2; online LiRA needs K ≥ 4).")
     if args.attack != "lira" and (args.reference_models is not None or args.reference_dir is not None):
         raise UserError("--reference-models and --reference-dir go with --attack lira.")
-    _print(runs.evaluate_run(runs.resolve_run_dir(args.run_dir), _log(args.quiet), reference_models=args.reference_models,
+    _print(runs.evaluate_run(runs.resolve_run_dir(args.run_dir), reference_models=args.reference_models,
                              reference_dir=args.reference_dir), args.json, formatters.human_eval)
 
 
 def cmd_verify(args: argparse.Namespace) -> None:
     from pipeline.verbs import runs
 
-    result = runs.verify(runs.resolve_run_dir(args.run_dir), args.all, _log(args.quiet))
-    _print(result, args.json, formatters.human_verify)
-    if not result["exact"]:
+    result = runs.verify(runs.resolve_run_dir(args.run_dir), args.all)
+    _print(result, args.json)
+    if not result.exact:
         sys.exit(EXIT_FAILURE)
 
 
@@ -117,9 +116,9 @@ def cmd_status(args: argparse.Namespace) -> None:
         from pipeline.data.subject_lists import parse_subjects
 
         (subject,) = parse_subjects(args.subject, source="--subject")[:1]
-        _print(runs.subject_status(runs.resolve_run_dir(args.run_dir), subject), args.json, formatters.human_subject)
+        _print(runs.subject_status(runs.resolve_run_dir(args.run_dir), subject), args.json)
         return
-    _print(runs.status(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json, formatters.human_status)
+    _print(runs.status(runs.resolve_run_dir(args.run_dir)), args.json)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -132,26 +131,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
         images = np.load(path, allow_pickle=False)  # never unpickle a user's file
     except (OSError, ValueError) as exc:
         raise runs.RunError(f"--input {path} is not a readable .npy array ({exc}); save images with numpy.save.") from None
-    result = runs.serve(runs.resolve_run_dir(args.run_dir), images, _log(args.quiet))
-    counts = np.bincount(result["predictions"])
-
-    def human(r: dict) -> str:
-        shown = 20
-        lines = [f"{len(r['predictions'])} prediction(s) from shard versions {r['model_versions']}"
-                 + (f"; pending requests {r['pending_requests']}" if r["pending_requests"] else "")]
-        lines += [f"  {i}: class {c} (p={r['probabilities'][i][c]:.3f})" for i, c in enumerate(r["predictions"][:shown])]
-        if len(r["predictions"]) > shown:
-            lines.append(f"  … {len(r['predictions']) - shown} more (--json prints all); per class {counts.tolist()}")
-        return "\n".join(lines)
-
-    _print(result, args.json, human)
+    _print(runs.serve(runs.resolve_run_dir(args.run_dir), images), args.json)
 
 
 def cmd_stop(args: argparse.Namespace) -> None:
     from pipeline.verbs import runs
 
-    _print(runs.stop(runs.resolve_run_dir(args.run_dir), _log(args.quiet)), args.json,
-           lambda r: f"stopped {r['actors_stopped']} actor(s) (coordinator and shards) of {r['run_dir']}")
+    _print(runs.stop(runs.resolve_run_dir(args.run_dir)), args.json)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -159,9 +145,8 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     config = config_mod.load(args.config, args.overrides)
     out_dir = runs.resolve_local_dir(args.out_dir or f"scores/{runs.resolve_local_dir(None, config).name}")
-    log = _log(args.quiet)
-    log(f"scoring SISA unlearning in {out_dir}")
-    _print(scoring.run_score(config, out_dir, args.k, args.forget_count, permutations=args.permutations, log=log),
+    logger.info(f"scoring SISA unlearning in {out_dir}")
+    _print(scoring.run_score(config, out_dir, args.k, args.forget_count, permutations=args.permutations),
            args.json, formatters.human_score)
 
 
@@ -174,11 +159,10 @@ def cmd_baselines(args: argparse.Namespace) -> None:
     methods = runner.parse_methods(args.methods)
     fractions = runner.parse_fractions(args.forget_fractions)
     out_dir = runs.resolve_local_dir(args.out_dir or f"baselines/{runs.resolve_local_dir(None, config).name}")
-    log = _log(args.quiet)
-    log(f"comparing {len(methods)} unlearning method(s) in {out_dir}")
+    logger.info(f"comparing {len(methods)} unlearning method(s) in {out_dir}")
     with groups.group("baselines", config, out_dir) as run:
         result = runner.run_comparison(config, out_dir, methods, count=args.forget, fraction=args.forget_fraction,
-                                       forget_class=args.forget_class, k=args.k, fractions=fractions, log=log)
+                                       forget_class=args.forget_class, k=args.k, fractions=fractions)
         paths = report.write(result, out_dir)
         result["mlflow_run_id"] = report.log_mlflow(run, result, paths)
     _print(result, args.json, report.format_table)
@@ -192,7 +176,7 @@ def cmd_unlearnable(args: argparse.Namespace) -> None:
     from pipeline.baselines.runner import parse_fractions
 
     fractions = unlearnable.check_fractions(parse_fractions(args.fractions, "--fractions", closed=True))
-    _print(unlearnable.run_unlearnable(config, fractions, log=_log(args.quiet)), args.json, format_unlearnable)
+    _print(unlearnable.run_unlearnable(config, fractions), args.json, format_unlearnable)
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
@@ -206,11 +190,11 @@ def cmd_audit(args: argparse.Namespace) -> None:
     run_dir = runs.resolve_local_dir(args.run_dir or f"audits/{runs.resolve_local_dir(None, config).name}")
     if args.white_box:
         canaries = audit_whitebox.DEFAULT_CANARIES if args.canaries is None else args.canaries
-        result = audit_whitebox.run_whitebox_audit(config, canaries, run_dir=run_dir, log=_log(args.quiet))
+        result = audit_whitebox.run_whitebox_audit(config, canaries, run_dir=run_dir)
         _print(result, args.json, audit_whitebox.format_whitebox_audit)
         return
     canaries = audit.DEFAULT_CANARIES if args.canaries is None else args.canaries
-    result = audit.run_audit(config, canaries, log=_log(args.quiet), run_dir=run_dir, compare_clean=not args.skip_clean)
+    result = audit.run_audit(config, canaries, run_dir=run_dir, compare_clean=not args.skip_clean)
     _print(result, args.json, audit.format_audit)
 
 
@@ -225,7 +209,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from pipeline.cli.demo import demo
 
-    demo(args.config, args.overrides, args.run_dir, _log(False), out=_RESULT[0])
+    demo(args.config, args.overrides, args.run_dir, out=_RESULT[0])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -331,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parser().parse_args(argv)
     _RESULT[0], sys.stdout = sys.stdout, sys.stderr  # stdout: the result alone; Ray's forwarded worker output → stderr
+    show_messages(lambda: sys.stderr, logging.WARNING if getattr(args, "quiet", False) else logging.INFO)  # progress
     try:
         args.func(args)
     except UserError as exc:

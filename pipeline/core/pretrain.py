@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from pipeline.core.augment import augment
 from pipeline.core.checkpoints import load_torch, save_torch
 from pipeline.data.datasets import Data
 from pipeline.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 class PretrainError(UserError, ValueError):
@@ -51,7 +54,7 @@ def cache_key(config: Config, data: Data, model: torch.nn.Module) -> str:
     return digest(*parts)
 
 
-def _fit(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, config: Config, log) -> None:
+def _fit(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, config: Config) -> None:
     p = config.pretrain
     gen = torch.Generator().manual_seed(seed(config))
     xs, ys = torch.from_numpy(x), torch.from_numpy(y)
@@ -70,7 +73,7 @@ def _fit(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, config: Config, l
             optimizer.step()
             schedule.step()
             total += loss.item() * len(idx)
-        log(f"  pretrain epoch {epoch + 1}/{p.epochs}: loss {total / len(xs):.4f} ({time.perf_counter() - start:.1f}s)")
+        logger.info(f"  pretrain epoch {epoch + 1}/{p.epochs}: loss {total / len(xs):.4f} ({time.perf_counter() - start:.1f}s)")
 
 
 def source_task(config: Config, data: Data) -> tuple[np.ndarray, np.ndarray]:
@@ -87,7 +90,7 @@ def source_task(config: Config, data: Data) -> tuple[np.ndarray, np.ndarray]:
     return data.public.x[keep], head_index[data.public.y[keep]]
 
 
-def public_model(config: Config, data: Data, log=print) -> tuple[models.Classifier, dict]:
+def public_model(config: Config, data: Data) -> tuple[models.Classifier, dict]:
     """The public model with its own source head (one output per source class, in `source_classes`
     order): loaded from cache, or pretrained (no DP: public data) on the source task and cached."""
     classes = source_classes(config, data)
@@ -97,13 +100,13 @@ def public_model(config: Config, data: Data, log=print) -> tuple[models.Classifi
     info = {"cache_key": key, "path": str(path), "cached": path.is_file(), "source_classes": classes}
     if path.is_file():
         model.load_state_dict(load_torch(path))
-        log(f"pretrained model: cache hit {path}")
+        logger.info(f"pretrained model: cache hit {path}")
     else:
         x, y = source_task(config, data)
-        log(f"pretraining {config.model.name} on {len(y)} public samples of {len(classes)} classes "
+        logger.info(f"pretraining {config.model.name} on {len(y)} public samples of {len(classes)} classes "
             f"({config.pretrain.epochs} epochs, cached at {path}) ...")
         start = time.perf_counter()
-        _fit(model, x, y, config, log)
+        _fit(model, x, y, config)
         info["seconds"] = time.perf_counter() - start
         save_torch(path, model.state_dict())
     return model.eval(), info
@@ -122,9 +125,9 @@ def for_target(source: models.Classifier, config: Config, data: Data) -> models.
     return model.eval()
 
 
-def pretrained_model(config: Config, data: Data, log=print) -> tuple[models.Classifier, dict]:
+def pretrained_model(config: Config, data: Data) -> tuple[models.Classifier, dict]:
     """The public model for the private task (`public_model`, then `for_target`)."""
-    source, info = public_model(config, data, log)
+    source, info = public_model(config, data)
     return for_target(source, config, data), info
 
 

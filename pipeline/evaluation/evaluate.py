@@ -31,8 +31,10 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
 def metrics_from_probs(probs: np.ndarray, labels: np.ndarray) -> dict:
     """(S, N, C) constituent softmax outputs → ensemble and per-shard accuracy."""
     mean, vote = aggregate(probs)
+    correct = int((mean.argmax(axis=1) == labels).sum())
     return {
         "accuracy": accuracy(mean.argmax(axis=1), labels),
+        "accuracy_ci": list(attacks.clopper_pearson(correct, len(labels))),  # 95%, exact binomial over the test set
         "vote_accuracy": accuracy(vote, labels),
         "shard_accuracy": [accuracy(p.argmax(axis=1), labels) for p in probs],
         "ece": expected_calibration_error(mean, labels),

@@ -1,6 +1,7 @@
 """Connecting to Ray: a running cluster (ray job submit, `ray start --head`) or a local one."""
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -10,12 +11,14 @@ from pipeline.config import RayConfig
 from pipeline.errors import UserError
 from pipeline.storage.paths import in_ray_job  # noqa: F401  (cluster.in_ray_job kept for callers)
 
+logger = logging.getLogger(__name__)
+
 
 class ClusterError(UserError, RuntimeError):
     """The Ray cluster cannot run this configuration; the message says what to change."""
 
 
-def connect(config: RayConfig, log=print) -> bool:
+def connect(config: RayConfig) -> bool:
     """Join the cluster named by ray.address / RAY_ADDRESS, else start a local one.
     Returns True when this process started a local cluster (it dies with the process)."""
     if ray.is_initialized():
@@ -31,14 +34,14 @@ def connect(config: RayConfig, log=print) -> bool:
             raise ClusterError(f"cannot connect to the Ray cluster at {address} ({exc.__class__.__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else ''}); start one with `ray start --head` "
                                "or unset RAY_ADDRESS / ray.address to run on a local one.") from None
-        log(f"connected to Ray cluster at {address}")
+        logger.info(f"connected to Ray cluster at {address}")
         return False
     # Ray joins the cluster named in /tmp/ray/ray_current_cluster if there is one; a stale entry (that
     # cluster's processes are gone) would make it wait for minutes: then start a fresh local one.
     recorded = _recorded_cluster()
     stale = recorded is not None and not _listening(recorded)
     ray.init(address="local" if stale else None, num_cpus=config.num_cpus, include_dashboard=False, **common)
-    log(f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
+    logger.info(f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
         f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
     return True
 

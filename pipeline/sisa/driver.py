@@ -8,6 +8,7 @@ engine, also inside a Tune trial; it owns the ensemble after training.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from pipeline.errors import RecoverableError
 from pipeline.sisa import cluster
 from pipeline.sisa.shard import Shard
 from pipeline.storage.rundir import RunDir, open_run
+
+logger = logging.getLogger(__name__)
 
 Placement = PlacementGroup  # a Tune trial's placement group: where a trial's coordinator and shards run
 
@@ -176,15 +179,14 @@ class Ensemble:
 
     # -- construction: reuse (coordinator.attach), reserve (ShardLayout.reserve), spawn -------
     @classmethod
-    def start(cls, run: RunDir, config: Config, recipes: list[dict], placement: PlacementGroup | None = None,
-              log: Callable = print) -> Ensemble:
+    def start(cls, run: RunDir, config: Config, recipes: list[dict], placement: PlacementGroup | None = None) -> Ensemble:
         """Reserve one bundle per shard (or share a Tune trial's `placement`) and spawn the actors."""
         own = placement is None
         layout = ShardLayout.for_placement(config, placement)
         if own:
             placement = layout.reserve()
         actors = spawn_shards(run, config, recipes, layout, placement, own)
-        log(f"started {len(actors)} shard actors (CPU {layout.resources.cpus}, GPU {layout.resources.gpus} each)")
+        logger.info(f"started {len(actors)} shard actors (CPU {layout.resources.cpus}, GPU {layout.resources.gpus} each)")
         return cls(run, config, actors, placement if own else None)
 
     @classmethod
@@ -213,18 +215,18 @@ class Ensemble:
         cpus = ray.cluster_resources().get("CPU", 1.0)
         return max(1, int(cpus // max(1, self.config.train.threads)))
 
-    def _gather(self, refs: dict, what: str, log: Callable | None = None, progress: StageProgress | None = None) -> dict:
-        """Wait for every ref (ref → shard), reporting progress (and, with `progress`, each shard's
-        finished stages while it works); a dead actor becomes a ShardFailure."""
-        return self._run(dict(refs), [], what, log, progress)
+    def _gather(self, refs: dict, what: str, report: bool = False, progress: StageProgress | None = None) -> dict:
+        """Wait for every ref (ref → shard), logging each shard's end with `report` (and, with
+        `progress`, each shard's finished stages while it works); a dead actor becomes a ShardFailure."""
+        return self._run(dict(refs), [], what, report, progress)
 
-    def _limited(self, calls: dict[int, Callable], what: str, log: Callable | None = None,
+    def _limited(self, calls: dict[int, Callable], what: str, report: bool = False,
                  progress: StageProgress | None = None) -> dict:
         """Like `_gather` for `shard → call()` (each returns a ref), started as earlier ones
         finish, at most `parallel` at a time."""
-        return self._run({}, list(calls.items()), what, log, progress)
+        return self._run({}, list(calls.items()), what, report, progress)
 
-    def _run(self, pending: dict, queued: list, what: str, log: Callable | None, progress: StageProgress | None) -> dict:
+    def _run(self, pending: dict, queued: list, what: str, report: bool, progress: StageProgress | None) -> dict:
         total, limit = len(pending) + len(queued), self.parallel if queued else len(pending)
         results, start = {}, time.perf_counter()
         while pending or queued:
@@ -241,8 +243,8 @@ class Ensemble:
                 results[shard] = self.result(shard, ref, what)
                 if progress is not None:  # the result carries every record: none is lost between polls
                     progress.report(shard, results[shard].get("progress", []))
-                if log is not None:
-                    log(f"  {what}: shard {shard} done ({len(results)}/{total}, {time.perf_counter() - start:.1f}s)")
+                if report:
+                    logger.info(f"  {what}: shard {shard} done ({len(results)}/{total}, {time.perf_counter() - start:.1f}s)")
         return results
 
     @staticmethod
@@ -261,9 +263,9 @@ class Ensemble:
     def _progress(self, job: str, on_stage: OnStage | None) -> StageProgress | None:
         return None if on_stage is None else StageProgress(self.actors, job, on_stage)
 
-    def fit(self, log: Callable = print, on_stage: OnStage | None = None) -> dict[int, dict]:
+    def fit(self, on_stage: OnStage | None = None) -> dict[int, dict]:
         """Train every shard; `on_stage(shard, record)` sees each finished stage while training goes on."""
-        return self._limited({s: a.fit.remote for s, a in enumerate(self.actors)}, "train", log,
+        return self._limited({s: a.fit.remote for s, a in enumerate(self.actors)}, "train", True,
                             self._progress("fit", on_stage))
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
@@ -283,9 +285,9 @@ class Ensemble:
         """(N, C) mean-softmax output of the ensemble (what is served)."""
         return self.predict_proba(x).mean(axis=0)
 
-    def verify(self, shards: list[int], x_eval: np.ndarray | None = None, log: Callable = print) -> dict[int, dict]:
+    def verify(self, shards: list[int], x_eval: np.ndarray | None = None) -> dict[int, dict]:
         ref = None if x_eval is None else ray.put(x_eval)
-        return self._limited({s: partial(self.actors[s].verify.remote, ref) for s in shards}, "verify", log)
+        return self._limited({s: partial(self.actors[s].verify.remote, ref) for s in shards}, "verify", True)
 
     def status(self) -> dict[int, dict]:
         return self._gather({a.status.remote(): s for s, a in enumerate(self.actors)}, "status")

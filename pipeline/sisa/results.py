@@ -44,6 +44,14 @@ class ForgetResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def human(self) -> str:
+        text = (f"request {self.request_id}: forgot {self.ids} id(s); retrained shard(s) {self.shards_retrained} "
+                f"(stages replayed {self.slices_retrained}) in {self.seconds:.1f}s")
+        if self.full_train_seconds is not None:
+            text += (f" vs full training {self.full_train_seconds:.1f}s (speed-up ×{self.speedup:.1f}; "
+                     f"{self.work_fraction:.0%} of the training work replayed)")
+        return text
+
 
 @dataclass
 class ShardStatus:

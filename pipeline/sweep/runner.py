@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -16,10 +16,13 @@ import ray
 from ray import tune
 
 from pipeline.evaluation import plots
+from pipeline.logs import show as show_messages
 from pipeline.sisa import cluster
 from pipeline.sweep.mlflow_runs import ChildRunCallback, SweepTracking, open_parent
 from pipeline.sweep.spec import SweepError, SweepSpec, load_spec, trial_bundles, trial_config
 from pipeline.sweep.trial import run_trial, trial_metrics, trial_resources
+
+logger = logging.getLogger(__name__)
 
 
 def max_concurrent_trials(spec: SweepSpec, resources: dict[str, float]) -> int:
@@ -34,7 +37,7 @@ def max_concurrent_trials(spec: SweepSpec, resources: dict[str, float]) -> int:
     return spec.max_concurrent_trials or max(1, fits)
 
 
-def warm_pretrain_cache(spec: SweepSpec, log: Callable) -> None:
+def warm_pretrain_cache(spec: SweepSpec) -> None:
     """Pretrain each distinct public model once, here, so concurrent trials never train the same one twice."""
     from pipeline.core.pretrain import pretrained_model
     from pipeline.data import datasets
@@ -47,7 +50,7 @@ def warm_pretrain_cache(spec: SweepSpec, log: Callable) -> None:
         seen.add(key)
         if config.data not in loaded:
             loaded[config.data] = datasets.load(config.data)
-        pretrained_model(config, loaded[config.data], log)
+        pretrained_model(config, loaded[config.data])
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
@@ -56,14 +59,14 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
             "repeat": tune.grid_search(list(range(spec.num_samples)))}
 
 
-def _tuner(spec: SweepSpec, parent: SweepTracking | None, restore: bool, log: Callable) -> tune.Tuner:
+def _tuner(spec: SweepSpec, parent: SweepTracking | None, restore: bool) -> tune.Tuner:
     trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec), partial(trial_resources, spec))
     tune_dir = spec.storage_path / "tune"
     if restore:
-        log(f"resuming sweep {spec.name} from {tune_dir} (errored trials start over)")
+        logger.info(f"resuming sweep {spec.name} from {tune_dir} (errored trials start over)")
         return tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
     concurrency = max_concurrent_trials(spec, ray.cluster_resources())
-    log(f"sweep {spec.name}: {len(spec.points())} trials, at most {concurrency} at once, in {spec.storage_path}")
+    logger.info(f"sweep {spec.name}: {len(spec.points())} trials, at most {concurrency} at once, in {spec.storage_path}")
     return tune.Tuner(trainable, param_space=param_space(spec),
                       tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
                       run_config=tune.RunConfig(name="tune", storage_path=str(spec.storage_path), verbose=1,
@@ -109,31 +112,28 @@ def _publish(spec: SweepSpec, table: pd.DataFrame, parent: SweepTracking | None,
     return out
 
 
-def run_sweep(sweep_config_path: str | Path, overrides: list[str] | None = None, resume: bool = False,
-              log: Callable = print) -> dict:
+def run_sweep(sweep_config_path: str | Path, overrides: list[str] | None = None, resume: bool = False) -> dict:
     """Run (or, with resume, continue) a sweep; returns parent_run_id, table rows, best, storage_path, errors."""
     spec = load_spec(sweep_config_path, overrides)
     tune_dir = spec.storage_path / "tune"
     restore = resume and tune.Tuner.can_restore(str(tune_dir))
     if resume and not restore:
-        log(f"nothing to resume in {tune_dir}; starting the sweep")
+        logger.info(f"nothing to resume in {tune_dir}; starting the sweep")
     elif not restore and tune_dir.exists():
         raise SweepError(f"{spec.storage_path} already holds sweep '{spec.name}'; pass --resume to continue it, or set "
                          "name / storage_path in the sweep file (or delete that directory) to start a new one.")
-    cluster.connect(spec.base_config.ray, log)
-    warm_pretrain_cache(spec, log)
+    cluster.connect(spec.base_config.ray)
+    warm_pretrain_cache(spec)
     parent = open_parent(spec, restore)
-    results = _tuner(spec, parent, restore, log).fit()
+    results = _tuner(spec, parent, restore).fit()
     rows, errors, unfinished = _collect(spec, results, parent)
     table = plots.summary_table(rows)
     best = plots.best_per_cell(table)
     out = _publish(spec, table, parent, "KILLED" if unfinished else "FAILED" if errors else "FINISHED")
-    log(f"sweep {spec.name}: {len(rows)} trial(s) done, {len(errors)} failed, {len(unfinished)} unfinished; "
+    logger.info(f"sweep {spec.name}: {len(rows)} trial(s) done, {len(errors)} failed, {len(unfinished)} unfinished; "
         f"table and plots in {out}")
-    log(plots.format_table(table))
-    log("best strategy per (shards, ε):\n" + plots.format_best(best))
     for error in errors:
-        log(f"trial {error['trial_id']} failed: {error['error']}")
+        logger.warning(f"trial {error['trial_id']} failed: {error['error']}")
     return {"parent_run_id": parent.parent_run_id if parent else None, "table": table.to_dict("records"), "best": best,
             "storage_path": str(spec.storage_path), "errors": errors, "unfinished": unfinished}
 
@@ -148,10 +148,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     """Run the sweep for parsed arguments; returns the exit status (4 when trials failed)."""
-    log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else print
-    result = run_sweep(args.config, args.overrides, args.resume, log)
+    result = run_sweep(args.config, args.overrides, args.resume)
     if args.json:
         print(json.dumps(result, default=str))
+    else:
+        print(plots.format_table(plots.summary_table(result["table"])))
+        print("best strategy per (shards, ε):\n" + plots.format_best(result["best"]))
     if result["errors"] or result["unfinished"]:
         print(f"dpsisa sweep: {len(result['errors'])} trial(s) failed, {len(result['unfinished'])} unfinished; "
               "rerun with --resume to retry them.", file=sys.stderr)
@@ -166,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dpsisa sweep", description="Ray Tune sweep of whole dpsisa experiments.")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    show_messages()  # progress on stderr
     try:
         status = command(args)
     except UserError as exc:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import ray
 from ray import tune
 
+from pipeline.logs import show as show_messages
 from pipeline.storage.ledger import Ledger
 from pipeline.sweep.spec import SweepSpec, trial_bundles, trial_config, trial_dir
 from pipeline.verbs import runs
@@ -35,6 +37,8 @@ def _max_epsilon(summary: dict) -> float | None:
 # metric name → how to read it from an evaluate summary (absent values are skipped)
 EVALUATION_METRICS: dict[str, Callable[[dict], Any]] = {
     "accuracy": lambda s: s.get("accuracy"),
+    "accuracy_ci_low": lambda s: (s.get("accuracy_ci") or [None])[0],  # 95%, exact binomial over the test set
+    "accuracy_ci_high": lambda s: (s.get("accuracy_ci") or [None, None])[1],
     "vote_accuracy": lambda s: s.get("vote_accuracy"),
     "ece": lambda s: s.get("ece"),
     "epsilon_spent_max": _max_epsilon,
@@ -74,22 +78,20 @@ def run_trial(point: dict[str, Any], spec: SweepSpec) -> None:
     run_dir = trial_dir(spec, trial_id)
     shutil.rmtree(run_dir, ignore_errors=True)  # a retried (resumed) trial starts over
 
-    def log(message: str) -> None:
-        print(f"[{trial_id}] {message}", flush=True)
-
+    show_messages(lambda: sys.stdout, prefix=f"[{trial_id}] ")  # this trial's progress, forwarded by Ray
     placement = ray.util.get_current_placement_group()
-    trained = runs.train(config, run_dir, log=log, placement=placement)
+    trained = runs.train(config, run_dir, placement=placement)
     doomed = Ledger(run_dir).sample_ids(spec.forget_count, config.seed) if spec.forget_count else None
-    with held(run_dir, log, placement):  # one coordinator (and shard actors) for the three verbs below
+    with held(run_dir, placement):  # one coordinator (and shard actors) for the three verbs below
         # before forgetting, the ids to forget are attacked as `mia_forgotten` (still members)
-        metrics = {**evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement, probe_ids=doomed)),
+        metrics = {**evaluation_metrics(runs.evaluate_run(run_dir, placement=placement, probe_ids=doomed)),
                    "full_train_seconds": float(trained["full_train_seconds"])}
         if trained.get("public_accuracy") is not None:  # what the private data bought: accuracy − public_accuracy
             metrics["public_accuracy"] = float(trained["public_accuracy"])
         if doomed:
-            forgot = runs.forget(run_dir, doomed, log, placement=placement)
+            forgot = runs.forget(run_dir, doomed, placement=placement)
             metrics.update(forget_metrics(forgot.to_dict()))
-            metrics.update(evaluation_metrics(runs.evaluate_run(run_dir, log, placement=placement), AFTER))
+            metrics.update(evaluation_metrics(runs.evaluate_run(run_dir, placement=placement), AFTER))
     tune.report(metrics)
 
 

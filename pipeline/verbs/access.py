@@ -4,7 +4,7 @@ through the run's coordinator (`opened`), and the MLflow bookkeeping that hangs 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 
@@ -82,16 +82,16 @@ def log_backlog(config: Config, run: RunDir) -> int:
 
 
 @contextmanager
-def opened(run_dir, log: Callable = print, placement: Placement | None = None, complete_pending: bool = True,
+def opened(run_dir, placement: Placement | None = None, complete_pending: bool = True,
            timeout_s: float | None = None) -> Iterator[tuple[Config, RunData, Ensemble, coordinator.Session]]:
     """Config, lazily loaded data and the run's live ensemble: its coordinator's shard actors (warm
     when kept alive; in a Tune trial's placement group with `placement`). Pending requests a crash
     left are completed first (and logged to MLflow)."""
     run = open_run(run_dir)
     config = run.config()
-    cluster.connect(config.ray, log)
+    cluster.connect(config.ray)
     data = RunData(config)
-    with coordinator.Session(run, config, log, observer=RegistryObserver(), timeout_s=timeout_s,
+    with coordinator.Session(run, config, observer=RegistryObserver(), timeout_s=timeout_s,
                              placement=placement) as session:
         if complete_pending:
             _log_completed(config, run, session.complete_pending())
@@ -100,12 +100,12 @@ def opened(run_dir, log: Callable = print, placement: Placement | None = None, c
 
 
 @contextmanager
-def held(run_dir, log: Callable = print, placement: Placement | None = None) -> Iterator[None]:
+def held(run_dir, placement: Placement | None = None) -> Iterator[None]:
     """Keep the run's coordinator and its shard actors up across the verbs run inside: each verb
     attaches to it instead of starting one and closing it when done (a Tune trial's evaluate →
     forget → evaluate start one coordinator, not three). Held by a client, not kept alive: it
     closes when this block ends, like after any other last client."""
-    with opened(run_dir, log, placement=placement, complete_pending=False):
+    with opened(run_dir, placement=placement, complete_pending=False):
         yield
 
 

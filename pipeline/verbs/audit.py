@@ -20,8 +20,8 @@ removed).
 """
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +37,8 @@ from pipeline.evaluation import audit_bound, audit_ideal
 from pipeline.storage.rundir import open_run
 from pipeline.tracking import groups
 from pipeline.verbs import runs
+
+logger = logging.getLogger(__name__)
 
 ATTACK = "loss"  # log-probability of the canary's wrong label under the mean-softmax ensemble
 CLEAN_RUN = "clean"  # sub-directory of the comparison run without canaries
@@ -99,16 +101,17 @@ def _load_canary_data(config: Config, canaries: int) -> tuple[Config, datasets.D
 
 
 @groups.grouped("audit", out_dir="run_dir")
-def run_audit(config: Config, canaries: int, log: Callable[[str], None] = print, run_dir: Path | None = None,
+def run_audit(config: Config, canaries: int, run_dir: Path | None = None,
               compare_clean: bool = True) -> dict:
     """Train `config` once with `canaries` canaries, attack them, and bound ε from below (see module docstring)."""
     started = time.perf_counter()
     audit_config, data = _load_canary_data(config, canaries)
     pool = data.canaries
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config, canaries)
-    log(f"audit: {pool.count} canaries (wrong labels; {int(pool.included.sum())} trained on, chosen by fair coins) in {run_dir}")
-    summary = runs.train(audit_config, run_dir, log=log)
-    probs = runs.predict(run_dir, {"canaries": pool.x}, log=log)["canaries"]
+    logger.info(f"audit: {pool.count} canaries (wrong labels; {int(pool.included.sum())} trained on, chosen by fair coins) "
+                f"in {run_dir}")
+    summary = runs.train(audit_config, run_dir)
+    probs = runs.predict(run_dir, {"canaries": pool.x})["canaries"]
     scores = canary_scores(probs, pool.label)
     delta = audit_config.privacy.delta
     bound = audit_bound.best_bound(scores, pool.included, delta)
@@ -119,9 +122,9 @@ def run_audit(config: Config, canaries: int, log: Callable[[str], None] = print,
     clean_dir, clean_accuracy = None, None
     if compare_clean:
         clean_dir = run_dir / CLEAN_RUN
-        log(f"audit: training the same config without canaries for comparison in {clean_dir}")
+        logger.info(f"audit: training the same config without canaries for comparison in {clean_dir}")
         clean_config = audit_config.with_overrides({"data.canaries": 0, "data.test_limit": int(len(data.test.y))})
-        clean_accuracy = runs.train(clean_config, clean_dir, log=log)["accuracy"]
+        clean_accuracy = runs.train(clean_config, clean_dir)["accuracy"]
     result = AuditResult(
         epsilon_lower_bound=bound.epsilon_lower_bound,
         epsilon_lower_bound_ceiling=audit_ideal.ceiling(pool.count, epsilon, delta),

@@ -16,8 +16,8 @@ test of the excluded canaries' scores against the recorded σ.
 """
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +35,8 @@ from pipeline.data.partition import partition
 from pipeline.evaluation import audit_bound, audit_ideal
 from pipeline.evaluation.gradient_canaries import GradientCanaries
 from pipeline.tracking import groups
+
+logger = logging.getLogger(__name__)
 
 SHARD = 0
 DEFAULT_CANARIES = 1000
@@ -96,11 +98,11 @@ def canary_scores(projections: np.ndarray, recipe: Recipe, rates: np.ndarray) ->
 
 
 @groups.grouped("audit", out_dir="run_dir")
-def run_whitebox_audit(config: Config, canaries: int, run_dir: Path, log: Callable[[str], None] = print) -> dict:
+def run_whitebox_audit(config: Config, canaries: int, run_dir: Path) -> dict:
     """Train shard 0's model once with `canaries` gradient canaries and bound ε from below (module docstring)."""
     started = time.perf_counter()
     data = datasets.load(config.data)
-    model, _ = pretrained_model(config, data, log)
+    model, _ = pretrained_model(config, data)
     plan = plan_for(model, config.finetune.strategy, config.finetune.conv_fraction)
     named = dict(model.named_parameters())
     injection = GradientCanaries({n: tuple(named[n].shape) for n in plan.trainable}, plan.masks, canaries,
@@ -111,7 +113,7 @@ def run_whitebox_audit(config: Config, canaries: int, run_dir: Path, log: Callab
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     noise = f"σ={recipe.noise_multiplier:.3f}" if recipe.private else "no DP"
-    log(f"white-box audit: {canaries} gradient canaries ({int(injection.included.sum())} included) on shard {SHARD} "
+    logger.info(f"white-box audit: {canaries} gradient canaries ({int(injection.included.sum())} included) on shard {SHARD} "
         f"({sum(map(len, slices))} samples, {config.finetune.strategy}, {noise}) in {run_dir}")
     trainer = ShardTrainer(model, plan, recipe, config.seed, SHARD, resolve_device(config.train.device))
     by_subject = recipe.unit == "subject"

@@ -3,7 +3,6 @@ subject's status, and predictions of the live ensemble (`dpsisa predict`)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import numpy as np
 
@@ -16,9 +15,10 @@ from pipeline.storage.paths import resolve_run_dir
 from pipeline.storage.rundir import RunError
 from pipeline.tracking.release import RegistryObserver
 from pipeline.verbs.access import log_backlog, opened, worst_epsilon
+from pipeline.verbs.results import Predictions, RequestStatus, RunStatus, SubjectStatus
 
 
-def request_status(run_dir, request_id: str, wait: bool = False, log: Callable = print, timeout_s: float | None = None) -> dict:
+def request_status(run_dir, request_id: str, wait: bool = False, timeout_s: float | None = None) -> RequestStatus:
     """A request's status from the ledger and its receipt once done; with `wait`, until it is done
     (the run's coordinator is started if needed, and applies it)."""
     run = resolve_run_dir(run_dir)
@@ -28,21 +28,21 @@ def request_status(run_dir, request_id: str, wait: bool = False, log: Callable =
         raise RunError(f"no forget request {request_id} in {run.uri}; `dpsisa status --run-dir ... --json` lists them.")
     if wait and not (rows["status"] == "done").all():
         config = run.config()
-        cluster.connect(config.ray, log)
-        with coordinator.Session(run, config, log, observer=RegistryObserver(), timeout_s=timeout_s) as session:
+        cluster.connect(config.ray)
+        with coordinator.Session(run, config, observer=RegistryObserver(), timeout_s=timeout_s) as session:
             session.call("resume")
             session.wait(request_id, rows["sample_id"].tolist(), time.perf_counter())
         rows = run.ledger().requests().to_pandas()
         rows = rows[rows["request_id"] == request_id]
     status = next(st for st in STATUSES if (rows["status"] == st).any())  # the least advanced of its ids
     log_backlog(run.config(), run)
-    return {"run_dir": run.uri, "request_id": request_id, "status": status, "ids": int(len(rows)),
-            "requested_at": str(rows["requested_at"].min()), "receipt": receipts.read(run, request_id)}
+    return RequestStatus(run_dir=run.uri, request_id=request_id, status=status, ids=int(len(rows)),
+                         requested_at=str(rows["requested_at"].min()), receipt=receipts.read(run, request_id))
 
 
-def predict(run_dir, inputs: dict[str, np.ndarray], log: Callable = print) -> dict[str, np.ndarray]:
+def predict(run_dir, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """(N, C) ensemble probabilities of the live (unlearned) ensemble for each named input array."""
-    with opened(run_dir, log) as (_, _, ensemble, _):
+    with opened(run_dir) as (_, _, ensemble, _):
         return {name: ensemble.predict_mean(x) for name, x in inputs.items()}
 
 
@@ -59,22 +59,22 @@ def prepare_input(name: str, images: np.ndarray, input_shape: tuple[int, ...]) -
     return np.ascontiguousarray(images, dtype=np.float32)
 
 
-def serve(run_dir, images: np.ndarray, log: Callable = print) -> dict:
+def serve(run_dir, images: np.ndarray) -> Predictions:
     """`dpsisa predict`: classes and mean-softmax probabilities of the live ensemble, and the model
     version of every shard that made them. It does not wait for pending requests: each shard
     answers from its live version (a replay in progress commits first), and the answer lists the
     requests that were pending while it was made."""
     run = resolve_run_dir(run_dir)
     x = prepare_input(run.config().data.name, images, tuple(run.model_info()["input_shape"]))  # before any actor starts
-    with opened(run, log, complete_pending=False) as (config, _, ensemble, _):
+    with opened(run, complete_pending=False) as (config, _, ensemble, _):
         pending = set(run.ledger().pending())
         probs, versions = ensemble.predict_live(x)
         pending |= set(run.ledger().pending())
-    return {"run_dir": run.uri, "predictions": probs.argmax(axis=1).tolist(), "probabilities": probs.tolist(),
-            "model_versions": versions, "pending_requests": sorted(pending)}
+    return Predictions(run_dir=run.uri, predictions=probs.argmax(axis=1).tolist(), probabilities=probs.tolist(),
+                       model_versions=versions, pending_requests=sorted(pending))
 
 
-def status(run_dir, log: Callable = print) -> dict:
+def status(run_dir) -> RunStatus:
     """Read from storage; reaches the coordinator only to complete a pending request. Each shard's
     node and device are those of its running actor when the run is warm, else those recorded by
     the commit of its live version."""
@@ -82,9 +82,9 @@ def status(run_dir, log: Callable = print) -> dict:
     config = run.config()
     ledger = run.ledger()
     live: dict[int, dict] = {}
-    cluster.connect(config.ray, log)
+    cluster.connect(config.ray)
     if ledger.pending() or ledger.applied() or coordinator.find(run, config) is not None:
-        with opened(run, log) as (_, _, ensemble, _):
+        with opened(run) as (_, _, ensemble, _):
             live = ensemble.status()
     requests = ledger.requests()
     by_request: dict[str, dict] = {}
@@ -100,16 +100,16 @@ def status(run_dir, log: Callable = print) -> dict:
             epsilon=m.releases[-1]["epsilon"], epsilon_cumulative=m.releases[-1]["epsilon_cumulative"],
             releases=len(m.releases), node=where.get("node"), host=where.get("host"), device=where.get("device"),
             live=s in live))
-    return {"run_dir": run.uri, "shards": [s.to_dict() for s in shards],
-            "pending": [r for r in by_request.values() if r["status"] == "pending"],
-            "applied": [r for r in by_request.values() if r["status"] == "applied"],
-            "done": [r for r in by_request.values() if r["status"] == "done"],
-            "epsilon_target": config.privacy.epsilon, "delta": config.privacy.delta,
-            **run.person_privacy(worst_epsilon([s.epsilon_cumulative for s in shards])),
-            "coordinator": "warm" if live else "stopped"}
+    return RunStatus(run_dir=run.uri, shards=tuple(shards),
+                     pending=[r for r in by_request.values() if r["status"] == "pending"],
+                     applied=[r for r in by_request.values() if r["status"] == "applied"],
+                     done=[r for r in by_request.values() if r["status"] == "done"],
+                     epsilon_target=config.privacy.epsilon, delta=config.privacy.delta,
+                     privacy=run.person_privacy(worst_epsilon([s.epsilon_cumulative for s in shards])),
+                     coordinator="warm" if live else "stopped")
 
 
-def subject_status(run_dir, subject: str) -> dict:
+def subject_status(run_dir, subject: str) -> SubjectStatus:
     """Where one data subject's samples are and which model versions saw them (read from storage)."""
     run = resolve_run_dir(run_dir)
     ledger = run.ledger()
@@ -134,6 +134,6 @@ def subject_status(run_dir, subject: str) -> dict:
         samples.append({"sample_id": int(sid), "shard": shard, "slice": int(table.loc[sid, "slice"]), "status": state,
                         "request_id": request, "versions_that_saw_it": saw, "first_version_without_it": first_without,
                         "live_version": live[shard]})
-    return {"run_dir": run.uri, "subject": subject, "samples": samples,
-            "erased": all(x["status"] == "erased" for x in samples),
-            "receipts": sorted({x["request_id"] for x in samples if x["status"] == "erased"})}
+    return SubjectStatus(run_dir=run.uri, subject=subject, samples=samples,
+                         erased=all(x["status"] == "erased" for x in samples),
+                         receipts=sorted({x["request_id"] for x in samples if x["status"] == "erased"}))

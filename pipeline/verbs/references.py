@@ -18,6 +18,7 @@ on the whole pool sees twice as much data as its references: the attack is then 
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ from pipeline.evaluation import attacks, lira
 from pipeline.evaluation.unlearning import logit_confidence_from_logits
 from pipeline.storage.rundir import RunDir, trained_ids
 from pipeline.tracking import registry
+
+logger = logging.getLogger(__name__)
 
 SAMPLES = 2000  # members and non-members attacked (each side, at most)
 REFERENCE_SEED = 10_000  # reference j trains with seed config.seed + REFERENCE_SEED + j
@@ -61,10 +64,10 @@ def _matches(target: Config, reference: Config) -> list[str]:
     return sorted(k for k in set(a) | set(b) if k not in FREE_KEYS and a.get(k) != b.get(k))
 
 
-def ensure(run: RunDir, config: Config, k: int, reference_dir: str | None, log: Callable[[str], None],
+def ensure(run: RunDir, config: Config, k: int, reference_dir: str | None,
            train: Callable[..., object]) -> list[RunDir]:
     """The K reference runs: reused where `<reference_dir>/ref-<j>` holds a matching run, trained otherwise
-    with `train(config, run_dir, log=..., exclude_ids=...)` (the `train` verb, passed in by its caller)."""
+    with `train(config, run_dir, exclude_ids=...)` (the `train` verb, passed in by its caller)."""
 
     check_count(k)
     base = (reference_dir or default_dir(run)).rstrip("/")
@@ -78,15 +81,15 @@ def ensure(run: RunDir, config: Config, k: int, reference_dir: str | None, log: 
                 raise LiraError(f"{ref.uri} is a reference run for another config ({', '.join(differs[:4])} differ); "
                                 "choose another --reference-dir.")
             ref.summary()  # a training that never finished is refused with its own message
-            log(f"LiRA: reusing reference model {j + 1}/{k} in {ref.uri}")
+            logger.info(f"LiRA: reusing reference model {j + 1}/{k} in {ref.uri}")
         else:
-            log(f"LiRA: training reference model {j + 1}/{k} on a random half of the pool in {ref.uri}")
+            logger.info(f"LiRA: training reference model {j + 1}/{k} on a random half of the pool in {ref.uri}")
             if halves is None:
                 halves = lira.paired_halves(k, len(datasets.load(config.data).private.y), config.seed + HALVES_SEED)
             ref_config = config.with_overrides({  # one public model for all; the evaluate run logs the attack
                 "seed": config.seed + REFERENCE_SEED + j, "pretrain.seed": pretrain.seed(config), "data.keep_half": None,
                 "tracking.enabled": False})
-            train(ref_config, ref, log=log, exclude_ids=np.flatnonzero(~halves[j]).tolist())
+            train(ref_config, ref, exclude_ids=np.flatnonzero(~halves[j]).tolist())
         references.append(ref)
     return references
 
@@ -124,14 +127,14 @@ def live_logits(run: RunDir, x: np.ndarray) -> np.ndarray:
     return np.stack([predict_logits(m, inputs).numpy() for m in members])
 
 
-def attack(target: Probe, target_run: RunDir, references: list[RunDir], log: Callable[[str], None]) -> dict:
+def attack(target: Probe, target_run: RunDir, references: list[RunDir]) -> dict:
     """Offline (and, for a `data.keep_half` target with K ≥ 4, online) LiRA on the live ensemble of `target_run`
     for `target`'s examples. Every model's φ (target and references) is the mean-softmax ensemble's log-odds of
     the label, computed from logits in float64 (`unlearning.logit_confidence_from_logits`)."""
     phi = logit_confidence_from_logits(live_logits(target_run, target.x), target.y)
     ref_phi, ref_in = [], []
     for j, ref in enumerate(references):
-        log(f"LiRA: scoring {len(target.ids)} examples with reference model {j + 1}/{len(references)}")
+        logger.info(f"LiRA: scoring {len(target.ids)} examples with reference model {j + 1}/{len(references)}")
         ref_phi.append(logit_confidence_from_logits(live_logits(ref, target.x), target.y))
         trained = ref.ledger().assignments()["sample_id"].to_numpy()
         ref_in.append((target.is_member | target.private) & np.isin(target.ids, trained))  # test ids: never trained on

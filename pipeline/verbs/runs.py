@@ -9,8 +9,8 @@ group and go with the trial.
 """
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from pipeline.tracking import registry
 from pipeline.tracking.release import RegistryObserver
 from pipeline.verbs.access import RunData, _log_version, load_run_config, opened, worst_epsilon  # noqa: F401  (runs.X kept for callers)
 from pipeline.verbs.queries import predict, prepare_input, request_status, serve, status, subject_status  # noqa: F401
+from pipeline.verbs.results import Stopped, Submission, SubmittedRequest, Verification
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["RunError", "RunDir"]
 
@@ -52,7 +55,7 @@ def _other_half(config: Config, n_private: int) -> list[int]:
     return np.flatnonzero(~lira.paired_halves(1, n_private, config.data.keep_half)[0]).tolist()
 
 
-def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = print, placement: Placement | None = None,
+def train(config: Config, run_dir, keep_alive: bool = False, placement: Placement | None = None,
           exclude_ids: list[int] | None = None, hold: bool = False) -> dict:
     """Partition, pretrain (cached), calibrate DP, train all shards in parallel, evaluate, track.
 
@@ -74,14 +77,15 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
     run.check_writable()  # a missing bucket or a read-only folder fails here, before any MLflow run exists
     with tracking.verb_run("train", config, run) as mlrun:
         started = time.perf_counter()
-        local = cluster.connect(config.ray, log)
+        local = cluster.connect(config.ray)
         ShardLayout.for_placement(config, placement)  # shards that cannot fit fail here, before any work
         if keep_alive and local:
-            log("note: --keep-alive on a Ray cluster this command started: its actors stay warm until this process exits; "
+            logger.warning("note: --keep-alive on a Ray cluster this command started: its actors stay warm until this process exits; "
                 "for later commands use `ray start --head`.")
         data = datasets.load(config.data)
         _check_private_rows(data)
-        log(f"data: {config.data.name}: {len(data.private.y)} private, {len(data.public.y)} public, {len(data.test.y)} test samples")
+        logger.info(f"data: {config.data.name}: {len(data.private.y)} private, {len(data.public.y)} public, "
+                    f"{len(data.test.y)} test samples")
         ids = data.private.ids
         excluded = sorted(set(exclude_ids or ()) | set(_other_half(config, len(ids))))
         if excluded:
@@ -90,7 +94,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
                 raise RunError(f"exclude_ids {unknown[:5]} are not private sample ids (0..{len(ids) - 1}).")
             ids = np.setdiff1d(ids, np.asarray(excluded, dtype=ids.dtype))
             why = "the other half of the pool (data.keep_half)" if config.data.keep_half is not None else "retrain-from-scratch oracle"
-            log(f"excluding {len(excluded)} private id(s) from training ({why})")
+            logger.info(f"excluding {len(excluded)} private id(s) from training ({why})")
         owners = subjects.for_private_ids(config.data.subjects, data.private.ids)  # who each sample belongs to
         columns = partition(ids, data.private.y[ids], config.shards.count, config.shards.slices,
                             config.partition.strategy, config.seed, data.private.x[ids], subjects=owners[ids],
@@ -99,7 +103,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
         ledger = run.ledger()
         ledger.write_assignments({**columns, "label": data.private.y[columns["sample_id"]],
                                   "subject_id": owners[columns["sample_id"]]})
-        source, pretrain_info = public_model(config, data, log)
+        source, pretrain_info = public_model(config, data)
         model = for_target(source, config, data)
         run.write_pretrained(model, data.input_shape, data.num_classes)
         for s in range(config.shards.count):  # each shard actor loads only its own samples
@@ -108,23 +112,23 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
         recipes = [make_recipe(config, s, [len(ids) for ids in slices], [len(set(owners[ids])) for ids in slices])
                    for s, slices in enumerate(map(ledger.shard_slices, range(config.shards.count)))]
         if config.privacy.epsilon is not None:
-            log(f"DP: ε={config.privacy.epsilon} per {recipes[0].unit}, δ={config.privacy.delta}, σ per shard "
+            logger.info(f"DP: ε={config.privacy.epsilon} per {recipes[0].unit}, δ={config.privacy.delta}, σ per shard "
                 f"{sorted({round(r.noise_multiplier, 3) for r in recipes})} over {config.shards.slices} slice stages")
         run.write_recipes(recipes)
         run.write_config(config)
         registry.write_input_example(run, data.test.x)
         warm = (keep_alive or hold) and placement is None
-        session = coordinator.Session(run, config, log, keep_alive=True, observer=RegistryObserver()).__enter__() if warm else None
+        session = coordinator.Session(run, config, keep_alive=True, observer=RegistryObserver()).__enter__() if warm else None
         if session is not None:  # train on the actors the run's coordinator keeps: no second start for warm forgets
             ensemble = Ensemble.attached(run, config, session.actors)
-            log(f"started the run's coordinator and its {len(session.actors)} shard actors (kept alive)")
+            logger.info(f"started the run's coordinator and its {len(session.actors)} shard actors (kept alive)")
         else:
-            ensemble = Ensemble.start(run, config, [r.to_dict() for r in recipes], placement=placement, log=log)
+            ensemble = Ensemble.start(run, config, [r.to_dict() for r in recipes], placement=placement)
         try:
             fit_start = time.perf_counter()
-            log(f"training {config.shards.count} shards × {config.shards.slices} slices "
+            logger.info(f"training {config.shards.count} shards × {config.shards.slices} slices "
                 f"({config.finetune.strategy}, {'ε=' + str(config.privacy.epsilon) if recipes[0].noise_multiplier else 'no DP'})")
-            per_shard = ensemble.fit(log, on_stage=mlrun.log_stage)
+            per_shard = ensemble.fit(on_stage=mlrun.log_stage)
             full_train_seconds = time.perf_counter() - fit_start
             run.write_summary({
                 "full_train_seconds": full_train_seconds, "shard_seconds": [per_shard[s]["seconds"] for s in sorted(per_shard)],
@@ -140,7 +144,7 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
             if session is not None:
                 session.__exit__(None, None, None)
         if warm and not hold:
-            log("the run's coordinator and its shard actors stay up (warm forgets); `dpsisa stop` releases them")
+            logger.info("the run's coordinator and its shard actors stay up (warm forgets); `dpsisa stop` releases them")
         summary = {"run_dir": run.uri, "full_train_seconds": full_train_seconds,
                    "total_seconds": time.perf_counter() - started, **metrics}
         summary.update(_log_version(config, run, mlrun, []) or {})
@@ -148,15 +152,15 @@ def train(config: Config, run_dir, keep_alive: bool = False, log: Callable = pri
     return summary
 
 
-def forget(run_dir, ids: list[int] | None, log: Callable = print, placement: Placement | None = None,
+def forget(run_dir, ids: list[int] | None, placement: Placement | None = None,
            subjects: list[str] | None = None, timeout_s: float | None = None) -> ForgetResult:
     """Submit a forget request to the run's coordinator and wait until it is applied. With
     `subjects`, the request is every sample those data subjects own."""
     run = resolve_run_dir(run_dir)
     config = run.config()
-    ids = _ids_of(run, ids, subjects, log)
+    ids = _ids_of(run, ids, subjects)
     with tracking.verb_run("forget", config, run, optional=True) as mlrun:
-        with opened(run, log, placement=placement, timeout_s=timeout_s) as (config, data, ensemble, session):
+        with opened(run, placement=placement, timeout_s=timeout_s) as (config, data, ensemble, session):
             result = session.forget(ids, on_stage=mlrun.log_stage)
         result.full_train_seconds = run.summary()["full_train_seconds"]
         result.speedup = result.full_train_seconds / max(result.seconds, 1e-9)
@@ -172,18 +176,18 @@ def forget(run_dir, ids: list[int] | None, log: Callable = print, placement: Pla
     return result
 
 
-def _ids_of(run: RunDir, ids: list[int] | None, subjects: list[str] | None, log: Callable) -> list[int]:
+def _ids_of(run: RunDir, ids: list[int] | None, subjects: list[str] | None) -> list[int]:
     ledger = run.ledger()
     if subjects:
         owned = ledger.subjects_to_ids(subjects)
         ids = sorted(i for sample_ids in owned.values() for i in sample_ids)
-        log(f"subject(s) {', '.join(subjects)}: {len(ids)} sample(s)")
+        logger.info(f"subject(s) {', '.join(subjects)}: {len(ids)} sample(s)")
     ledger.validate(ids)  # fail fast, before any actor starts (the coordinator decides, under its lock)
     return ids
 
 
-def submit(run_dir, ids: list[int] | None, log: Callable = print, subjects: list[str] | None = None,
-           each: bool = False) -> dict:
+def submit(run_dir, ids: list[int] | None, subjects: list[str] | None = None,
+           each: bool = False) -> Submission:
     """`forget --no-wait`: record the request durably through the run's coordinator and return its
     id at once; the coordinator applies it (with whatever else is pending) and writes its receipt.
     With `each`, every subject is its own request, all recorded in one write (`requests` lists
@@ -197,19 +201,18 @@ def submit(run_dir, ids: list[int] | None, log: Callable = print, subjects: list
         owned = ledger.subjects_to_ids(subjects)
         groups = [(s, sorted(owned[s])) for s in subjects]
         ledger.validate([i for _, g in groups for i in g])  # fail fast; the coordinator decides under its lock
-        log(f"{len(groups)} subject(s), one request each: {sum(len(g) for _, g in groups)} sample(s)")
+        logger.info(f"{len(groups)} subject(s), one request each: {sum(len(g) for _, g in groups)} sample(s)")
     else:
-        groups = [(None, _ids_of(run, ids, subjects, log))]
-    if cluster.connect(config.ray, log):
-        log("warning: --no-wait on a Ray cluster this command started: it stops when the command exits, and the "
+        groups = [(None, _ids_of(run, ids, subjects))]
+    if cluster.connect(config.ray):
+        logger.warning("warning: --no-wait on a Ray cluster this command started: it stops when the command exits, and the "
             "request stays pending until the run's next command (use `ray start --head` / RAY_ADDRESS=auto).")
-    with coordinator.Session(run, config, log, observer=RegistryObserver()) as session:
+    with coordinator.Session(run, config, observer=RegistryObserver()) as session:
         request_ids = session.submit_batch([g for _, g in groups])
     if each:
-        return {"run_dir": run.uri, "status": "pending", "ids": sum(len(g) for _, g in groups),
-                "requests": [{"request_id": rid, "subject": s, "ids": len(g)} for rid, (s, g) in zip(request_ids, groups)]}
-    return {"run_dir": run.uri, "request_id": request_ids[0], "status": "pending", "ids": len(groups[0][1]),
-            "subjects": list(subjects or [])}
+        return Submission(run_dir=run.uri, ids=sum(len(g) for _, g in groups),
+                          requests=tuple(SubmittedRequest(rid, s, len(g)) for rid, (s, g) in zip(request_ids, groups)))
+    return Submission(run_dir=run.uri, ids=len(groups[0][1]), request_id=request_ids[0], subjects=tuple(subjects or ()))
 
 
 def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple[float, float]:
@@ -223,7 +226,7 @@ def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple
     return replayed, total
 
 
-def evaluate_run(run_dir, log: Callable = print, placement: Placement | None = None, probe_ids: list[int] | None = None,
+def evaluate_run(run_dir, placement: Placement | None = None, probe_ids: list[int] | None = None,
                  reference_models: int | None = None, reference_dir: str | None = None) -> dict:
     """Test metrics and membership-inference attacks; `probe_ids` (e.g. ids about to be
     forgotten) are attacked in place of the forgotten ids. With `reference_models` K, also LiRA
@@ -235,49 +238,49 @@ def evaluate_run(run_dir, log: Callable = print, placement: Placement | None = N
     if reference_models is not None:
         references.check_count(reference_models)
     with tracking.verb_run("evaluate", run.config(), run, optional=True) as mlrun:
-        refs = references.ensure(run, run.config(), reference_models, reference_dir, log, train=train) if reference_models else []
-        with opened(run, log, placement=placement) as (config, data, ensemble, _):
+        refs = references.ensure(run, run.config(), reference_models, reference_dir, train=train) if reference_models else []
+        with opened(run, placement=placement) as (config, data, ensemble, _):
             metrics = evaluate.ensemble_metrics(ensemble, data.get())
-            log("membership-inference attacks (members vs non-members, forgotten vs non-members) ...")
+            logger.info("membership-inference attacks (members vs non-members, forgotten vs non-members) ...")
             metrics.update(evaluate.membership_inference(ensemble, data.get(), run.ledger().forgotten_ids(), config.seed,
                                                          probe_ids=probe_ids))
             metrics.update(run.person_privacy(worst_epsilon(metrics["epsilon_cumulative"])))
             if refs:
                 probe = references.probe(run, data.get(), config.seed)
         if refs:  # the target's actors are released first; target and references predict logits in this process
-            metrics["lira"] = references.attack(probe, run, refs, log)
+            metrics["lira"] = references.attack(probe, run, refs)
         mlrun.log_summary(metrics)
     return metrics
 
 
-def verify(run_dir, all_shards: bool = False, log: Callable = print) -> dict:
+def verify(run_dir, all_shards: bool = False) -> Verification:
     """Retrain touched shards from scratch without their forgotten ids; compare bit for bit."""
     from pipeline.evaluation import evaluate
 
     run = resolve_run_dir(run_dir)
     with tracking.verb_run("verify", run.config(), run, optional=True) as mlrun:
-        with opened(run, log) as (config, data, ensemble, _):
+        with opened(run) as (config, data, ensemble, _):
             touched = [s for s in range(config.shards.count) if all_shards or run.shard(s).manifest().version > 0]
-            log(f"verifying shard(s) {touched} against from-scratch retraining ...")
+            logger.info(f"verifying shard(s) {touched} against from-scratch retraining ...")
             test = data.get().test
-            results = ensemble.verify(touched, test.x, log=log)
+            results = ensemble.verify(touched, test.x)
             report = evaluate.unlearning_report(ensemble, data.get(), run.ledger().forgotten_ids(),
                                                 {s: r.pop("oracle_probs") for s, r in results.items()}, config.seed)
         stamped = receipts.record_verify(run, results)
         registry.record_verify(config, run, all(r["exact"] for r in results.values()))
-        summary = {"exact": all(r["exact"] for r in results.values()), "shards_checked": touched, "receipts_verified": stamped,
-                   "shards": [results[s] for s in touched], "device": str(resolve_device(config.train.device)),
-                   "unlearning": report}
-        mlrun.log_summary({"exact": float(summary["exact"]), "shards_checked": len(touched),
+        summary = Verification(exact=all(r["exact"] for r in results.values()), shards_checked=touched,
+                               receipts_verified=stamped, shards=[results[s] for s in touched],
+                               device=str(resolve_device(config.train.device)), unlearning=report)
+        mlrun.log_summary({"exact": float(summary.exact), "shards_checked": len(touched),
                          **{f"unlearning.{k}": v for k, v in report.items()}})
     return summary
 
 
-def stop(run_dir, log: Callable = print) -> dict:
+def stop(run_dir) -> Stopped:
     """Release the run's coordinator and its shard actors (kept alive by `train --keep-alive`)."""
     run = resolve_run_dir(run_dir)
     config = run.config()
-    cluster.connect(config.ray, log)
+    cluster.connect(config.ray)
     stopped = coordinator.stop(run, config)
     run.write_summary({**run.summary(), "keep_alive": False})
-    return {"run_dir": run.uri, "actors_stopped": stopped}
+    return Stopped(run_dir=run.uri, actors_stopped=stopped)

@@ -16,8 +16,8 @@ unlearned models are distinguishable from retrained ones" (`forgetting_quality_p
 """
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,8 @@ from pipeline.evaluation.unlearning import accuracy, logit_confidence_from_logit
 from pipeline.storage.paths import resolve_run_dir
 from pipeline.tracking import groups as tracking_groups
 from pipeline.verbs import references, runs
+
+logger = logging.getLogger(__name__)
 
 RETAIN_SAMPLE = 2000  # retain-set accuracy on at most this many random retained ids
 
@@ -77,7 +79,7 @@ def _score(unlearned: dict, retrained: dict, delta: float, permutations: int = 2
 
 @tracking_groups.grouped("score")
 def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20, delta: float = 1e-5,
-              permutations: int = 200, log: Callable[[str], None] = print) -> dict:
+              permutations: int = 200) -> dict:
     """Train 2K ensembles under out_dir, forget F in K of them, and score SISA against retraining."""
     if k < 1:
         raise ScoreError("--k must be at least 1 (models per group; the challenge used 512, small K is noisy).")
@@ -99,20 +101,20 @@ def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20,
     forget_seconds = []
     for i in range(k):
         seed = config.seed + i
-        log(f"== unlearned model {i + 1}/{k} (seed {seed}): train on all data, then forget {len(forget)} ids")
+        logger.info(f"== unlearned model {i + 1}/{k} (seed {seed}): train on all data, then forget {len(forget)} ids")
         run_dir = out_dir / f"unlearned-{i}"
-        runs.train(config.with_overrides({"seed": seed}), run_dir, log=log, hold=True)  # the forget replays on the actors
+        runs.train(config.with_overrides({"seed": seed}), run_dir, hold=True)  # the forget replays on the actors
         try:                                                                            # that trained: no second start
             predict_into("original", run_dir)
-            forget_seconds.append(runs.forget(run_dir, forget, log=log).seconds)
+            forget_seconds.append(runs.forget(run_dir, forget).seconds)
             predict_into("unlearned", run_dir)
         finally:
-            runs.stop(run_dir, log=log)
+            runs.stop(run_dir)
     for i in range(k):
         seed = config.seed + k + i
-        log(f"== retrained model {i + 1}/{k} (seed {seed}): train from scratch without the forget set")
+        logger.info(f"== retrained model {i + 1}/{k} (seed {seed}): train from scratch without the forget set")
         run_dir = out_dir / f"retrained-{i}"
-        runs.train(config.with_overrides({"seed": seed}), run_dir, log=log, exclude_ids=forget)
+        runs.train(config.with_overrides({"seed": seed}), run_dir, exclude_ids=forget)
         predict_into("retrained", run_dir)
     stats = {g: _group_summary(groups[g], labels) for g in groups}
     sisa = _score(stats["unlearned"], stats["retrained"], delta, permutations, config.seed)

@@ -31,7 +31,7 @@ def audit_config():
 
 
 def test_training_without_dp_is_caught_by_the_canaries(ray_2cpu, audit_config, tmp_path):
-    result = audit.run_audit(audit_config("privacy.epsilon=null"), CANARIES, log=lambda _: None,
+    result = audit.run_audit(audit_config("privacy.epsilon=null"), CANARIES,
                              run_dir=tmp_path / "no-dp", compare_clean=False)
     assert result["epsilon"] is None and result["bound_over_epsilon"] is None
     assert result["epsilon_lower_bound"] > 1.5  # measured 2.04 (96 of 100 guesses right)
@@ -49,7 +49,7 @@ def test_training_without_dp_is_caught_by_the_canaries(ray_2cpu, audit_config, t
 
 
 def test_correct_dp_training_stays_below_its_epsilon(ray_2cpu, audit_config, tmp_path):
-    result = audit.run_audit(audit_config(*SINGLE_MODEL), CANARIES, log=lambda _: None, run_dir=tmp_path / "dp")
+    result = audit.run_audit(audit_config(*SINGLE_MODEL), CANARIES, run_dir=tmp_path / "dp")
     assert 0.95 <= result["epsilon"] <= 1.0
     assert result["epsilon_lower_bound"] <= result["epsilon"]
     assert result["bound_over_epsilon"] == pytest.approx(result["epsilon_lower_bound"] / result["epsilon"])
@@ -79,7 +79,7 @@ def test_silently_cut_noise_is_caught_although_the_recipe_claims_epsilon_one(ray
         return dataclasses.replace(recipe, noise_multiplier=recipe.noise_multiplier / 100)
 
     monkeypatch.setattr(runs, "make_recipe", cut_noise)
-    result = audit.run_audit(audit_config(*SINGLE_MODEL), CANARIES, log=lambda _: None, run_dir=tmp_path / "broken",
+    result = audit.run_audit(audit_config(*SINGLE_MODEL), CANARIES, run_dir=tmp_path / "broken",
                              compare_clean=False)
     recipe = json.loads((tmp_path / "broken" / "recipes.json").read_text())[0]
     assert recipe["noise_multiplier"] < 0.05 and 0.95 <= recipe["epsilon_spent"] <= 1.0  # the claim stands
@@ -104,10 +104,10 @@ def test_lira_with_reference_models_finds_the_members_of_a_run_without_dp_and_re
 
     target = tmp_path / "target"
     # two shards: the target's actors must be released before the references (2 CPUs) are opened in turn
-    runs.train(audit_config("privacy.epsilon=null", "data.keep_half=7"), target, log=lambda _: None)
+    runs.train(audit_config("privacy.epsilon=null", "data.keep_half=7"), target)
     members, _ = runs.trained_ids(target)
     assert 450 < len(members) < 590  # a random half of the 1038 private ids; the rest are its non-members
-    result = runs.evaluate_run(target, log=lambda _: None, reference_models=4)
+    result = runs.evaluate_run(target, reference_models=4)
     lr = result["lira"]
     assert lr["reference_models"] == 4 and lr["nonmembers_from"].startswith("private") and lr["fixed_variance"]
     # measured: offline AUC 0.585 (0.551..0.620); online 0.505 (0.470..0.540): with K=4 each example's

@@ -23,10 +23,10 @@ ROW_KEYS = {"method", "family", "forget_accuracy", "retain_accuracy", "test_accu
 def problem():
     torch.set_num_threads(1)
     config = config_mod.load(CONFIG)
-    problem = load_problem(config, log=lambda _: None, count=10)
+    problem = load_problem(config, count=10)
     problem.workdir = tempfile.mkdtemp(prefix="dpsisa-baselines-")
     recorders = {n: r for n in METHODS if (r := get(n).recorder(problem)) is not None}
-    train_original(problem, recorders, log=lambda _: None)
+    train_original(problem, recorders)
     return problem, {n: r.record() for n, r in recorders.items()}
 
 

@@ -28,7 +28,7 @@ def run(ray_2cpu, tmp_path_factory):
 
     config = C.load("jobs/configs/digits.yaml", ["tracking.enabled=false", "partition.strategy=by_subject"])
     run = RunDir(tmp_path_factory.mktemp("coord") / "run")
-    runs.train(config, run, keep_alive=True, log=lambda m: None)
+    runs.train(config, run, keep_alive=True)
     return run
 
 
@@ -36,12 +36,12 @@ def run(ray_2cpu, tmp_path_factory):
 def _cold(run: RunDir):
     """No coordinator during the block (the next command starts one, which closes when done); the
     run's kept-alive coordinator is back afterwards."""
-    runs.stop(run, log=lambda m: None)
+    runs.stop(run)
     try:
         yield
     finally:
-        runs.stop(run, log=lambda m: None)
-        with coordinator.Session(run, run.config(), lambda m: None, keep_alive=True):
+        runs.stop(run)
+        with coordinator.Session(run, run.config(), keep_alive=True):
             pass
 
 
@@ -56,7 +56,7 @@ def _forget_concurrently(run: RunDir, batches: list[list[int]], during=None) -> 
 
     def one(k: int) -> None:
         try:
-            results[k] = runs.forget(run, batches[k], log=lambda m: None)
+            results[k] = runs.forget(run, batches[k])
         except Exception as exc:  # noqa: BLE001 - reported by the assertions below
             results[k] = exc
 
@@ -91,13 +91,13 @@ def test_concurrent_forget_submissions_on_one_shard_are_each_applied_exactly_onc
     results = _forget_concurrently(run, batches)
     _assert_each_applied_once(run, batches, results, shard=0)
     assert {r.request_id for r in results} == set(run.ledger().requests().to_pandas()["request_id"])
-    assert runs.verify(run, log=lambda m: None)["exact"] is True
+    assert runs.verify(run).exact is True
 
 
 def test_an_id_already_done_is_refused_with_the_request_that_holds_it(run):
     held = run.ledger().requests().to_pandas().iloc[0]
     with pytest.raises(ForgetRequestError, match=f"{held['sample_id']} \\(request {held['request_id']} done\\)"):
-        runs.forget(run, [int(held["sample_id"])], log=lambda m: None)
+        runs.forget(run, [int(held["sample_id"])])
 
 
 def test_a_killed_coordinator_is_restarted_and_finishes_the_requests_without_another_command(run, ray_2cpu):
@@ -119,7 +119,7 @@ def test_a_killed_coordinator_is_restarted_and_finishes_the_requests_without_ano
     results = _forget_concurrently(run, batches, during=kill_while_working)
     assert killed and killed[0], "the coordinator was never seen working"
     _assert_each_applied_once(run, batches, results, shard=1)
-    assert runs.verify(run, log=lambda m: None)["exact"] is True
+    assert runs.verify(run).exact is True
 
 
 def test_erasing_a_subject_replays_one_shard_from_its_slice_and_writes_a_receipt(run, capsys):
@@ -232,12 +232,12 @@ def test_requests_arriving_while_a_shard_replays_join_its_next_replay_and_other_
     other = _ids_in_slice(run, 1, run.config().shards.slices - 1, 1)  # shard 1's last slice: one stage
     before = run.shard(0).manifest().version
     results: dict = {}
-    waiting = threading.Thread(target=lambda: results.setdefault("first", runs.forget(run, [first], log=lambda m: None)))
+    waiting = threading.Thread(target=lambda: results.setdefault("first", runs.forget(run, [first])))
     waiting.start()
     deadline = time.monotonic() + 60
     while not run.ledger().pending() and time.monotonic() < deadline:
         time.sleep(0.02)
-    submitted = [runs.submit(run, [i], log=lambda m: None)["request_id"] for i in later + other]
+    submitted = [runs.submit(run, [i]).request_id for i in later + other]
     pending_then = set(run.ledger().pending())
     waiting.join(timeout=300)
     first_rid = results["first"].request_id
@@ -256,7 +256,7 @@ def test_requests_arriving_while_a_shard_replays_join_its_next_replay_and_other_
     # would have applied it with the three joined ones, in one ledger write: the same applied_at)
     assert _done_rows(run, alone)["applied_at"].max() < min(_done_rows(run, rid)["applied_at"].min() for rid in joined)
     assert all(set(_done_rows(run, rid)["status"]) == {"done"} for rid in [first_rid, *submitted])
-    assert runs.verify(run, log=lambda m: None)["exact"] is True
+    assert runs.verify(run).exact is True
 
 
 def test_predictions_come_wholly_from_live_versions_and_say_when_a_request_is_pending(run):
@@ -269,16 +269,16 @@ def test_predictions_come_wholly_from_live_versions_and_say_when_a_request_is_pe
     def serve_loop() -> None:
         while not stop.is_set():
             started = time.monotonic()
-            answers.append((started, runs.serve(run, x, log=lambda m: None)))
+            answers.append((started, runs.serve(run, x).to_dict()))
 
     done: list = []
-    with coordinator.Session(run, run.config(), log=lambda m: None):  # a serving deployment keeps the run warm
+    with coordinator.Session(run, run.config()):  # a serving deployment keeps the run warm
         server = threading.Thread(target=serve_loop)
         server.start()
         try:
             for shard in (0, 1):
                 (target,) = _ids_in_slice(run, shard, 0, 1)
-                result = runs.forget(run, [target], log=lambda m: None)
+                result = runs.forget(run, [target])
                 done.append((time.monotonic(), result))
         finally:
             stop.set()
@@ -313,7 +313,7 @@ def test_one_request_per_subject_recorded_at_once_is_applied_by_one_replay_per_s
     recorded = len(run.ledger().requests())
 
     first = run.ledger().subjects_to_ids(chosen[:1])[chosen[0]]
-    with coordinator.Session(run, run.config(), lambda m: None) as session:  # checked together: all of them or none
+    with coordinator.Session(run, run.config()) as session:  # checked together: all of them or none
         with pytest.raises(ForgetRequestError, match="duplicate ids"):
             session.submit_batch([first, first[:1]])
     for bad in (["--subject", f"{chosen[0]},no-such-person", "--no-wait"], ["--subject", chosen[0]]):
@@ -329,7 +329,7 @@ def test_one_request_per_subject_recorded_at_once_is_applied_by_one_replay_per_s
     rows = run.ledger().requests().to_pandas()
     assert rows[rows["request_id"].isin(rid.values())]["requested_at"].nunique() == 1  # one durable write
     for request_id in rid.values():
-        assert runs.request_status(run, request_id, wait=True, log=lambda m: None)["status"] == "done"
+        assert runs.request_status(run, request_id, wait=True).status == "done"
     assert {s: run.shard(s).manifest().version for s in (0, 1)} == {0: before[0] + 1, 1: before[1] + 1}
     for subjects in by_shard.values():  # one replay per shard applied that shard's requests together
         batch = sorted(rid[s] for s in subjects)
@@ -356,7 +356,7 @@ def test_a_read_only_ledger_refuses_a_request_in_one_line_and_a_writer_that_meet
     assert run.ledger().requests().to_pandas().equals(recorded)  # nothing recorded, nothing lost
 
     versions = {s: run.shard(s).manifest().version for s in (0, 1)}
-    rid = runs.submit(run, None, log=lambda m: None, subjects=[free[1]])["request_id"]
+    rid = runs.submit(run, None, subjects=[free[1]]).request_id
     with read_only(run.path / "ledger"):  # the replay commits its shard; marking the request fails and is retried
         deadline = time.monotonic() + 120
         while {s: run.shard(s).manifest().version for s in (0, 1)} == versions and time.monotonic() < deadline:

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_demo_erases_a_subject_applies_its_burst_with_one_replay_per_shard_and_verifies_exactly(ray_2cpu, tmp_path, capsys):
-    result = demo("jobs/configs/digits.yaml", [], str(tmp_path / "run"), log=lambda m: None)
+    result = demo("jobs/configs/digits.yaml", [], str(tmp_path / "run"))
     forgot, burst, verified = result["forget"], result["burst"], result["verify"]
     (home,) = forgot["shards_retrained"]  # by_subject: one person lives in one shard
     assert len(forgot["receipt"]["subjects"]) == 1 and forgot["receipt"]["sample_ids"]

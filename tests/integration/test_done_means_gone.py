@@ -5,6 +5,7 @@ replaced; a restarted coordinator writes the receipt a crash left missing."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -30,7 +31,7 @@ def tracked(ray_2cpu, tmp_path_factory):
     uri = f"sqlite:///{base / 'mlflow.db'}"
     config = C.load("jobs/configs/digits.yaml", [f"tracking.uri={uri}", "partition.strategy=by_subject", "ray.idle_close_s=5"])
     run = RunDir(base / "run")
-    runs.train(config, run, log=lambda m: None)
+    runs.train(config, run)
     return run, uri
 
 
@@ -54,7 +55,7 @@ def test_a_no_wait_request_is_done_only_once_no_registered_version_holds_the_era
 
     run, uri = tracked
     subject = _subject(run, 0)
-    rid = runs.submit(run, None, log=lambda m: None, subjects=[subject])["request_id"]
+    rid = runs.submit(run, None, subjects=[subject]).request_id
     seen: list[str] = []
 
     def done() -> bool:  # no command: only storage reads
@@ -87,25 +88,25 @@ def test_a_waiting_client_gives_up_after_its_timeout_naming_the_request_and_the_
     run, _ = tracked
     subject = _subject(run, 1)
     with pytest.raises(RequestTimeout, match=r"request \S+ is not done after 0.5s .*dpsisa request --run-dir .* --wait") as caught:
-        runs.forget(run, None, log=lambda m: None, subjects=[subject], timeout_s=0.5)
+        runs.forget(run, None, subjects=[subject], timeout_s=0.5)
     assert caught.value.exit_code == 4
     (rid,) = [r for r in run.ledger().request_ids() if r in str(caught.value)]
     _until(lambda: run.ledger().status_of(rid) == "done", what=f"request {rid} to complete without its client")
     assert receipts.read(run, rid)["subjects"] == [subject]
 
 
-def test_a_coordinator_stuck_closing_is_replaced_by_the_next_client(tracked, ray_2cpu):
+def test_a_coordinator_stuck_closing_is_replaced_by_the_next_client(tracked, ray_2cpu, caplog):
     run, _ = tracked
     config = run.config()
-    with coordinator.Session(run, config, log=lambda m: None):
+    with coordinator.Session(run, config):
         pass
     handle = coordinator.ensure(run, config)
     ray_2cpu.get(handle.stop.remote())  # it closed, and its closer died before killing it: it answers "closing"
     assert coordinator.find(run, config) is not None
-    lines: list[str] = []
-    with coordinator.Session(run, config, log=lines.append) as session:
+    caplog.set_level(logging.INFO, logger="pipeline")
+    with coordinator.Session(run, config) as session:
         assert session.actors  # attached to a fresh coordinator
-    assert any("replacing it" in line for line in lines)
+    assert any("replacing it" in line for line in caplog.messages)
 
 
 def test_a_restarted_coordinator_writes_the_receipt_a_crash_left_missing(tracked, ray_2cpu):
@@ -118,7 +119,7 @@ def test_a_restarted_coordinator_writes_the_receipt_a_crash_left_missing(tracked
     if handle is not None:
         coordinator.stop(run, config)
     (run.path / receipts.FOLDER / f"{rid}.json").unlink()  # what a crash between `done` and the receipt left
-    with coordinator.Session(run, config, log=lambda m: None):
+    with coordinator.Session(run, config):
         _until(lambda: receipts.read(run, rid) is not None, timeout_s=60, what="the missing receipt")
     after = receipts.read(run, rid)
     assert after["sample_ids"] == before["sample_ids"] and after["shards"].keys() == before["shards"].keys()
@@ -134,7 +135,7 @@ def test_concurrent_waiting_clients_of_one_run_each_finish(tracked):
 
     def one(k: int) -> None:
         try:
-            results[k] = runs.forget(run, None, log=lambda m: None, subjects=[subjects[k]], timeout_s=240)
+            results[k] = runs.forget(run, None, subjects=[subjects[k]], timeout_s=240)
         except Exception as exc:  # noqa: BLE001 - asserted below
             results[k] = exc
 

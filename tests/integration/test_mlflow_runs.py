@@ -36,21 +36,21 @@ def session(ray_2cpu, tmp_path_factory):
     config = C.load("jobs/configs/digits.yaml", [f"tracking.uri={uri}"])
     run_dir = home / "run"
     started = time.perf_counter()
-    trained = runs.train(config, run_dir, keep_alive=True, log=lambda m: None)
+    trained = runs.train(config, run_dir, keep_alive=True)
     train_wall = time.perf_counter() - started
     table = Ledger(run_dir).assignments().to_pandas()
     targets = [int(i) for i in table[(table["shard"] == 1) & (table["slice"] == 2)]["sample_id"].iloc[:2]]
-    forgot = runs.forget(run_dir, targets, log=lambda m: None)
+    forgot = runs.forget(run_dir, targets)
     later = [int(i) for i in table[(table["shard"] == 0) & (table["slice"] == 2)]["sample_id"].iloc[:2]]
     no_wait = []
     for i in later:  # forget --no-wait, one after the other: each is done (registered) with no further command
-        no_wait.append(runs.submit(run_dir, [i], log=lambda m: None)["request_id"])
+        no_wait.append(runs.submit(run_dir, [i]).request_id)
         deadline = time.monotonic() + 120
         while Ledger(run_dir).status_of(no_wait[-1]) != "done" and time.monotonic() < deadline:
             time.sleep(0.1)
-    runs.evaluate_run(run_dir, log=lambda m: None)
-    verified = runs.verify(run_dir, log=lambda m: None)
-    runs.stop(run_dir, log=lambda m: None)
+    runs.evaluate_run(run_dir)
+    verified = runs.verify(run_dir)
+    runs.stop(run_dir)
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     found = client.search_runs([experiment.experiment_id])
@@ -120,7 +120,7 @@ def test_the_ids_each_model_version_trained_on_are_a_data_set_input(session):
 
 @pytest.mark.slow
 def test_verify_stays_exact_with_live_progress(session):
-    assert session["verified"]["exact"] is True and session["verified"]["shards_checked"] == [0, 1]
+    assert session["verified"].exact is True and session["verified"].shards_checked == [0, 1]
     assert session["forgot"].shards_retrained == [1]
 
 
@@ -177,7 +177,7 @@ def test_the_live_registered_model_predicts_what_dpsisa_predict_serves(session):
     run = RunDir(session["run_dir"])
     config = run.config()
     x = datasets.load(config.data).test.x[:16]
-    served = runs.serve(run, x, log=lambda m: None)
+    served = runs.serve(run, x).to_dict()
     model = mlflow.pyfunc.load_model(f"models:/{registry.model_name(config, run)}@live")
     probs = model.predict(x)
     assert np.allclose(probs, np.asarray(served["probabilities"]), atol=1e-6)
@@ -275,5 +275,5 @@ def test_the_driver_sees_each_finished_stage_while_the_shard_still_works(ray_2cp
         if record["stage"] == 0:  # tell the working shard that its first stage reached the driver
             actor.release.options(concurrency_group=PROGRESS_GROUP).remote()
 
-    results = Ensemble(RunDir(tmp_path), digits_config(), [actor], None, owned=False).fit(lambda m: None, on_stage)
+    results = Ensemble(RunDir(tmp_path), digits_config(), [actor], None, owned=False).fit(on_stage)
     assert results[0]["seen_while_working"] is True and seen == [(0, 0), (0, 1)]

@@ -37,8 +37,8 @@ def test_shards_spread_over_nodes_and_a_lost_worker_node_does_not_lose_the_reque
     cluster, ray = multinode
     config = C.load("jobs/configs/digits.yaml", ["tracking.enabled=false", "ray.cpus_per_shard=1"])
     run = RunDir(tmp_path / "run")
-    runs.train(config, run, keep_alive=True, log=lambda m: None)
-    status = runs.status(run, log=lambda m: None)
+    runs.train(config, run, keep_alive=True)
+    status = runs.status(run).to_dict()  # as `status --json` prints it
     assert all(s["live"] and s["device"] == "cpu" for s in status["shards"])
     nodes = [s["node"] for s in status["shards"]]
     assert len(set(nodes)) == 2, nodes  # one bundle per shard, SPREAD: the two shards on two nodes
@@ -57,15 +57,15 @@ def test_shards_spread_over_nodes_and_a_lost_worker_node_does_not_lose_the_reque
     thread.join(timeout=240)
     assert outcome and not isinstance(outcome[0], Exception), outcome
 
-    after = runs.status(run, log=lambda m: None)
+    after = runs.status(run).to_dict()
     assert after["pending"] == [] and [r["status"] for r in after["done"]] == ["done"]
     assert after["shards"][0]["version"] == 1 and after["shards"][0]["node"] != worker.node_id
-    assert runs.verify(run, log=lambda m: None)["exact"] is True
-    runs.stop(run, log=lambda m: None)
+    assert runs.verify(run).exact is True
+    runs.stop(run)
 
 
 def _forget(run: RunDir, target: int):
     try:
-        return runs.forget(run, [target], log=lambda m: None)
+        return runs.forget(run, [target])
     except Exception as exc:  # noqa: BLE001 - asserted by the test
         return exc

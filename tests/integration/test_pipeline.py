@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 
 import pyarrow.parquet as pq
@@ -37,7 +38,7 @@ def trained(ray_2cpu, tmp_path_factory):
 
     config = C.load("jobs/configs/digits.yaml")
     run_dir = home / "run"
-    summary = runs.train(config, run_dir, log=lambda m: None)
+    summary = runs.train(config, run_dir)
     return run_dir, summary, home
 
 
@@ -112,7 +113,7 @@ def test_bad_forget_input_exits_nonzero_and_changes_nothing(trained, monkeypatch
 
 
 def test_an_actor_that_crashes_for_good_is_replaced_and_the_waiting_request_completes_without_another_command(
-        trained, monkeypatch, tmp_path):
+        trained, monkeypatch, tmp_path, caplog):
     import shutil
 
     import yaml
@@ -128,11 +129,11 @@ def test_an_actor_that_crashes_for_good_is_replaced_and_the_waiting_request_comp
     target = int(table[(table["shard"] == 0) & (table["slice"] == 0)]["sample_id"].iloc[3])
     manifest_before = ShardStore(copy, 0).manifest()
     killer = kill_shard_while_pending(RunDir(copy), 0)  # shard 0's actor dies mid-forget, for good
-    lines: list[str] = []
-    result = runs.forget(copy, [target], log=lines.append, timeout_s=300)
+    caplog.set_level(logging.INFO, logger="pipeline")
+    result = runs.forget(copy, [target], timeout_s=300)
     killer.join()
     assert killer.killed.is_set()
-    told = [line for line in lines if "retrying" in line and "shard 0" in line]
+    told = [line for line in caplog.messages if "retrying" in line and "shard 0" in line]
     assert told and len(told) == len(set(told))  # the waiting client heard why, once per distinct error
     requests = Ledger(copy).requests().to_pandas()
     assert requests[requests["sample_id"] == target]["status"].tolist() == ["done"]
@@ -195,23 +196,23 @@ def test_keep_alive_leaves_a_warm_coordinator_whose_crashed_shard_is_restarted_b
 
     config = digits_config("shards.count=2", "train.epochs=1")
     run = RunDir(tmp_path / "warm")
-    runs.train(config, run, keep_alive=True, log=lambda m: None)
+    runs.train(config, run, keep_alive=True)
     handle = coordinator.find(run, config)
     assert handle is not None
-    status = runs.status(run, log=lambda m: None)
+    status = runs.status(run).to_dict()  # as `status --json` prints it
     assert status["coordinator"] == "warm" and all(s["live"] and s["device"] == "cpu" for s in status["shards"])
     shards = ray_2cpu.get(handle.attach.remote())
     pids = [ray_2cpu.get(a.where.remote())["node"] for a in shards]
     assert all(pids)
     # the coordinator keeps the very actors that trained (no second start): they hold the fit's stage records
     assert all(len(ray_2cpu.get(a.progress.remote("fit"))) == config.shards.slices for a in shards)
-    runs.forget(run, [int(Ledger(run).assignments()["sample_id"][0].as_py())], log=lambda m: None)
+    runs.forget(run, [int(Ledger(run).assignments()["sample_id"][0].as_py())])
     assert coordinator.find(run, config) is not None  # kept alive: still there, same shard actors
     assert ray_2cpu.get(handle.attach.remote()) == shards
     ray_2cpu.kill(shards[1], no_restart=False)  # a shard actor crashes: Ray restarts it, it reloads from storage
-    runs.forget(run, [int(Ledger(run).assignments()["sample_id"][1].as_py())], log=lambda m: None)
-    assert runs.verify(run, log=lambda m: None)["exact"] is True
-    assert runs.stop(run, log=lambda m: None)["actors_stopped"] == 3  # the coordinator and its 2 shards
+    runs.forget(run, [int(Ledger(run).assignments()["sample_id"][1].as_py())])
+    assert runs.verify(run).exact is True
+    assert runs.stop(run).actors_stopped == 3  # the coordinator and its 2 shards
     assert coordinator.find(run, config) is None
     with pytest.raises(ValueError):
         ray_2cpu.util.get_placement_group(coordinator.actor_name(run, -1))  # its CPUs are free again
@@ -222,7 +223,7 @@ def test_more_shards_than_the_cluster_holds_fails_fast(ray_2cpu, tmp_path, digit
 
     config = digits_config("shards.count=4", "ray.cpus_per_shard=1")
     with pytest.raises(ClusterError, match="do not fit"):
-        runs.train(config, tmp_path / "big", log=lambda m: None)
+        runs.train(config, tmp_path / "big")
     assert not (tmp_path / "big" / "ledger").exists()  # refused before partitioning, pretraining or writing shard data
 
 
@@ -232,10 +233,10 @@ def test_forgotten_ids_are_at_chance_for_the_attack_after_forgetting(trained, mo
     ledger = Ledger(run_dir)
     taken = ledger.forgotten_ids(status=None)
     doomed = [int(i) for i in ledger.assignments()["sample_id"].to_numpy() if int(i) not in taken][:60]
-    with held(run_dir, log=lambda m: None):  # one coordinator start for the three verbs (as a sweep trial holds it)
-        before = runs.evaluate_run(run_dir, log=lambda m: None, probe_ids=doomed)["mia_forgotten"]["posterior"]
-        runs.forget(run_dir, doomed, log=lambda m: None)
-        after = runs.evaluate_run(run_dir, log=lambda m: None)["mia_forgotten"]["posterior"]
+    with held(run_dir):  # one coordinator start for the three verbs (as a sweep trial holds it)
+        before = runs.evaluate_run(run_dir, probe_ids=doomed)["mia_forgotten"]["posterior"]
+        runs.forget(run_dir, doomed)
+        after = runs.evaluate_run(run_dir)["mia_forgotten"]["posterior"]
     assert after["n_members"] == len(doomed) + len(taken)  # these 60 and those forgotten earlier in this module
     low, high = after["accuracy_ci"]
     assert low <= 0.5 + 1e-9, f"forgotten ids still distinguishable: {after}"
@@ -269,7 +270,7 @@ def test_predict_serves_the_live_ensemble_from_npy_input_raw_or_normalised(train
 
     run_dir, _, home = trained
     _pin_env(monkeypatch, home)
-    with held(run_dir, log=lambda m: None):  # one coordinator start serves the five predicts below
+    with held(run_dir):  # one coordinator start serves the five predicts below
         raw = load_digits().images[:12].astype(np.uint8)  # 0..16 grey levels, as scikit-learn ships them
         normalised = datasets.normalise("digits", raw)
         np.save(tmp_path / "raw.npy", raw)
@@ -281,7 +282,7 @@ def test_predict_serves_the_live_ensemble_from_npy_input_raw_or_normalised(train
         assert served["predictions"] == probs.argmax(axis=1).tolist()
         live = [ShardStore(run_dir, s).manifest().version for s in range(2)]
         assert served["model_versions"] == live and served["pending_requests"] == []
-        assert np.allclose(probs, runs.predict(run_dir, {"x": normalised}, log=lambda m: None)["x"], atol=1e-6)
+        assert np.allclose(probs, runs.predict(run_dir, {"x": normalised})["x"], atol=1e-6)
         cli.main(["predict", "--run-dir", str(run_dir), "--input", str(tmp_path / "raw.npy"), "--json", "--quiet"])
         assert np.allclose(json.loads(capsys.readouterr().out)["probabilities"], probs, atol=1e-6)
         np.save(tmp_path / "bad.npy", normalised[:, 0])  # (N, 8, 8): the channel axis is missing

@@ -35,7 +35,7 @@ def s3_run(s3_store, ray_2cpu, tmp_path_factory):
     # 6 epochs: a replay long enough (seconds) that the crash test's killer lands mid-forget, not after it;
     # with digits.yaml's 2 the replay could commit first under load and the crash never happened
     config = C.load("jobs/configs/digits.yaml", ["ray.max_restarts=0", "train.epochs=6"])
-    summary = runs.train(config, uri, log=lambda m: None)
+    summary = runs.train(config, uri)
     return RunDir(uri), summary, home
 
 
@@ -72,7 +72,7 @@ def test_an_s3_run_trains_forgets_verifies_evaluates_and_reports_status_through_
     ids, _, _ = run.shard(1).load_data(run.shard(1).manifest().data)
     assert target not in set(ids.tolist())  # the erased sample left our copy of the data too
 
-    with held(run.uri, log=lambda m: None):  # one coordinator start (on S3) for the three commands below
+    with held(run.uri):  # one coordinator start (on S3) for the three commands below
         assert _cli_json(capsys, "verify", "--run-dir", run.uri)["exact"] is True
         assert _cli_json(capsys, "evaluate", "--run-dir", run.uri)["accuracy"] > 0.5
         status = _cli_json(capsys, "status", "--run-dir", run.uri)
@@ -90,12 +90,12 @@ def test_a_shard_lost_mid_forget_on_s3_is_replaced_and_the_request_completes_wit
     target = int(table[(table["shard"] == 0) & (table["slice"] == 0)]["sample_id"].iloc[5])
     before = run.shard(0).manifest()
     killer = kill_shard_while_pending(run, 0)  # shard 0's actor dies mid-forget, before its commit, for good
-    result = runs.forget(run, [target], log=lambda m: None, timeout_s=300)  # the coordinator replaces it and retries
+    result = runs.forget(run, [target], timeout_s=300)  # the coordinator replaces it and retries
     killer.join()
     assert killer.killed.is_set() and result.shards_retrained == [0]
     after = run.shard(0).manifest()
     assert after.version == before.version + 1 and target in after.forgotten and run.ledger().pending() == {}
-    assert runs.verify(run, log=lambda m: None)["exact"] is True
+    assert runs.verify(run).exact is True
     live = {e["file"] for e in after.stages} | {after.data["file"], "manifest.json"}
     assert {o.split("/")[-1] for o in _objects(run) if o.startswith("shards/shard_000/")} == live  # no orphans kept
 

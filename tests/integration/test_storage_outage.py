@@ -4,6 +4,7 @@ test hook). The coordinator reports the error, backs off and retries; the waitin
 once and finishes once storage is back; the lease survives; verify stays EXACT."""
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -39,7 +40,7 @@ def proxied_run(s3_store, tmp_path_factory):
         config = C.load("jobs/configs/digits.yaml", [f"tracking.uri=sqlite:///{home / 'mlflow.db'}",
                                                      "partition.strategy=by_subject"])
         run = RunDir(f"{s3_store.bucket_uri}/{uuid.uuid4().hex}/run")
-        runs.train(config, run, log=lambda m: None)
+        runs.train(config, run)
         yield run, proxy
     finally:
         ray.shutdown()
@@ -47,16 +48,16 @@ def proxied_run(s3_store, tmp_path_factory):
         proxy.close()
 
 
-def test_a_storage_outage_during_a_waiting_forget_is_retried_and_the_client_finishes(proxied_run):
+def test_a_storage_outage_during_a_waiting_forget_is_retried_and_the_client_finishes(proxied_run, caplog):
     run, proxy = proxied_run
     table = run.ledger().assignments().to_pandas()
     subject = sorted(set(table[table["shard"] == 1]["subject_id"]))[0]
-    lines: list[str] = []
+    caplog.set_level(logging.INFO, logger="pipeline")
     outcome: dict = {}
 
     def client() -> None:
         try:
-            outcome["result"] = runs.forget(run, None, log=lines.append, subjects=[subject], timeout_s=300)
+            outcome["result"] = runs.forget(run, None, subjects=[subject], timeout_s=300)
         except Exception as exc:  # noqa: BLE001 - asserted below
             outcome["error"] = exc
 
@@ -74,8 +75,8 @@ def test_a_storage_outage_during_a_waiting_forget_is_retried_and_the_client_fini
     assert "result" in outcome, outcome.get("error")
     rid = outcome["result"].request_id
     assert run.ledger().status_of(rid) == "done" and proxy.refused > 0
-    told = [line for line in lines if "retrying" in line]
+    told = [line for line in caplog.messages if "retrying" in line]
     assert told and len(told) == len(set(told))  # the error reached the client, each distinct one once
     held = Lease(run, "").holder()  # released when the coordinator closed, or (if it is still closing) not expired
     assert held is None or datetime.fromisoformat(held["expires_at"]) > datetime.now(timezone.utc)
-    assert runs.verify(run, log=lambda m: None)["exact"] is True  # no zombie: the next command just works
+    assert runs.verify(run).exact is True  # no zombie: the next command just works

@@ -225,7 +225,7 @@ def test_an_interrupted_sweep_resumes_to_one_child_run_per_trial_with_its_table_
     # a second run of the same sweep is refused; --resume finishes it
     with pytest.raises(sweep.SweepError, match="--resume"):
         sweep.run_sweep(two_trials, overrides)
-    result = sweep.run_sweep(two_trials, overrides, resume=True, log=print)
+    result = sweep.run_sweep(two_trials, overrides, resume=True)
     assert result["parent_run_id"] == interrupted[0].info.run_id
     assert not result["errors"] and not result["unfinished"]
     assert Path(result["storage_path"]) == (tmp_path / "sweeps" / "sweep_digits").resolve()

@@ -17,10 +17,6 @@ pytestmark = pytest.mark.slow
 LEVERS = ["finetune.ema=0.9"]
 
 
-def _quiet(_message: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="module")
 def transfer_run(ray_2cpu, tmp_path_factory):
     import os
@@ -31,7 +27,7 @@ def transfer_run(ray_2cpu, tmp_path_factory):
     os.environ["DPSISA_HOME"] = str(home)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     config = C.load("jobs/configs/digits_transfer.yaml", LEVERS)
-    summary = runs.train(config, home / "run", log=_quiet)
+    summary = runs.train(config, home / "run")
     return config, home / "run", summary, home
 
 
@@ -54,7 +50,7 @@ def test_public_accuracy_equals_an_independent_evaluation_of_the_cached_public_m
 def test_every_shard_starts_from_the_reinitialised_head_the_public_seed_gives(transfer_run):
     config, run_dir, _, _ = transfer_run
     data = runs.RunData(config).get()
-    source, _ = pretrain.public_model(config, data, _quiet)
+    source, _ = pretrain.public_model(config, data)
     recomputed = pretrain.for_target(source, config, data)  # what a replay, verify or LiRA reference starts from
     stored = RunDir(run_dir).pretrained_model(config)  # what every shard actor loads
     assert stored.fc.out_features == 10
@@ -68,10 +64,10 @@ def test_a_forget_with_augmult_and_ema_on_verifies_exact(transfer_run, tmp_path)
 
     config = C.load("jobs/configs/digits_transfer.yaml", [*LEVERS, "finetune.augmult=2", "data.private_limit=200",
                                                          "data.test_limit=100", "tracking.enabled=false"])
-    runs.train(config, tmp_path / "augmult", keep_alive=True, log=_quiet)  # one coordinator for forget and verify
+    runs.train(config, tmp_path / "augmult", keep_alive=True)  # one coordinator for forget and verify
     try:
-        assert runs.forget(tmp_path / "augmult", [5], _quiet).shards_retrained
-        verified = runs.verify(tmp_path / "augmult", all_shards=True, log=_quiet)
+        assert runs.forget(tmp_path / "augmult", [5]).shards_retrained
+        verified = runs.verify(tmp_path / "augmult", all_shards=True)
     finally:
-        runs.stop(tmp_path / "augmult", log=_quiet)
-    assert verified["exact"] is True, verified["shards"]
+        runs.stop(tmp_path / "augmult")
+    assert verified.exact is True, verified.shards

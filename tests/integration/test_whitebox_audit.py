@@ -32,7 +32,7 @@ def _with_noise_scaled(monkeypatch, scale: float) -> None:
 
 
 def _audit(digits_config, tmp_path, name: str) -> dict:
-    return audit_whitebox.run_whitebox_audit(digits_config(*RECIPE), CANARIES, run_dir=tmp_path / name, log=lambda _: None)
+    return audit_whitebox.run_whitebox_audit(digits_config(*RECIPE), CANARIES, run_dir=tmp_path / name)
 
 
 def test_white_box_audit_of_correct_dp_stays_below_epsilon_and_passes_noise_calibration(tmp_path, capsys):

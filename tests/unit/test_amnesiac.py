@@ -50,10 +50,10 @@ def run():
     os.environ.setdefault("DPSISA_CACHE", "/tmp/dpsisa-test-cache")
     torch.set_num_threads(1)
     config = config_mod.load(DIGITS, ["train.epochs=3"])
-    problem = load_problem(config, count=20, log=lambda _: None)
+    problem = load_problem(config, count=20)
     recorders = {"amnesiac_batch": AmnesiacBatch().recorder(problem), "amnesiac_sample": AmnesiacSample().recorder(problem),
                  "snapshots": Snapshots(problem.train_order)}
-    train_original(problem, recorders=recorders, log=lambda _: None)
+    train_original(problem, recorders=recorders)
     records = {name: pickle.loads(pickle.dumps(r.record())) for name, r in recorders.items() if name != "snapshots"}
     return problem, records, recorders["snapshots"]
 

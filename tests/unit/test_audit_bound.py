@@ -118,7 +118,7 @@ def test_canaries_come_from_the_test_tail_with_wrong_labels_and_extend_the_priva
 @pytest.mark.parametrize("count,fix", [(1, "at least 2"), (0, "at least 2"), (10_000, "at most 259")])
 def test_audit_rejects_too_few_or_too_many_canaries_before_training(digits_config, count, fix):
     with pytest.raises(audit.AuditError, match=fix) as info:
-        audit.run_audit(digits_config(), count, log=lambda _: None)
+        audit.run_audit(digits_config(), count)
     assert "\n" not in str(info.value)
 
 

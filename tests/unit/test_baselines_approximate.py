@@ -29,8 +29,8 @@ def _problem(*overrides: str, **forget):
     os.environ.setdefault("DPSISA_CACHE", "/tmp/dpsisa-test-cache")
     torch.set_num_threads(1)
     config = config_mod.load(DIGITS, SMALL + list(overrides))
-    problem = load_problem(config, log=lambda _: None, **(forget or {"count": 20}))
-    train_original(problem, log=lambda _: None)
+    problem = load_problem(config, **(forget or {"count": 20}))
+    train_original(problem)
     return problem
 
 

@@ -28,3 +28,25 @@ def test_while_a_command_runs_other_writes_to_stdout_go_to_stderr_and_stdout_hol
     assert json.loads(out) == {"status": "done"} and out.count("\n") == 1
     assert "View run" in err and "worker output" in err
     assert sys.stdout is stdout  # restored after the command
+
+
+def test_progress_from_module_loggers_goes_to_stderr_and_quiet_keeps_only_warnings(monkeypatch, capsys):
+    import logging
+
+    def command(args: argparse.Namespace) -> None:
+        logging.getLogger("pipeline.verbs.runs").info("training 2 shards")  # a verb's progress
+        logging.getLogger("pipeline.sisa.coordinator.session").warning("the coordinator is retrying")
+        cli_main._print({"status": "done"}, True, str)
+
+    for quiet in (False, True):
+        def parser(quiet: bool = quiet) -> argparse.ArgumentParser:
+            p = argparse.ArgumentParser()
+            p.set_defaults(func=command, command="fake", quiet=quiet)
+            return p
+
+        monkeypatch.setattr(cli_main, "parser", parser)
+        cli_main.main([])
+        out, err = capsys.readouterr()
+        assert json.loads(out) == {"status": "done"}
+        assert ("training 2 shards" in err) is not quiet
+        assert err.count("the coordinator is retrying") == 1  # shown once, also with --quiet; never on stdout

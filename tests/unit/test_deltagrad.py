@@ -23,7 +23,7 @@ def problem():
     """1% deletion: 10 of the 1038 private digits. DeltaGrad trains its own head: no shared original needed."""
     os.environ.setdefault("DPSISA_CACHE", "/tmp/dpsisa-test-cache")
     torch.set_num_threads(1)
-    problem = load_problem(config_mod.load(DIGITS, []), count=10, log=lambda _: None)
+    problem = load_problem(config_mod.load(DIGITS, []), count=10)
     assert len(problem.forget_ids) / len(problem.y) <= 0.01
     return problem
 

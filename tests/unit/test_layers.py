@@ -12,7 +12,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "pipeline"
 
 LAYERS = [
-    ["pipeline", "pipeline.errors", "pipeline.config_tree", "pipeline.config", "pipeline.fs"],  # base: no pipeline imports but these
+    # base: no pipeline imports but these
+    ["pipeline", "pipeline.errors", "pipeline.config_tree", "pipeline.config", "pipeline.fs", "pipeline.logs"],
     ["pipeline.data"],  # data sets, partition, subjects, canaries
     ["pipeline.core"],  # the training core without Ray
     ["pipeline.storage"],  # the run directory and its owners: ledger, receipts
@@ -24,6 +25,7 @@ LAYERS = [
     ["pipeline.cli"],  # parser, formatting, demo
 ]
 MAX_LINES = 350  # issue 18: no module over 350 lines
+MAX_CLI_LOG_PARAMETERS = 5  # issue 18: `log` parameters only at the CLI edge; modules log to logging.getLogger(__name__)
 
 
 def modules() -> dict[str, Path]:
@@ -126,3 +128,22 @@ def test_no_module_is_longer_than_the_limit():
 
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def log_parameters() -> dict[str, list[str]]:
+    """module → the functions (`name:line`) that take a parameter named `log` (a progress callback)."""
+    found: dict[str, list[str]] = {}
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                a = node.args
+                if any(arg.arg == "log" for arg in [*a.posonlyargs, *a.args, *a.kwonlyargs]):
+                    found.setdefault(name, []).append(f"{getattr(node, 'name', 'lambda')}:{node.lineno}")
+    return found
+
+
+def test_progress_goes_through_module_loggers_not_log_parameters():
+    found = log_parameters()
+    outside_cli = {m: f for m, f in found.items() if not m.startswith("pipeline.cli")}
+    assert outside_cli == {}
+    assert sum(len(f) for m, f in found.items() if m.startswith("pipeline.cli")) <= MAX_CLI_LOG_PARAMETERS

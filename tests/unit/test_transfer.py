@@ -15,10 +15,6 @@ SOURCE = "pretrain.classes=[0,1,2,3,4]"
 SLICES = 2
 
 
-def _quiet(_message: str) -> None:
-    pass
-
-
 @pytest.fixture(scope="module")
 def digits_data():
     from pipeline.config import DataConfig
@@ -37,7 +33,7 @@ def test_class_subset_pretraining_trains_on_the_source_classes_only_with_a_head_
     in_source = np.isin(digits_data.public.y, [0, 1, 2, 3, 4])
     assert len(y) == int(in_source.sum()) < len(digits_data.public.y)
     assert np.array_equal(x, digits_data.public.x[in_source]) and set(y.tolist()) == {0, 1, 2, 3, 4}
-    model, info = pretrain.public_model(config, digits_data, _quiet)
+    model, info = pretrain.public_model(config, digits_data)
     assert model.fc.out_features == 5 and info["source_classes"] == [0, 1, 2, 3, 4]
     _, reordered = pretrain.source_task(digits_config("pretrain.classes=[7,2]", cache), digits_data)
     assert set(reordered.tolist()) == {0, 1}  # head index k is class classes[k]
@@ -45,11 +41,11 @@ def test_class_subset_pretraining_trains_on_the_source_classes_only_with_a_head_
 
 def test_the_cache_key_names_the_source_classes_and_the_same_source_task_is_a_cache_hit(digits_config, digits_data, cache):
     first_half, second_half = digits_config(SOURCE, cache), digits_config("pretrain.classes=[5,6,7,8,9]", cache)
-    model, info = pretrain.public_model(first_half, digits_data, _quiet)
+    model, info = pretrain.public_model(first_half, digits_data)
     # same head size and architecture: only the source classes tell the two keys apart
     assert pretrain.cache_key(first_half, digits_data, model) != pretrain.cache_key(second_half, digits_data, model)
     assert pretrain.cache_key(digits_config(cache), digits_data, model) != info["cache_key"]
-    again, hit = pretrain.public_model(digits_config(SOURCE, cache), digits_data, _quiet)
+    again, hit = pretrain.public_model(digits_config(SOURCE, cache), digits_data)
     assert hit["cached"] and hit["cache_key"] == info["cache_key"]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
@@ -59,7 +55,7 @@ def test_the_reinitialised_head_has_ten_outputs_differs_from_the_source_head_and
     heads = []
     for run_seed in (0, 7):  # two runs (or a LiRA reference) sharing the public seed
         config = digits_config(SOURCE, cache, f"seed={run_seed}", "pretrain.seed=3")
-        source, _ = pretrain.public_model(config, digits_data, _quiet)
+        source, _ = pretrain.public_model(config, digits_data)
         target = pretrain.for_target(source, config, digits_data)
         assert target.fc.out_features == 10 and source.fc.out_features == 5
         assert not torch.equal(target.fc.weight[:5], source.fc.weight)
@@ -67,19 +63,19 @@ def test_the_reinitialised_head_has_ten_outputs_differs_from_the_source_head_and
         heads.append(target.fc.state_dict())
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
     other = digits_config(SOURCE, cache, "pretrain.seed=4")
-    other_head = pretrain.for_target(pretrain.public_model(other, digits_data, _quiet)[0], other, digits_data).fc
+    other_head = pretrain.for_target(pretrain.public_model(other, digits_data)[0], other, digits_data).fc
     assert not torch.equal(other_head.weight, heads[0]["weight"])
 
 
 def test_without_a_class_subset_the_public_model_keeps_its_head(digits_config, digits_data, cache):
     config = digits_config(cache)
-    source, _ = pretrain.public_model(config, digits_data, _quiet)
+    source, _ = pretrain.public_model(config, digits_data)
     assert pretrain.for_target(source, config, digits_data) is source
 
 
 def test_public_accuracy_counts_classes_outside_the_source_task_as_wrong(digits_config, digits_data, cache):
     config = digits_config(SOURCE, cache)
-    source, info = pretrain.public_model(config, digits_data, _quiet)
+    source, info = pretrain.public_model(config, digits_data)
     predicted = pretrain.source_predictions(source, info["source_classes"], digits_data.test.x)
     assert set(predicted.tolist()) <= {0, 1, 2, 3, 4}
     unseen = digits_data.test.y >= 5
@@ -87,7 +83,7 @@ def test_public_accuracy_counts_classes_outside_the_source_task_as_wrong(digits_
     assert accuracy == float((predicted == digits_data.test.y).mean())
     assert accuracy <= 1 - unseen.mean() + 1e-12 and accuracy > 0.3
     upper = digits_config("pretrain.classes=[5,6,7,8,9]", cache)
-    upper_model, upper_info = pretrain.public_model(upper, digits_data, _quiet)
+    upper_model, upper_info = pretrain.public_model(upper, digits_data)
     assert set(pretrain.source_predictions(upper_model, upper_info["source_classes"], digits_data.test.x).tolist()) <= {5, 6, 7, 8, 9}
 
 
@@ -95,7 +91,7 @@ def test_public_accuracy_counts_classes_outside_the_source_task_as_wrong(digits_
 
 def _trainer(digits_config, data, cache, strategy="fc_gn", **levers):
     config = digits_config(SOURCE, cache, f"finetune.strategy={strategy}", "privacy.epsilon=1.0", "train.epochs=1")
-    model, _ = pretrain.pretrained_model(config, data, _quiet)
+    model, _ = pretrain.pretrained_model(config, data)
     plan = finetune.plan_for(model, strategy, 0.05)
     cols = partition(data.private.ids, data.private.y, 2, SLICES, "uniform", seed=0)
     mine = cols["shard"] == 0

@@ -1,6 +1,7 @@
 """Unit tests for pipeline.baselines.unlearnable (error-minimizing noise, Huang et al. 2021) on scikit-learn digits."""
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -82,10 +83,10 @@ def test_min_min_noise_model_fits_perturbed_data_better_than_clean(digits):
     assert facts["clean_loss"] == pytest.approx(_ce(model, x, y), rel=1e-4)
 
 
-def test_run_unlearnable_contract(digits_config):
+def test_run_unlearnable_contract(digits_config, caplog):
     config = digits_config(*TINY)
-    logs: list[str] = []
-    out = run_unlearnable(config, (0, 0.5, 1.0), log=logs.append)
+    caplog.set_level(logging.INFO, logger="pipeline")
+    out = run_unlearnable(config, (0, 0.5, 1.0))
     assert out["dataset"] == "digits" and out["private_samples"] == 300 and out["test_samples"] == 120
     assert out["budget"] == pytest.approx(EPS) and out["noise_seconds"] >= 0 and 0 <= out["noise_train_accuracy"] <= 1
     assert 1 <= out["noise_rounds"] <= 2 and 0 <= out["random_noise_accuracy"] <= 1
@@ -98,8 +99,8 @@ def test_run_unlearnable_contract(digits_config):
     for r in rows:
         assert 0 <= r["with_unlearnable_accuracy"] <= 1 and r["seconds"] >= 0
     assert 0 <= rows[1]["clean_only_accuracy"] <= 1
-    assert any("fraction 1.00" in line for line in logs)
-    again = run_unlearnable(config, (0.5,), log=lambda _: None, random_control=False)
+    assert any("fraction 1.00" in line for line in caplog.messages)
+    again = run_unlearnable(config, (0.5,), random_control=False)
     assert again["rows"][0]["with_unlearnable_accuracy"] == rows[1]["with_unlearnable_accuracy"]  # seeded: reproducible
 
 
@@ -109,4 +110,4 @@ def test_bad_fractions_raise(digits_config, fractions, match):
     with pytest.raises(BaselineError, match=match):
         check_fractions(fractions)
     with pytest.raises(BaselineError, match=match):
-        run_unlearnable(digits_config(*TINY), fractions, log=lambda _: None)
+        run_unlearnable(digits_config(*TINY), fractions)

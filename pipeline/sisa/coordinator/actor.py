@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+from pipeline.logs import show as show_messages
 from pipeline.sisa.coordinator.lease import Lease, cluster_identity
 from pipeline.sisa.coordinator.protocol import Submitted, WaitAnswer
 from pipeline.sisa.coordinator.release import Applied, Backoff, ReleaseObserver
@@ -17,7 +18,7 @@ from pipeline.sisa.driver import Ensemble, Placement
 from pipeline.sisa.erasure_queue import ErasureQueue
 from pipeline.storage.rundir import RunDir
 
-LOG = logging.getLogger("dpsisa.coordinator")
+logger = logging.getLogger(__name__)
 WAIT_POLL_S = 1.0
 
 
@@ -31,6 +32,8 @@ class Coordinator(Writer):
         and the shard actors are taken by the worker thread, and `attach` reports what failed.
         `placement`: a Tune trial's placement group, which this coordinator's shards share."""
         self.run = RunDir(run_uri)
+        # this process's messages: warnings go to stderr, which Ray forwards to the waiting clients
+        show_messages(lambda: sys.stderr, logging.WARNING, prefix=f"[coordinator {self.run.name}] ")
         self.placement = placement
         self.config = self.run.config()
         self.keep_alive = keep_alive
@@ -62,7 +65,7 @@ class Coordinator(Writer):
     def _open(self) -> None:
         """Take the run's lease (waiting for another cluster's), then start the shard actors."""
         try:
-            self.lease.acquire(self.config.ray.lease_wait_s, log=self._warn)
+            self.lease.acquire(self.config.ray.lease_wait_s)
             self.ensemble = self._start_ensemble()
             if not self.run.local:
                 threading.Thread(target=self._renew, daemon=True, name="dpsisa-lease").start()
@@ -82,7 +85,7 @@ class Coordinator(Writer):
         # The placement group is the coordinator's own (unnamed, not detached): Ray removes it with
         # this process, so a restarted or a later coordinator never finds one that is being removed.
         # Inside a Tune trial the shards take their share of the trial's group instead.
-        return Ensemble.start(self.run, self.config, recipes, placement=self.placement, log=self._log)
+        return Ensemble.start(self.run, self.config, recipes, placement=self.placement)
 
     def _replace_ensemble(self) -> None:
         """A shard actor died for good (beyond its restarts): start a fresh ensemble."""
@@ -90,12 +93,12 @@ class Coordinator(Writer):
         self.ensemble, self._stale = self._start_ensemble(), False
 
     def _log(self, message: str) -> None:
-        """Routine events go to the worker's log (`ray logs`, the dashboard), not to clients."""
-        LOG.info("[coordinator %s] %s", self.run.name, message)
+        """Routine events: logged at INFO, which this process does not show (clients do not see them)."""
+        logger.info(message)
 
     def _warn(self, message: str) -> None:
         """What a client should see (forwarded to its stderr by Ray; stdout is for --json)."""
-        print(f"[coordinator {self.run.name}] {message}", file=sys.stderr, flush=True)
+        logger.warning(message)
 
     # -- client API -------------------------------------------------------------------------
     def ping(self) -> dict:

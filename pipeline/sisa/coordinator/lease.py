@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -13,6 +14,8 @@ import ray
 
 from pipeline.fs import PreconditionFailed
 from pipeline.storage.rundir import RunDir, RunError
+
+logger = logging.getLogger(__name__)
 
 LEASE = "coordinator.lease"
 LEASE_TTL_S = 60.0
@@ -89,15 +92,15 @@ class Lease:
     def _write(self) -> None:
         self.run.write_bytes(LEASE, self._body())
 
-    def acquire(self, wait_s: float, log: Callable = print) -> None:
+    def acquire(self, wait_s: float) -> None:
         """Take the lease, waiting up to `wait_s` for another cluster's; then refuse (RunError)."""
-        self._wait(self.try_acquire, wait_s, log)
+        self._wait(self.try_acquire, wait_s)
 
-    def wait_until_free(self, wait_s: float, log: Callable = print) -> None:
+    def wait_until_free(self, wait_s: float) -> None:
         """Wait up to `wait_s` while another cluster holds the run (nothing is taken); then refuse."""
-        self._wait(self.probe, wait_s, log)
+        self._wait(self.probe, wait_s)
 
-    def _wait(self, attempt: Callable[[], dict | None], wait_s: float, log: Callable) -> None:
+    def _wait(self, attempt: Callable[[], dict | None], wait_s: float) -> None:
         deadline, told = time.monotonic() + wait_s, False
         while (held := attempt()) is not None:
             if time.monotonic() >= deadline:
@@ -106,7 +109,7 @@ class Lease:
                     f"{held.get('expires_at', 'its process exits')}); refusing to write it from this one. Submit to that "
                     "cluster (ray.address / RAY_ADDRESS) or wait until it is done (ray.lease_wait_s).")
             if not told:
-                log(f"run {self.run.uri} is held by another Ray cluster ({held.get('cluster')}); waiting up to {wait_s:g}s")
+                logger.warning(f"run {self.run.uri} is held by another Ray cluster ({held.get('cluster')}); waiting up to {wait_s:g}s")
                 told = True
             time.sleep(1.0)
 

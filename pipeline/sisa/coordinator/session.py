@@ -1,8 +1,8 @@
 """The client side of a run's coordinator: find or start it, attach, submit, wait, stop."""
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -21,6 +21,8 @@ from pipeline.storage import receipts
 from pipeline.storage.ledger import ForgetRequestError, new_request_id
 from pipeline.storage.rundir import RunDir, RunError
 
+logger = logging.getLogger(__name__)
+
 
 def _remote():
     return ray.remote(Coordinator)
@@ -31,7 +33,7 @@ def find(run: RunDir, config: Config):
     return cluster.named_actor(actor_name(run, "coordinator"), config.ray.namespace)
 
 
-def ensure(run: RunDir, config: Config, keep_alive: bool = False, log: Callable = print,
+def ensure(run: RunDir, config: Config, keep_alive: bool = False,
            observer: ReleaseObserver | None = None, placement: Placement | None = None):
     """The run's coordinator, started if none is alive (waiting for another cluster's lease first);
     `observer` is what the new one tells MLflow when requests are applied (see release.py).
@@ -41,7 +43,7 @@ def ensure(run: RunDir, config: Config, keep_alive: bool = False, log: Callable 
     handle = find(run, config)
     if handle is not None:
         return handle
-    Lease(run, cluster_identity()).wait_until_free(config.ray.lease_wait_s, log)
+    Lease(run, cluster_identity()).wait_until_free(config.ray.lease_wait_s)
     where = ({"lifetime": "detached"} if placement is None else
              {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=-1)})
     return _remote().options(
@@ -73,9 +75,9 @@ CLOSING_TRIES = 10  # `_Closing` answers (0.5 s apart) before a client replaces 
 class Session:
     """A client's use of the run's coordinator: attach → (submit, wait)* → release."""
 
-    def __init__(self, run: RunDir, config: Config, log: Callable = print, keep_alive: bool = False,
+    def __init__(self, run: RunDir, config: Config, keep_alive: bool = False,
                  observer: ReleaseObserver | None = None, timeout_s: float | None = None, placement: Placement | None = None):
-        self.run, self.config, self.log, self.keep_alive, self.observer = run, config, log, keep_alive, observer
+        self.run, self.config, self.keep_alive, self.observer = run, config, keep_alive, observer
         self.placement = placement
         self.timeout_s = timeout_s if timeout_s is not None else config.ray.wait_timeout_s
         self.handle, self.actors = None, []
@@ -83,7 +85,7 @@ class Session:
     def __enter__(self) -> Session:
         closing = 0
         for _ in range(20 + CLOSING_TRIES):
-            self.handle = ensure(self.run, self.config, self.keep_alive, self.log, self.observer, self.placement)
+            self.handle = ensure(self.run, self.config, self.keep_alive, self.observer, self.placement)
             try:
                 self.actors = ray.get(self.handle.attach.remote())
                 return self
@@ -98,7 +100,7 @@ class Session:
                     raise error from None
                 closing += 1
                 if closing >= CLOSING_TRIES:  # stuck closing (its closer died): replace it
-                    self.log(f"the run's coordinator has been closing for {closing * 0.5:g}s: replacing it")
+                    logger.warning(f"the run's coordinator has been closing for {closing * 0.5:g}s: replacing it")
                     ray.kill(self.handle, no_restart=True)
                     closing = 0
                 time.sleep(0.5)  # another client is closing it: wait for the name to be free
@@ -133,32 +135,31 @@ class Session:
         """Submit and wait; stage records reach `on_stage` as shards finish them."""
         start = time.perf_counter()
         request_id = new_request_id()
-        self.call("submit", request_id, ids, True)
-        self.log(f"forget request {request_id}: {len(ids)} id(s) submitted to the run's coordinator")
-        return self.wait(request_id, ids, start, on_stage, logs=True)
+        self.call("submit", request_id, ids)
+        logger.info(f"forget request {request_id}: {len(ids)} id(s) submitted to the run's coordinator")
+        return self.wait(request_id, ids, start, on_stage)
 
-    def wait(self, request_id: str, ids: list[int], start: float, on_stage: OnStage | None = None,
-             logs: bool = False) -> ForgetResult:
+    def wait(self, request_id: str, ids: list[int], start: float, on_stage: OnStage | None = None) -> ForgetResult:
         """Follow a request until done. What the coordinator is retrying meanwhile is printed once;
         after `timeout_s` (ray.wait_timeout_s) a RequestTimeout names the request and how to follow it."""
         seen, shown, lost = 0, None, 0
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
-                answer = self.call("wait", request_id, WAIT_POLL_S, seen, logs)
+                answer = self.call("wait", request_id, WAIT_POLL_S, seen)
             except ShardFailure as exc:  # the coordinator is gone for good: start a new one, which resumes the request
                 lost += 1
                 if lost > 3 or time.monotonic() >= deadline:
                     raise ShardFailure(f"{exc}; request {request_id} stays recorded: follow it with "
                                        f"`dpsisa request --run-dir {self.run.uri} --id {request_id} --wait`") from None
-                self.log(f"the run's coordinator is gone ({exc}); starting a new one to finish request {request_id}")
+                logger.warning(f"the run's coordinator is gone ({exc}); starting a new one to finish request {request_id}")
                 self.__enter__()
                 self.call("resume")
                 continue
             seen += len(answer.records)
             for record in answer.records:  # every waiting client sees its replays' progress, not only the first
                 loss = "" if record.get("loss") is None else f"loss {record['loss']:.4f}, "
-                self.log(f"request {request_id}: shard {record['shard']} replayed stage {record['stage']} "
+                logger.info(f"request {request_id}: shard {record['shard']} replayed stage {record['stage']} "
                          f"({loss}{record.get('seconds', 0.0):.1f}s)")
                 if on_stage is not None:
                     on_stage(record["shard"], {k: v for k, v in record.items() if k != "shard"})
@@ -175,7 +176,7 @@ class Session:
                 raise ShardFailure(f"the coordinator does not know request {request_id}")
             if answer.error and answer.error != shown:
                 shown = answer.error
-                self.log(f"request {request_id} is {answer.status}; the run's coordinator is retrying: {shown}")
+                logger.warning(f"request {request_id} is {answer.status}; the run's coordinator is retrying: {shown}")
             if time.monotonic() >= deadline:
                 raise RequestTimeout(
                     f"request {request_id} is not done after {self.timeout_s:g}s (it stays recorded as {answer.status} and "
@@ -199,12 +200,12 @@ class Session:
         pending = self.run.ledger().unfinished()
         if not pending:
             return {}
-        self.log(f"completing {len(pending)} pending forget request(s) through the run's coordinator")
+        logger.info(f"completing {len(pending)} pending forget request(s) through the run's coordinator")
         self.call("resume")
         start = time.perf_counter()
         out = {}
         for rid, ids in pending.items():
-            out[rid] = self.wait(rid, ids, start, on_stage, logs=True)
+            out[rid] = self.wait(rid, ids, start, on_stage)
             out[rid].completed_pending = True
         return out
 

@@ -18,7 +18,7 @@ from pipeline.sisa.driver import ShardFailure, StageProgress
 from pipeline.sisa.erasure_queue import Dispatch, ErasureQueue
 from pipeline.sisa.results import ForgetResult
 
-LOG = logging.getLogger("dpsisa.coordinator")
+logger = logging.getLogger(__name__)
 REPLAY_POLL_S = 0.2  # the worker's wait for shard results while replays run
 LEASE_MARGIN_S = 15.0  # a holder whose last renewal is older than TTL − margin stops dispatching and committing
 MAX_REPLAY_ATTEMPTS = 5  # a shard whose replay failed this often in a row gives up (clients are told; still pending)
@@ -81,7 +81,7 @@ class Writer:
         message = f"{where}: {exc.__class__.__name__}: {exc}"
         if message != self._error:
             self._warn(f"{message}; retrying in {wait:g}s (requests stay recorded)")
-        LOG.exception("coordinator %s failed; retrying in %ss", where, wait)
+        logger.exception("coordinator %s failed; retrying in %ss", where, wait)
         with self._lock:
             self._error = message
             self._wake = True
