@@ -31,10 +31,14 @@ class _Shown(logging.Handler):
             self.handleError(record)
 
 
-def show(stream: Callable[[], TextIO] = lambda: sys.stderr, level: int = logging.INFO, prefix: str = "") -> None:
-    """Send the package's messages at `level` and above to `stream()`, one per line, as written."""
+def show(stream: Callable[[], TextIO] = lambda: sys.stderr, level: int = logging.INFO, prefix: str = "",
+         alone: bool = False) -> None:
+    """Send the package's messages at `level` and above to `stream()`, one per line, as written.
+    `alone`: only there, not also to handlers on Python's root logger (a Ray worker's, which Tune
+    configures: each line would be printed twice). The CLI keeps them, so `caplog` still sees all."""
     root = logging.getLogger(ROOT)
     for handler in [h for h in root.handlers if isinstance(h, _Shown)]:
         root.removeHandler(handler)
     root.addHandler(_Shown(stream, level, prefix))
     root.setLevel(min(level, logging.INFO))
+    root.propagate = not alone

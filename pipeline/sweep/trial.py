@@ -78,7 +78,7 @@ def run_trial(point: dict[str, Any], spec: SweepSpec) -> None:
     run_dir = trial_dir(spec, trial_id)
     shutil.rmtree(run_dir, ignore_errors=True)  # a retried (resumed) trial starts over
 
-    show_messages(lambda: sys.stdout, prefix=f"[{trial_id}] ")  # this trial's progress, forwarded by Ray
+    show_messages(lambda: sys.stdout, prefix=f"[{trial_id}] ", alone=True)  # this trial's progress, forwarded by Ray
     placement = ray.util.get_current_placement_group()
     trained = runs.train(config, run_dir, placement=placement)
     doomed = Ledger(run_dir).sample_ids(spec.forget_count, config.seed) if spec.forget_count else None

@@ -33,7 +33,7 @@ class Coordinator(Writer):
         `placement`: a Tune trial's placement group, which this coordinator's shards share."""
         self.run = RunDir(run_uri)
         # this process's messages: warnings go to stderr, which Ray forwards to the waiting clients
-        show_messages(lambda: sys.stderr, logging.WARNING, prefix=f"[coordinator {self.run.name}] ")
+        show_messages(lambda: sys.stderr, logging.WARNING, prefix=f"[coordinator {self.run.name}] ", alone=True)
         self.placement = placement
         self.config = self.run.config()
         self.keep_alive = keep_alive
