@@ -2,37 +2,6 @@
 from __future__ import annotations
 
 
-def fmt_eps(values: list) -> str:
-    return "no DP" if not values or values[0] is None else f"{min(values):.3f}..{max(values):.3f}"
-
-
-def human_eval(m: dict) -> str:
-    text = (f"accuracy {m['accuracy']:.4f} (vote {m['vote_accuracy']:.4f}); shards "
-            f"{', '.join(f'{a:.3f}' for a in m['shard_accuracy'])}; ε spent {fmt_eps(m['epsilon_spent'])} "
-            f"(target {m['epsilon_target']}, δ={m['delta']})")
-    if m.get("public_accuracy") is not None:
-        text += f"; public model alone {m['public_accuracy']:.4f}"
-    if "mia" in m:
-        post = m["mia"]["posterior"]
-        text += (f"\nMIA (posterior) members vs non-members: AUC {post['auc']:.3f}, advantage {post['advantage']:.3f}; "
-                 f"empirical ε lower bound {m['epsilon_lower_bound']:.3f}")
-    if m.get("lira"):
-        lr = m["lira"]
-        for variant in ("offline", "online"):
-            if lr.get(variant):
-                v = lr[variant]
-                text += (f"\nLiRA {variant} (K={lr['reference_models']}, non-members from {lr['nonmembers_from']}): "
-                         f"AUC {v['auc']:.3f} ({v['auc_ci'][0]:.3f}..{v['auc_ci'][1]:.3f}), TPR {v['tpr_at_1pct_fpr']:.3f} "
-                         f"at 1% FPR, {v['tpr_at_0_1pct_fpr']:.4f} at 0.1% FPR")
-        if lr.get("online_skipped"):
-            text += f"\n  ({lr['online_skipped']})"
-    if "mia_forgotten" in m:
-        gone = m["mia_forgotten"]["posterior"]
-        text += (f"\nMIA (posterior) forgotten vs non-members: accuracy {gone['accuracy']:.3f} "
-                 f"(95% CI {gone['accuracy_ci'][0]:.3f}..{gone['accuracy_ci'][1]:.3f}), AUC {gone['auc']:.3f}")
-    return text
-
-
 def human_score(r: dict) -> str:
     retrained = r["retrained"]
 

@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     run_dir = runs.resolve_run_dir(args.run_dir, config)
     logger.info(f"run directory: {run_dir}")
     summary = runs.train(config, run_dir, keep_alive=args.keep_alive)
-    _print(summary, args.json, lambda m: f"trained {run_dir} in {m['full_train_seconds']:.1f}s: " + formatters.human_eval(m))
+    _print(summary, args.json)
 
 
 def cmd_forget(args: argparse.Namespace) -> None:
@@ -97,7 +97,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.attack != "lira" and (args.reference_models is not None or args.reference_dir is not None):
         raise UserError("--reference-models and --reference-dir go with --attack lira.")
     _print(runs.evaluate_run(runs.resolve_run_dir(args.run_dir), reference_models=args.reference_models,
-                             reference_dir=args.reference_dir), args.json, formatters.human_eval)
+                             reference_dir=args.reference_dir), args.json)
 
 
 def cmd_verify(args: argparse.Namespace) -> None:

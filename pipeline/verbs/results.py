@@ -1,10 +1,12 @@
 """What the run verbs return, typed: frozen dataclasses with one key vocabulary. They become dicts
 only at the edges (`to_dict`: the CLI's --json, MLflow) and text only through their own `human`
 (the CLI without --json). The forget verb's result is `sisa.results.ForgetResult` (the coordinator's
-protocol); train, evaluate, score, audit and baselines return metric dicts (their keys are listed in
-docs/cli.md)."""
+protocol). `TrainSummary` and `Evaluation` carry an open set of named metrics (attacks add theirs), so
+they are also read-only mappings over their JSON keys (`summary["accuracy"]`); score, audit and
+baselines return metric dicts (their keys are listed in docs/cli.md)."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -188,3 +190,88 @@ class Predictions:
             counts = [self.predictions.count(c) for c in range(max(self.predictions) + 1)]
             lines.append(f"  … {len(self.predictions) - self.SHOWN} more (--json prints all); per class {counts}")
         return "\n".join(lines)
+
+
+class _Metrics(Mapping):
+    """Read-only mapping access to a result's JSON keys (`to_dict`), for metrics read by name."""
+
+    def to_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluation(_Metrics):
+    """`dpsisa evaluate`: test metrics (`accuracy`, `accuracy_ci`, `vote_accuracy`, `shard_accuracy`, `ece`,
+    ε per shard, …), membership inference (`mia`, `mia_forgotten`), what ε means per person, LiRA."""
+
+    metrics: dict
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.metrics)
+
+    def human(self) -> str:
+        return human_metrics(self.metrics)
+
+
+@dataclass(frozen=True, eq=False)
+class TrainSummary(_Metrics):
+    """`dpsisa train`: where the run is, how long it took, the evaluate metrics without the attacks
+    (and `public_accuracy`), and the registered model version it made live."""
+
+    run_dir: str
+    full_train_seconds: float
+    total_seconds: float
+    metrics: dict
+    registered_model: str | None = None
+    registered_version: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"run_dir": self.run_dir, "full_train_seconds": self.full_train_seconds,
+               "total_seconds": self.total_seconds, **self.metrics}
+        if self.registered_model is not None:
+            out.update(registered_model=self.registered_model, registered_version=self.registered_version)
+        return out
+
+    def human(self) -> str:
+        return f"trained {self.run_dir} in {self.full_train_seconds:.1f}s: " + human_metrics(self.metrics)
+
+
+def _eps(values: list) -> str:
+    return "no DP" if not values or values[0] is None else f"{min(values):.3f}..{max(values):.3f}"
+
+
+def human_metrics(m: dict) -> str:
+    """Accuracy, ε, the public model's accuracy, the attacks: the text of `train` and `evaluate`."""
+    text = (f"accuracy {m['accuracy']:.4f} (vote {m['vote_accuracy']:.4f}); shards "
+            f"{', '.join(f'{a:.3f}' for a in m['shard_accuracy'])}; ε spent {_eps(m['epsilon_spent'])} "
+            f"(target {m['epsilon_target']}, δ={m['delta']})")
+    if m.get("public_accuracy") is not None:
+        text += f"; public model alone {m['public_accuracy']:.4f}"
+    if "mia" in m:
+        post = m["mia"]["posterior"]
+        text += (f"\nMIA (posterior) members vs non-members: AUC {post['auc']:.3f}, advantage {post['advantage']:.3f}; "
+                 f"empirical ε lower bound {m['epsilon_lower_bound']:.3f}")
+    if m.get("lira"):
+        lr = m["lira"]
+        for variant in ("offline", "online"):
+            if lr.get(variant):
+                v = lr[variant]
+                text += (f"\nLiRA {variant} (K={lr['reference_models']}, non-members from {lr['nonmembers_from']}): "
+                         f"AUC {v['auc']:.3f} ({v['auc_ci'][0]:.3f}..{v['auc_ci'][1]:.3f}), TPR {v['tpr_at_1pct_fpr']:.3f} "
+                         f"at 1% FPR, {v['tpr_at_0_1pct_fpr']:.4f} at 0.1% FPR")
+        if lr.get("online_skipped"):
+            text += f"\n  ({lr['online_skipped']})"
+    if "mia_forgotten" in m:
+        gone = m["mia_forgotten"]["posterior"]
+        text += (f"\nMIA (posterior) forgotten vs non-members: accuracy {gone['accuracy']:.3f} "
+                 f"(95% CI {gone['accuracy_ci'][0]:.3f}..{gone['accuracy_ci'][1]:.3f}), AUC {gone['auc']:.3f}")
+    return text

@@ -31,7 +31,7 @@ from pipeline.tracking import registry
 from pipeline.tracking.release import RegistryObserver
 from pipeline.verbs.access import RunData, _log_version, load_run_config, opened, worst_epsilon  # noqa: F401  (runs.X kept for callers)
 from pipeline.verbs.queries import predict, prepare_input, request_status, serve, status, subject_status  # noqa: F401
-from pipeline.verbs.results import Stopped, Submission, SubmittedRequest, Verification
+from pipeline.verbs.results import Evaluation, Stopped, Submission, SubmittedRequest, TrainSummary, Verification
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def _other_half(config: Config, n_private: int) -> list[int]:
 
 
 def train(config: Config, run_dir, keep_alive: bool = False, placement: Placement | None = None,
-          exclude_ids: list[int] | None = None, hold: bool = False) -> dict:
+          exclude_ids: list[int] | None = None, hold: bool = False) -> TrainSummary:
     """Partition, pretrain (cached), calibrate DP, train all shards in parallel, evaluate, track.
 
     The run directory gets everything the shard actors need to (re)start anywhere: the config,
@@ -145,10 +145,12 @@ def train(config: Config, run_dir, keep_alive: bool = False, placement: Placemen
                 session.__exit__(None, None, None)
         if warm and not hold:
             logger.info("the run's coordinator and its shard actors stay up (warm forgets); `dpsisa stop` releases them")
-        summary = {"run_dir": run.uri, "full_train_seconds": full_train_seconds,
-                   "total_seconds": time.perf_counter() - started, **metrics}
-        summary.update(_log_version(config, run, mlrun, []) or {})
-        mlrun.log_summary(summary)
+        registered = _log_version(config, run, mlrun, []) or {}
+        summary = TrainSummary(run_dir=run.uri, full_train_seconds=full_train_seconds,
+                               total_seconds=time.perf_counter() - started, metrics=metrics,
+                               registered_model=registered.get("registered_model"),
+                               registered_version=registered.get("registered_version"))
+        mlrun.log_summary(summary.to_dict())
     return summary
 
 
@@ -227,7 +229,7 @@ def replay_work(recipes: list[dict], from_stage: dict[str, int | None]) -> tuple
 
 
 def evaluate_run(run_dir, placement: Placement | None = None, probe_ids: list[int] | None = None,
-                 reference_models: int | None = None, reference_dir: str | None = None) -> dict:
+                 reference_models: int | None = None, reference_dir: str | None = None) -> Evaluation:
     """Test metrics and membership-inference attacks; `probe_ids` (e.g. ids about to be
     forgotten) are attacked in place of the forgotten ids. With `reference_models` K, also LiRA
     with K reference runs (trained first, or reused from `reference_dir`; `pipeline/references.py`)."""
@@ -250,7 +252,7 @@ def evaluate_run(run_dir, placement: Placement | None = None, probe_ids: list[in
         if refs:  # the target's actors are released first; target and references predict logits in this process
             metrics["lira"] = references.attack(probe, run, refs)
         mlrun.log_summary(metrics)
-    return metrics
+    return Evaluation(metrics)
 
 
 def verify(run_dir, all_shards: bool = False) -> Verification:

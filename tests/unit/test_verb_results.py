@@ -44,3 +44,21 @@ def test_results_are_frozen_and_predictions_summarise_long_answers():
                             shards=[{"shard": 1, "version": 2, "exact": False, "forgotten": 1, "mismatches": ["fc.weight"]}],
                             device="cpu", unlearning={})
     assert verified.human().startswith("NOT EXACT") and "mismatches ['fc.weight']" in verified.human()
+
+
+def test_a_train_summary_prints_its_keys_in_the_documented_order_and_reads_metrics_by_name():
+    from pipeline.verbs.results import Evaluation, TrainSummary
+
+    metrics = {"accuracy": 0.91, "accuracy_ci": [0.89, 0.93], "vote_accuracy": 0.9, "shard_accuracy": [0.88, 0.9],
+               "ece": 0.02, "epsilon_target": 2.0, "epsilon_spent": [1.99, 1.98], "epsilon_cumulative": [1.99, 1.98],
+               "delta": 1e-5, "model_versions": [0, 0], "test_samples": 360, "public_accuracy": 0.5}
+    summary = TrainSummary(run_dir="runs/r", full_train_seconds=12.5, total_seconds=20.0, metrics=metrics,
+                           registered_model="dpsisa-r", registered_version=1)
+    out = summary.to_dict()
+    assert list(out)[:4] == ["run_dir", "full_train_seconds", "total_seconds", "accuracy"]
+    assert list(out)[-2:] == ["registered_model", "registered_version"]
+    assert summary["accuracy"] == 0.91 and summary.get("lira") is None and dict(summary) == out
+    assert "registered_model" not in TrainSummary("runs/r", 1.0, 2.0, metrics).to_dict()  # registration failed: no keys
+    assert summary.human().startswith("trained runs/r in 12.5s: accuracy 0.9100") and "public model alone 0.5000" in summary.human()
+    evaluation = Evaluation({**metrics, "mia": {"posterior": {"auc": 0.51, "advantage": 0.03}}, "epsilon_lower_bound": 0.0})
+    assert evaluation["mia"]["posterior"]["auc"] == 0.51 and "MIA (posterior) members vs non-members" in evaluation.human()
