@@ -76,11 +76,11 @@ def measure(config, run_dir, slice_index: int, trials: int, warmup: int) -> dict
             shard, shard_s = max(result.shard_seconds.items(), key=lambda kv: kv[1])
             overhead = result.seconds - shard_s
             label = f"warm-up {n + 1}/{warmup}" if n < warmup else f"trial {n - warmup + 1}/{trials}"
-            log(f"{label}: id {target} (shard {shard}, stages {result.slices_retrained}): {result.seconds:.3f}s end to "
+            log(f"{label}: id {target} (shard {shard}, stages {result.stages_replayed}): {result.seconds:.3f}s end to "
                 f"end, shard {shard_s:.3f}s, overhead {overhead:.3f}s ({overhead / max(shard_s, 1e-9):.0%}); "
                 f"runs.forget {verb:.3f}s")
             if n >= warmup:
-                rows.append({"id": target, "shard": int(shard), "stages": sum(result.slices_retrained.values()),
+                rows.append({"id": target, "shard": int(shard), "stages": sum(result.stages_replayed.values()),
                              "seconds": result.seconds, "shard_seconds": shard_s, "overhead": overhead,
                              "fraction": overhead / max(shard_s, 1e-9), "verb": verb})
     finally:

@@ -48,8 +48,8 @@ def main() -> None:
         target = int(rng.choice(ids))
         result = runs.forget(run_dir, [target]).to_dict()
         walls.append(result["seconds"])
-        replayed.append(sum(result["slices_retrained"].values()))
-        log(f"trial {trial + 1}/{args.trials}: id {target}: {result['seconds']:.2f}s, stages {result['slices_retrained']}")
+        replayed.append(sum(result["stages_replayed"].values()))
+        log(f"trial {trial + 1}/{args.trials}: id {target}: {result['seconds']:.2f}s, stages {result['stages_replayed']}")
     runs.stop(run_dir)
     S, R = config.shards.count, config.shards.slices
     bound = S * 2 * R / (R + 1)

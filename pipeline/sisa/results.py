@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+DEPRECATED_STAGES_KEY = "slices_retrained"  # = stages_replayed; dropped from the JSON in the next release
+
 
 @dataclass
 class ForgetResult:
@@ -11,7 +13,7 @@ class ForgetResult:
     request_id: str
     ids: int
     shards_retrained: list[int]
-    slices_retrained: dict[str, int]  # JSON keys are strings: shard → stages replayed
+    stages_replayed: dict[str, int]  # JSON keys are strings: shard → stages replayed
     from_stage: dict[str, int | None]  # shard → first replayed stage (None: it had already applied them)
     versions: dict[str, int]  # shard → model version that no longer saw the ids
     shard_seconds: dict[str, float]
@@ -35,18 +37,28 @@ class ForgetResult:
         mine = {s: r for s, r in sorted(shard_results.items()) if owners is None or s in owners}
         return cls(request_id=request_id, ids=len(ids),
                    shards_retrained=sorted(s for s, r in mine.items() if r["from_stage"] is not None),
-                   slices_retrained={str(s): r["stages_replayed"] for s, r in mine.items()},
+                   stages_replayed={str(s): r["stages_replayed"] for s, r in mine.items()},
                    from_stage={str(s): r["from_stage"] for s, r in mine.items()},
                    versions={str(s): r["version"] for s, r in mine.items()},
                    shard_seconds={str(s): r["seconds"] for s, r in mine.items()},
                    seconds=seconds, batch=list(batch), completed_pending=completed_pending)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out[DEPRECATED_STAGES_KEY] = out["stages_replayed"]  # the old name, kept in the JSON for one release
+        return out
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> ForgetResult:
+        """From `to_dict`'s JSON, also from a coordinator of the previous release (`slices_retrained` only)."""
+        payload = dict(payload)
+        stages = payload.pop(DEPRECATED_STAGES_KEY, None)
+        payload.setdefault("stages_replayed", stages)
+        return cls(**payload)
 
     def human(self) -> str:
         text = (f"request {self.request_id}: forgot {self.ids} id(s); retrained shard(s) {self.shards_retrained} "
-                f"(stages replayed {self.slices_retrained}) in {self.seconds:.1f}s")
+                f"(stages replayed {self.stages_replayed}) in {self.seconds:.1f}s")
         if self.full_train_seconds is not None:
             text += (f" vs full training {self.full_train_seconds:.1f}s (speed-up ×{self.speedup:.1f}; "
                      f"{self.work_fraction:.0%} of the training work replayed)")

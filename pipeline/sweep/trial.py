@@ -50,7 +50,7 @@ FORGET_METRICS: dict[str, Callable[[dict], Any]] = {
     "forget_seconds": lambda r: r["seconds"],
     "forget_speedup": lambda r: r["speedup"],
     "shards_retrained": lambda r: len(r["shards_retrained"]),
-    "stages_replayed": lambda r: sum(int(v) for v in r["slices_retrained"].values()),
+    "stages_replayed": lambda r: sum(int(v) for v in r["stages_replayed"].values()),
     "forget_work_fraction": lambda r: r.get("work_fraction"),
     "forget_samples_processed": lambda r: r.get("samples_processed"),
 }

@@ -96,7 +96,7 @@ def test_trial_metrics_read_mia_when_evaluate_reports_it():
     assert sweep.evaluation_metrics({"accuracy": 0.5, "epsilon_spent": [None, None]}) == {"accuracy": 0.5}
     reported = {**after, "training_iteration": 1, "time_total_s": 3.0, "trial_id": "x", "date": "today"}
     assert sweep.trial_metrics(reported) == after
-    forgot = {"seconds": 2.0, "speedup": 5.0, "shards_retrained": [1], "slices_retrained": {"1": 2}}
+    forgot = {"seconds": 2.0, "speedup": 5.0, "shards_retrained": [1], "stages_replayed": {"1": 2}}
     assert sweep.forget_metrics(forgot) == {"forget_seconds": 2.0, "forget_speedup": 5.0, "shards_retrained": 1.0,
                                             "stages_replayed": 2.0}
     forgot.update(work_fraction=0.25, samples_processed=512.0)

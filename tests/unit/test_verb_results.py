@@ -62,3 +62,16 @@ def test_a_train_summary_prints_its_keys_in_the_documented_order_and_reads_metri
     assert summary.human().startswith("trained runs/r in 12.5s: accuracy 0.9100") and "public model alone 0.5000" in summary.human()
     evaluation = Evaluation({**metrics, "mia": {"posterior": {"auc": 0.51, "advantage": 0.03}}, "epsilon_lower_bound": 0.0})
     assert evaluation["mia"]["posterior"]["auc"] == 0.51 and "MIA (posterior) members vs non-members" in evaluation.human()
+
+
+def test_a_forget_result_prints_stages_replayed_and_its_old_name_and_reads_either_back():
+    from pipeline.sisa.results import ForgetResult
+
+    result = ForgetResult.of("rq", [3, 5], {1: {"from_stage": 2, "stages_replayed": 1, "version": 4, "seconds": 0.5}},
+                             seconds=1.5, batch=["rq"])
+    out = result.to_dict()
+    assert out["stages_replayed"] == out["slices_retrained"] == {"1": 1}  # the old key stays one release
+    assert ForgetResult.from_dict(out) == result
+    old = {k: v for k, v in out.items() if k != "stages_replayed"}  # a coordinator of the previous release
+    assert ForgetResult.from_dict(old) == result
+    assert "stages replayed {'1': 1}" in result.human()

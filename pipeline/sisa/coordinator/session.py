@@ -169,7 +169,7 @@ class Session:
                 raise ShardFailure(f"{answer.error} (request {request_id} stays pending; follow it with "
                                    f"`dpsisa request --run-dir {self.run.uri} --id {request_id} --wait`)")
             if answer.status == "done":
-                result = ForgetResult(**answer.result) if answer.result else self._from_receipt(request_id, ids)
+                result = ForgetResult.from_dict(answer.result) if answer.result else self._from_receipt(request_id, ids)
                 result.seconds = time.perf_counter() - start
                 return result
             if answer.status == "unknown":
@@ -190,7 +190,7 @@ class Session:
         return ForgetResult(
             request_id=request_id, ids=len(ids),
             shards_retrained=sorted(int(s) for s, e in shards.items() if e["from_stage"] is not None),
-            slices_retrained={s: e["stages_replayed"] for s, e in shards.items()},
+            stages_replayed={s: e["stages_replayed"] for s, e in shards.items()},
             from_stage={s: e["from_stage"] for s, e in shards.items()},
             versions={s: e["new_version"] for s, e in shards.items()}, shard_seconds={}, seconds=0.0,
             batch=receipt["batch"])
