@@ -106,7 +106,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RayConfig:
-    address: Optional[str] = None  # None: connect to a running cluster or start a local one
+    address: Optional[str] = None  # None: $RAY_ADDRESS (auto: the host's running cluster), else a local one of its own
     namespace: str = "dpsisa"
     num_cpus: Optional[int] = None  # local cluster size when one is started
     cpus_per_shard: Optional[float] = None  # None: sized from the cluster

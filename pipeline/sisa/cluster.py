@@ -19,7 +19,8 @@ class ClusterError(UserError, RuntimeError):
 
 
 def connect(config: RayConfig) -> bool:
-    """Join the cluster named by ray.address / RAY_ADDRESS, else start a local one.
+    """Join the cluster named by ray.address / RAY_ADDRESS (`auto`: the last `ray start` on this host),
+    else start a local one of this command's own (never a cluster some other `ray start` left running).
     Returns True when this process started a local cluster (it dies with the process)."""
     if ray.is_initialized():
         return False
@@ -36,35 +37,13 @@ def connect(config: RayConfig) -> bool:
                                "or unset RAY_ADDRESS / ray.address to run on a local one.") from None
         logger.info(f"connected to Ray cluster at {address}")
         return False
-    # Ray joins the cluster named in /tmp/ray/ray_current_cluster if there is one; a stale entry (that
-    # cluster's processes are gone) would make it wait for minutes: then start a fresh local one.
-    recorded = _recorded_cluster()
-    stale = recorded is not None and not _listening(recorded)
-    ray.init(address="local" if stale else None, num_cpus=config.num_cpus, include_dashboard=False, **common)
+    # "local": a cluster of this command's own. With None, Ray would join the cluster named in
+    # /tmp/ray/ray_current_cluster (the last `ray start` on the host, a test's or another user's)
+    # while this function reported a local one; sharing a cluster takes RAY_ADDRESS (e.g. auto).
+    ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False, **common)
     logger.info(f"started a local Ray cluster ({ray.cluster_resources().get('CPU', 0):g} CPUs, "
         f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
     return True
-
-
-def _recorded_cluster() -> str | None:
-    import tempfile
-    from pathlib import Path
-
-    try:
-        return (Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster").read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _listening(address: str, timeout_s: float = 2.0) -> bool:
-    import socket
-
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            return True
-    except (OSError, ValueError):
-        return False
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -69,7 +69,7 @@ def ray_head(tmp_path_factory):
         output, _ = head.communicate(timeout=180)
         assert head.returncode == 0, output
         token = subprocess.run([RAY, "get-auth-token"], check=True, env=env, capture_output=True, text=True).stdout.strip()
-        yield f"http://127.0.0.1:{dashboard}", {"Authorization": f"Bearer {token}"}
+        yield f"http://127.0.0.1:{dashboard}", {"Authorization": f"Bearer {token}"}, port
     finally:
         stop_session(head.pid)
 
@@ -132,7 +132,7 @@ def test_concurrent_forget_jobs_on_one_run_each_apply_once_and_log_to_the_mlflow
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    address, auth_headers = ray_head
+    address, auth_headers, _ = ray_head
     client = JobSubmissionClient(address, headers=auth_headers)  # token auth stays on
     run_dir = tmp_path / "job-run"
     runtime_env = {"working_dir": str(ROOT), "env_vars": {
@@ -167,3 +167,18 @@ def test_concurrent_forget_jobs_on_one_run_each_apply_once_and_log_to_the_mlflow
     assert 1 <= len(released) <= 2 and logged == {f"receipts/{r['request_id']}.json" for r in requests}
     parent = next(r for r in found if r.data.tags["dpsisa.kind"] == "run").info.run_id
     assert all(r.data.tags.get("mlflow.parentRunId") == parent for r in found if r.data.tags["dpsisa.kind"] != "run")
+
+
+def test_a_command_without_an_address_starts_its_own_cluster_and_never_joins_the_hosts_running_one(ray_head):
+    """`ray start --head` recorded its cluster as the host's current one; a command given no address
+    (no ray.address, no RAY_ADDRESS) still starts a cluster of its own, as it says it does."""
+    _, _, head_port = ray_head
+    probe = ("import ray; from pipeline.config import RayConfig; from pipeline.sisa import cluster; "
+             "started = cluster.connect(RayConfig(num_cpus=1)); "
+             "print(started, ray.get_runtime_context().gcs_address.rsplit(':', 1)[1], ray.cluster_resources()['CPU'])")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", probe], env={**env, "PYTHONPATH": str(ROOT)}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    started, port, cpus = done.stdout.split()[-3:]
+    assert started == "True" and int(port) != head_port and float(cpus) == 1.0
