@@ -126,24 +126,6 @@ def _adopt_unlisted(client, state: dict) -> None:
     state["versions"].sort(key=lambda e: e["version"])
 
 
-def erase_retired(config: Config, run: RunDir) -> None:
-    """Delete the weights of every registered version that holds data of an applied or done request
-    (the registry may lag a crash): what `register_live` does after registering, on its own."""
-    if not config.tracking.enabled or not run.exists(STATE_FILE):
-        return
-    from mlflow import MlflowClient
-
-    from pipeline.tracking.mlflow_runs import tracking_uri
-
-    with _LOCK, run.file_lock(".registry.lock"):
-        state = _state(run)
-        if state["name"]:
-            uri = tracking_uri(config)
-            _erase_superseded(MlflowClient(uri, registry_uri=uri), run, state)
-            run.write_json(STATE_FILE, state)
-
-
-
 def _log_model(config: Config, run: RunDir, run_id: str, name: str, uri: str, manifests: list) -> tuple[int, str]:
     """Log the ensemble of `manifests` as a pyfunc model in `run_id` and register it: (version, model id)."""
     import mlflow
