@@ -201,7 +201,7 @@ def cmd_audit(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from pipeline import sweep
 
-    status = sweep.command(args)  # prints the summary table and best strategies; 4 when trials failed
+    status = sweep.command(args, out=_RESULT[0])  # the table and best strategies (or --json); 4 when trials failed
     if status:
         sys.exit(status)
 

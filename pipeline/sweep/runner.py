@@ -9,7 +9,7 @@ import math
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pandas as pd
 import ray
@@ -146,14 +146,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object (progress on stderr)")
 
 
-def command(args: argparse.Namespace) -> int:
-    """Run the sweep for parsed arguments; returns the exit status (4 when trials failed)."""
+def command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run the sweep for parsed arguments; the result goes to `out` (default stdout; the CLI passes
+    its real stdout, which it keeps for results alone). Returns the exit status (4 when trials failed)."""
     result = run_sweep(args.config, args.overrides, args.resume)
+    out = out or sys.stdout
     if args.json:
-        print(json.dumps(result, default=str))
+        print(json.dumps(result, default=str), file=out, flush=True)
     else:
-        print(plots.format_table(plots.summary_table(result["table"])))
-        print("best strategy per (shards, ε):\n" + plots.format_best(result["best"]))
+        print(plots.format_table(plots.summary_table(result["table"])), file=out)
+        print("best strategy per (shards, ε):\n" + plots.format_best(result["best"]), file=out, flush=True)
     if result["errors"] or result["unfinished"]:
         print(f"dpsisa sweep: {len(result['errors'])} trial(s) failed, {len(result['unfinished'])} unfinished; "
               "rerun with --resume to retry them.", file=sys.stderr)

@@ -50,3 +50,13 @@ def test_progress_from_module_loggers_goes_to_stderr_and_quiet_keeps_only_warnin
         assert json.loads(out) == {"status": "done"}
         assert ("training 2 shards" in err) is not quiet
         assert err.count("the coordinator is retrying") == 1  # shown once, also with --quiet; never on stdout
+
+
+def test_sweep_json_goes_to_stdout_alone(monkeypatch, capsys):
+    from pipeline.sweep import runner
+
+    result = {"parent_run_id": None, "table": [], "best": [], "storage_path": "/tmp/s", "errors": [], "unfinished": []}
+    monkeypatch.setattr(runner, "run_sweep", lambda *args, **kwargs: result)  # the Tune run itself: integration tests
+    cli_main.main(["sweep", "jobs/configs/sweep_digits.yaml", "--json"])
+    out, _ = capsys.readouterr()
+    assert json.loads(out) == result and out.count("\n") == 1
