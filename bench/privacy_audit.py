@@ -38,13 +38,13 @@ def _row(epsilon: str, config, args, out: Path) -> dict:
     target = out / f"lira-eps-{epsilon}"
     trained = runs.train(config.with_overrides({"data.keep_half": 1}), target)
     lira = runs.evaluate_run(target, reference_models=args.reference_models)["lira"]
-    print(f"ε={epsilon}: bound {one_run['epsilon_lower_bound']:.3f}, LiRA offline TPR@0.1% "
+    print(f"ε={epsilon}: bound {one_run.epsilon_lower_bound:.3f}, LiRA offline TPR@0.1% "
           f"{lira['offline']['tpr_at_0_1pct_fpr']:.4f} ({time.perf_counter() - started:.0f}s)", file=sys.stderr)
     return {
-        "epsilon_target": None if epsilon == "none" else float(epsilon), "epsilon": one_run["epsilon"],
-        "epsilon_lower_bound": one_run["epsilon_lower_bound"], "bound_over_epsilon": one_run["bound_over_epsilon"],
-        "correct_guesses": one_run["correct_guesses"], "guesses": one_run["guesses"],
-        "test_accuracy": one_run["test_accuracy_without_canaries"], "test_accuracy_with_canaries": one_run["test_accuracy"],
+        "epsilon_target": None if epsilon == "none" else float(epsilon), "epsilon": one_run.epsilon,
+        "epsilon_lower_bound": one_run.epsilon_lower_bound, "bound_over_epsilon": one_run.bound_over_epsilon,
+        "correct_guesses": one_run.correct_guesses, "guesses": one_run.guesses,
+        "test_accuracy": one_run.test_accuracy_without_canaries, "test_accuracy_with_canaries": one_run.test_accuracy,
         "lira_target_accuracy": trained["accuracy"],
         **{f"lira_{variant}_{key}": (lira[variant] or {}).get(key) for variant in ("offline", "online")
            for key in ("auc", "auc_ci", "tpr_at_1pct_fpr", "tpr_at_0_1pct_fpr", "tpr_at_0_1pct_fpr_ci")},

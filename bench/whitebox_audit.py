@@ -59,7 +59,7 @@ def _row(label: str, config, canaries: int, out: Path, noise_scale: float = 1.0)
     with _ScaledNoise(noise_scale):
         result = audit_whitebox.run_whitebox_audit(config, canaries, run_dir=out / f"whitebox-{label}")
     row = {"row": label, "epsilon_target": config.privacy.epsilon, "noise_scale": noise_scale,
-           **{k: result[k] for k in KEYS}}
+           **{k: getattr(result, k) for k in KEYS}}
     print(f"{label}: bound {row['epsilon_lower_bound']:.3f}, ideal {row['epsilon_lower_bound_ideal']}, "
           f"ceiling {row['epsilon_lower_bound_ceiling']}, p {row['noise_calibration_p']} ({row['seconds']:.0f}s)", file=sys.stderr)
     return row

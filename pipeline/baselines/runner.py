@@ -18,6 +18,7 @@ import torch
 from pipeline.baselines import METHODS, get
 from pipeline.baselines.base import BaselineError, Method, Outcome, Problem
 from pipeline.baselines.problem import choose_forget, load_problem, train_original
+from pipeline.baselines.results import Comparison
 from pipeline.baselines.yardstick import DEPRECATED_KEYS, SCORE_DEFINITION, Labels, Run, accuracies, compare, original_gap
 from pipeline.config import Config
 from pipeline.core.train import predict_logits, predict_proba
@@ -171,8 +172,8 @@ def _rows(results: list[dict], methods: list[str], seeds: list[int], labels: Lab
 def run_comparison(config: Config, out_dir: Path, methods: list[str], *, count: int | None = None,
                    fraction: float | None = None, forget_class: int | None = None, k: int = 2,
                    fractions: list[float] | None = None, permutations: int = 100,
-                   ) -> dict:
-    """The whole comparison; returns {"rows": [...], "original": {...}, "curve": [...], ...}."""
+                   ) -> Comparison:
+    """The whole comparison: one row per method, the original, the oracle, the optional curve."""
     if k < 1:
         raise BaselineError(f"--k must be at least 1 (runs per method and oracle retrains); got {k}.")
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -212,16 +213,17 @@ def run_comparison(config: Config, out_dir: Path, methods: list[str], *, count: 
     oracle = {key: float(np.mean([accuracies(r["run"].probs, labels)[key] for r in shared]))
               for key in ("forget_accuracy", "retain_accuracy", "test_accuracy")}
     curve = _curve(problem, methods, fractions, record_refs) if fractions else []
-    return {"rows": rows, "original": {**original, **original_info, "samples": int(len(problem.train_order))},
-            "oracle": {"name": ORACLE, **oracle},
-            "forget": {"count": int(len(problem.forget_ids)), "fraction": fraction, "class": forget_class},
-            "k": k, "seeds": seeds, "oracle_seeds": oracle_seeds, "methods": methods, "curve": curve, "out_dir": str(out_dir),
-            "neurips2023_score": {"definition": SCORE_DEFINITION, "delta": 1e-5, "rate_clip": f"1/(2K) = {1 / (2 * k):g}",
-                                  "permutations": permutations if k > 1 else 0},
-            "deprecated_keys": {f"rows.{old}": f"rows.{new} (kept for one release)" for old, new in DEPRECATED_KEYS.items()},
-            "dataset": config.data.name, "private_samples": int(len(problem.train_order)),
-            "test_samples": int(len(problem.y_test)), "retain_sample": int(len(retain_rows)),
-            "total_seconds": time.perf_counter() - started}
+    return Comparison(
+        rows=rows, original={**original, **original_info, "samples": int(len(problem.train_order))},
+        oracle={"name": ORACLE, **oracle},
+        forget={"count": int(len(problem.forget_ids)), "fraction": fraction, "class": forget_class},
+        k=k, seeds=seeds, oracle_seeds=oracle_seeds, methods=methods, curve=curve, out_dir=str(out_dir),
+        neurips2023_score={"definition": SCORE_DEFINITION, "delta": 1e-5, "rate_clip": f"1/(2K) = {1 / (2 * k):g}",
+                           "permutations": permutations if k > 1 else 0},
+        deprecated_keys={f"rows.{old}": f"rows.{new} (kept for one release)" for old, new in DEPRECATED_KEYS.items()},
+        dataset=config.data.name, private_samples=int(len(problem.train_order)),
+        test_samples=int(len(problem.y_test)), retain_sample=int(len(retain_rows)),
+        total_seconds=time.perf_counter() - started)
 
 
 def _curve(problem: Problem, methods: list[str], fractions: list[float], record_refs: dict) -> list[dict]:

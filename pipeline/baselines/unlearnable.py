@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.baselines.base import BaselineError
+from pipeline.baselines.results import UnlearnableResult
 from pipeline.config import Config
 from pipeline.core.models import build
 from pipeline.core.train import resolve_device, stage_seed
@@ -169,7 +170,7 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, ...]:
 
 
 def run_unlearnable(config: Config, fractions: Sequence[float] = DEFAULT_FRACTIONS,
-                    data: datasets.Data | None = None, random_control: bool = True) -> dict[str, Any]:
+                    data: datasets.Data | None = None, random_control: bool = True) -> UnlearnableResult:
     """Seed 002's experiment: how much does an unlearnable part Du spoil (or not) a model trained
     from scratch on Dc ∪ Du, compared with one trained on the clean part Dc alone?
 
@@ -232,17 +233,17 @@ def run_unlearnable(config: Config, fractions: Sequence[float] = DEFAULT_FRACTIO
         logger.info(f"fraction {f:.2f}: |Du| {n_u}, |Dc| {n - n_u}; test accuracy Dc only {shown}, "
             f"Dc+Du {with_acc:.4f} ({row['seconds']:.1f}s)")
 
-    out: dict[str, Any] = {"rows": rows, "budget": b.unlearnable_budget, "steps": b.unlearnable_steps,
-                           "rounds": b.unlearnable_rounds, "noise_rounds": facts["rounds"], "noise_seconds": noise_seconds,
-                           "noise_train_accuracy": facts["train_accuracy"], "noise_loss": facts["loss"],
-                           "noise_clean_loss": facts["clean_loss"], "dataset": data.name, "private_samples": n,
-                           "test_samples": len(y_test), "epochs": b.unlearnable_epochs, "model": config.model.name}
-    if random_control:
-        g = torch.Generator().manual_seed(stage_seed(config.seed, 0, 0, "unlearnable/random"))
-        lo, hi = _bounds(x, b.unlearnable_budget, mean, std)
-        u = torch.rand(x.shape, generator=g).to(device)
-        noisy = x + torch.maximum(torch.minimum((2 * u - 1) * b.unlearnable_budget / _channel(std, x), hi), lo)
-        out["random_noise_accuracy"] = accuracy(train_from_scratch(config, noisy, y, shape, data.num_classes), x_test, y_test)
-        logger.info(f"control: all {n} private samples with uniform random noise of the same budget → test accuracy "
-            f"{out['random_noise_accuracy']:.4f}")
-    return out
+    facts_out = dict(rows=rows, budget=b.unlearnable_budget, steps=b.unlearnable_steps, rounds=b.unlearnable_rounds,
+                     noise_rounds=facts["rounds"], noise_seconds=noise_seconds, noise_train_accuracy=facts["train_accuracy"],
+                     noise_loss=facts["loss"], noise_clean_loss=facts["clean_loss"], dataset=data.name, private_samples=n,
+                     test_samples=len(y_test), epochs=b.unlearnable_epochs, model=config.model.name)
+    if not random_control:
+        return UnlearnableResult(**facts_out)
+    g = torch.Generator().manual_seed(stage_seed(config.seed, 0, 0, "unlearnable/random"))
+    lo, hi = _bounds(x, b.unlearnable_budget, mean, std)
+    u = torch.rand(x.shape, generator=g).to(device)
+    noisy = x + torch.maximum(torch.minimum((2 * u - 1) * b.unlearnable_budget / _channel(std, x), hi), lo)
+    random_accuracy = accuracy(train_from_scratch(config, noisy, y, shape, data.num_classes), x_test, y_test)
+    logger.info(f"control: all {n} private samples with uniform random noise of the same budget → test accuracy "
+                f"{random_accuracy:.4f}")
+    return UnlearnableResult(**facts_out, random_noise_accuracy=random_accuracy)

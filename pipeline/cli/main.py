@@ -6,13 +6,12 @@ Errors print one line — the cause and the fix — to stderr and exit non-zero.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-import pipeline.cli.formatters as formatters  # (not `from pipeline.cli import`: that is the package, which imports this module)
 from pipeline import config as config_mod
 from pipeline.logs import show as show_messages
 
@@ -46,11 +45,9 @@ def _subjects(args: argparse.Namespace) -> list[str]:
 _RESULT = [sys.stdout]  # the command's result (the demo's summary too) goes to the real stdout, set by main()
 
 
-def _print(result, as_json: bool, human: Callable[[dict], str] | None = None) -> None:
-    """A verb's result on stdout: one JSON object with --json, else its human summary (a typed result's
-    own `human`, or `human(dict)` for the verbs that return metric dicts)."""
-    payload = result.to_dict() if hasattr(result, "to_dict") else result
-    text = json.dumps(payload, default=str) if as_json else (human(payload) if human is not None else result.human())
+def _print(result, as_json: bool) -> None:
+    """A verb's typed result on stdout: one JSON object (`to_dict`) with --json, else its `human` summary."""
+    text = json.dumps(result.to_dict(), default=str) if as_json else result.human()
     print(text, file=_RESULT[0], flush=True)
 
 
@@ -146,8 +143,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     config = config_mod.load(args.config, args.overrides)
     out_dir = runs.resolve_local_dir(args.out_dir or f"scores/{runs.resolve_local_dir(None, config).name}")
     logger.info(f"scoring SISA unlearning in {out_dir}")
-    _print(scoring.run_score(config, out_dir, args.k, args.forget_count, permutations=args.permutations),
-           args.json, formatters.human_score)
+    _print(scoring.run_score(config, out_dir, args.k, args.forget_count, permutations=args.permutations), args.json)
 
 
 def cmd_baselines(args: argparse.Namespace) -> None:
@@ -163,20 +159,19 @@ def cmd_baselines(args: argparse.Namespace) -> None:
     with groups.group("baselines", config, out_dir) as run:
         result = runner.run_comparison(config, out_dir, methods, count=args.forget, fraction=args.forget_fraction,
                                        forget_class=args.forget_class, k=args.k, fractions=fractions)
-        paths = report.write(result, out_dir)
-        result["mlflow_run_id"] = report.log_mlflow(run, result, paths)
-    _print(result, args.json, report.format_table)
+        paths = report.write(result.to_dict(with_run_id=False), out_dir)
+        result = dataclasses.replace(result, mlflow_run_id=report.log_mlflow(run, result.to_dict(), paths))
+    _print(result, args.json)
 
 
 def cmd_unlearnable(args: argparse.Namespace) -> None:
     from pipeline.baselines import unlearnable
 
     config = config_mod.load(args.config, args.overrides)
-    from pipeline.baselines.report import format_unlearnable
     from pipeline.baselines.runner import parse_fractions
 
     fractions = unlearnable.check_fractions(parse_fractions(args.fractions, "--fractions", closed=True))
-    _print(unlearnable.run_unlearnable(config, fractions), args.json, format_unlearnable)
+    _print(unlearnable.run_unlearnable(config, fractions), args.json)
 
 
 def cmd_audit(args: argparse.Namespace) -> None:
@@ -191,11 +186,11 @@ def cmd_audit(args: argparse.Namespace) -> None:
     if args.white_box:
         canaries = audit_whitebox.DEFAULT_CANARIES if args.canaries is None else args.canaries
         result = audit_whitebox.run_whitebox_audit(config, canaries, run_dir=run_dir)
-        _print(result, args.json, audit_whitebox.format_whitebox_audit)
+        _print(result, args.json)
         return
     canaries = audit.DEFAULT_CANARIES if args.canaries is None else args.canaries
     result = audit.run_audit(config, canaries, run_dir=run_dir, compare_clean=not args.skip_clean)
-    _print(result, args.json, audit.format_audit)
+    _print(result, args.json)
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:

@@ -78,6 +78,24 @@ class AuditResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def human(self) -> str:
+        """The CLI's summary without --json."""
+        claimed = "no DP (no accountant ε)" if self.epsilon is None else (
+            f"accountant ε = {self.epsilon:.3f}, bound/ε = {self.bound_over_epsilon:.2f}")
+        clean = ("" if self.test_accuracy_without_canaries is None
+                 else f", {self.test_accuracy_without_canaries:.4f} without canaries")
+        context = ("" if self.epsilon_lower_bound_ideal is None else
+                   f"  ideal white-box auditor {self.epsilon_lower_bound_ideal:.3f}, randomised-response ceiling "
+                   f"{self.epsilon_lower_bound_ceiling:.3f} (what was attainable with these canaries at this ε)")
+        return "\n".join([
+            f"one-run audit: ε ≥ {self.epsilon_lower_bound:.3f} with {self.confidence:.0%} confidence (δ={self.delta:g}); {claimed}",
+            *([context] if context else []),
+            f"  {self.correct_guesses}/{self.guesses} guesses right ({self.guesses_in} 'in', {self.guesses_out} 'out', "
+            f"{self.attack} attack) on {self.canaries} canaries ({self.canaries_included} trained on)",
+            f"  test accuracy {self.test_accuracy:.4f} with canaries{clean} ({self.test_samples} test samples)",
+            f"  {self.run_dir} ({self.seconds:.0f}s)",
+        ])
+
 
 def canary_scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Loss attack: log p(wrong label); a trained-on (memorised) canary scores high."""
@@ -102,7 +120,7 @@ def _load_canary_data(config: Config, canaries: int) -> tuple[Config, datasets.D
 
 @groups.grouped("audit", out_dir="run_dir")
 def run_audit(config: Config, canaries: int, run_dir: Path | None = None,
-              compare_clean: bool = True) -> dict:
+              compare_clean: bool = True) -> AuditResult:
     """Train `config` once with `canaries` canaries, attack them, and bound ε from below (see module docstring)."""
     started = time.perf_counter()
     audit_config, data = _load_canary_data(config, canaries)
@@ -137,27 +155,8 @@ def run_audit(config: Config, canaries: int, run_dir: Path | None = None,
         confidence=bound.confidence, guess_grid=list(bound.grid), attack=ATTACK, test_accuracy=summary["accuracy"],
         test_accuracy_without_canaries=clean_accuracy, test_samples=int(len(data.test.y)), run_dir=str(run_dir),
         clean_run_dir=None if clean_dir is None else str(clean_dir), seconds=time.perf_counter() - started,
-    ).to_dict()
-    atomic_write_json(run_dir / "audit.json", {**result, "canary_scores": scores.tolist(),
+    )
+    atomic_write_json(run_dir / "audit.json", {**result.to_dict(), "canary_scores": scores.tolist(),
                                                "canary_included": pool.included.tolist()})
-    groups.log_job("audit", audit_config, run_dir, result)
+    groups.log_job("audit", audit_config, run_dir, result.to_dict())
     return result
-
-
-def format_audit(r: dict) -> str:
-    """Human summary of `run_audit`'s result."""
-    claimed = "no DP (no accountant ε)" if r["epsilon"] is None else (
-        f"accountant ε = {r['epsilon']:.3f}, bound/ε = {r['bound_over_epsilon']:.2f}")
-    clean = ("" if r["test_accuracy_without_canaries"] is None
-             else f", {r['test_accuracy_without_canaries']:.4f} without canaries")
-    context = ("" if r["epsilon_lower_bound_ideal"] is None else
-               f"  ideal white-box auditor {r['epsilon_lower_bound_ideal']:.3f}, randomised-response ceiling "
-               f"{r['epsilon_lower_bound_ceiling']:.3f} (what was attainable with these canaries at this ε)")
-    return "\n".join([
-        f"one-run audit: ε ≥ {r['epsilon_lower_bound']:.3f} with {r['confidence']:.0%} confidence (δ={r['delta']:g}); {claimed}",
-        *([context] if context else []),
-        f"  {r['correct_guesses']}/{r['guesses']} guesses right ({r['guesses_in']} 'in', {r['guesses_out']} 'out', "
-        f"{r['attack']} attack) on {r['canaries']} canaries ({r['canaries_included']} trained on)",
-        f"  test accuracy {r['test_accuracy']:.4f} with canaries{clean} ({r['test_samples']} test samples)",
-        f"  {r['run_dir']} ({r['seconds']:.0f}s)",
-    ])

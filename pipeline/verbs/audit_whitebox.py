@@ -79,6 +79,25 @@ class WhiteBoxAuditResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def human(self) -> str:
+        """The CLI's summary without --json."""
+        def num(v: float | None, spec: str = ".3f") -> str:
+            return "n/a (no DP)" if v is None else format(v, spec)
+
+        claimed = "no DP (no accountant ε)" if self.epsilon is None else f"accountant ε = {self.epsilon:.3f}"
+        sigma = "no DP" if self.sigma is None else f"σ={self.sigma:.3f}"
+        return "\n".join([
+            f"white-box one-run audit: ε ≥ {self.epsilon_lower_bound:.3f} with {self.confidence:.0%} confidence "
+            f"(δ={self.delta:g}); {claimed}",
+            f"  ideal auditor {num(self.epsilon_lower_bound_ideal)} (median of {self.ideal_runs} simulated runs, 99th pct "
+            f"{num(self.epsilon_lower_bound_ideal_p99)}); randomised-response ceiling {num(self.epsilon_lower_bound_ceiling)}",
+            f"  noise calibration p = {num(self.noise_calibration_p, '.3g')} (excluded canaries' scores vs the recorded σ)",
+            f"  {self.correct_guesses}/{self.guesses} guesses right ({self.score}) on {self.canaries} gradient canaries "
+            f"({self.canaries_included} included); {sigma}, {self.steps} steps, {self.unit} level, {self.strategy}",
+            f"  shard {self.shard} ({self.shard_samples} samples), test accuracy {self.test_accuracy:.4f}; "
+            f"{self.run_dir} ({self.seconds:.0f}s)",
+        ])
+
 
 def shard_slices(config: Config, data: datasets.Data, owners: np.ndarray, shard: int = SHARD) -> list[np.ndarray]:
     """Ids of each slice of `shard` under the config's (keyed) partition, sorted."""
@@ -98,7 +117,7 @@ def canary_scores(projections: np.ndarray, recipe: Recipe, rates: np.ndarray) ->
 
 
 @groups.grouped("audit", out_dir="run_dir")
-def run_whitebox_audit(config: Config, canaries: int, run_dir: Path) -> dict:
+def run_whitebox_audit(config: Config, canaries: int, run_dir: Path) -> WhiteBoxAuditResult:
     """Train shard 0's model once with `canaries` gradient canaries and bound ε from below (module docstring)."""
     started = time.perf_counter()
     data = datasets.load(config.data)
@@ -141,28 +160,8 @@ def run_whitebox_audit(config: Config, canaries: int, run_dir: Path) -> dict:
         trainable_parameters=injection.trainable_parameters, shard=SHARD, shard_samples=int(sum(map(len, slices))),
         test_accuracy=float((predicted == data.test.y).mean()), run_dir=str(run_dir),
         seconds=time.perf_counter() - started,
-    ).to_dict()
-    atomic_write_json(run_dir / "audit.json", {**result, "white_box": True, "canary_scores": scores.tolist(),
+    )
+    atomic_write_json(run_dir / "audit.json", {**result.to_dict(), "white_box": True, "canary_scores": scores.tolist(),
                                                "canary_included": included.tolist(), "recipe": recipe.to_dict()})
-    groups.log_job("audit", config, run_dir, result)
+    groups.log_job("audit", config, run_dir, result.to_dict())
     return result
-
-
-def format_whitebox_audit(r: dict) -> str:
-    """Human summary of `run_whitebox_audit`'s result."""
-    def num(v: float | None, spec: str = ".3f") -> str:
-        return "n/a (no DP)" if v is None else format(v, spec)
-
-    claimed = "no DP (no accountant ε)" if r["epsilon"] is None else f"accountant ε = {r['epsilon']:.3f}"
-    sigma = "no DP" if r["sigma"] is None else f"σ={r['sigma']:.3f}"
-    return "\n".join([
-        f"white-box one-run audit: ε ≥ {r['epsilon_lower_bound']:.3f} with {r['confidence']:.0%} confidence "
-        f"(δ={r['delta']:g}); {claimed}",
-        f"  ideal auditor {num(r['epsilon_lower_bound_ideal'])} (median of {r['ideal_runs']} simulated runs, 99th pct "
-        f"{num(r['epsilon_lower_bound_ideal_p99'])}); randomised-response ceiling {num(r['epsilon_lower_bound_ceiling'])}",
-        f"  noise calibration p = {num(r['noise_calibration_p'], '.3g')} (excluded canaries' scores vs the recorded σ)",
-        f"  {r['correct_guesses']}/{r['guesses']} guesses right ({r['score']}) on {r['canaries']} gradient canaries "
-        f"({r['canaries_included']} included); {sigma}, {r['steps']} steps, {r['unit']} level, {r['strategy']}",
-        f"  shard {r['shard']} ({r['shard_samples']} samples), test accuracy {r['test_accuracy']:.4f}; "
-        f"{r['run_dir']} ({r['seconds']:.0f}s)",
-    ])

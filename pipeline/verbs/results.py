@@ -2,8 +2,9 @@
 only at the edges (`to_dict`: the CLI's --json, MLflow) and text only through their own `human`
 (the CLI without --json). The forget verb's result is `sisa.results.ForgetResult` (the coordinator's
 protocol). `TrainSummary` and `Evaluation` carry an open set of named metrics (attacks add theirs), so
-they are also read-only mappings over their JSON keys (`summary["accuracy"]`); score, audit and
-baselines return metric dicts (their keys are listed in docs/cli.md)."""
+they are also read-only mappings over their JSON keys (`summary["accuracy"]`). The experiments' results
+sit beside their verbs (`scoring.ScoreResult`, `audit.AuditResult`, `audit_whitebox.WhiteBoxAuditResult`,
+`baselines.results.Comparison` and `UnlearnableResult`)."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping

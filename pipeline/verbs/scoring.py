@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.special import softmax
@@ -42,6 +44,94 @@ class ScoreError(UserError, ValueError):
     """The scoring request is impossible (K < 1, forget set larger than the data); message names the fix."""
 
 
+@dataclass(frozen=True)
+class GroupScore:
+    """One group of K ensembles scored against the K retrained ones: the challenge's score and forgetting
+    quality, the per-example ε, the group's accuracies; the permutation baseline when it ran
+    (permutations > 0) and U-LiRA when each group has two models or more (None otherwise; absent from
+    the JSON then)."""
+
+    forgetting_quality: float
+    score: float
+    epsilon_mean: float
+    epsilon_max: float
+    examples_in_first_bucket: float
+    forget_accuracy: float
+    retain_accuracy: float
+    test_accuracy: float
+    forgetting_quality_null_mean: float | None = None
+    forgetting_quality_null_p05: float | None = None
+    forgetting_quality_p_value: float | None = None
+    ulira: dict[str, Any] | None = None  # lira.ulira's metrics (balanced accuracy, TPRs, its own null)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def line(self, name: str) -> str:
+        null = (f"; at chance {self.forgetting_quality_null_mean:.3f}, p={self.forgetting_quality_p_value:.3f}"
+                if self.forgetting_quality_p_value is not None else "")
+        text = (f"  {name:<24}score {self.score:.3f} (forgetting quality {self.forgetting_quality:.3f}{null}; "
+                f"mean per-example ε {self.epsilon_mean:.2f}); forget/retain/test accuracy "
+                f"{self.forget_accuracy:.3f}/{self.retain_accuracy:.3f}/{self.test_accuracy:.3f}")
+        u = self.ulira
+        if not u:
+            return text
+        chance = (f" (at chance {u['balanced_accuracy_null_mean']:.3f}, p={u['p_value']:.3f})"
+                  if "p_value" in u else "")
+        return (text + f"\n  {'':<24}U-LiRA: balanced accuracy {u['balanced_accuracy']:.3f}{chance}, "
+                f"TPR {u['tpr_at_1pct_fpr']:.3f} at 1% FPR, {u['tpr_at_0_1pct_fpr']:.3f} at 0.1% FPR")
+
+
+@dataclass(frozen=True)
+class Accuracies:
+    forget_accuracy: float
+    retain_accuracy: float
+    test_accuracy: float
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """`dpsisa score`: SISA forgetting (`sisa`) and doing nothing (`control_no_unlearning`) scored against
+    real retraining; `score` and `forgetting_quality` repeat `sisa`'s."""
+
+    out_dir: str
+    k: int
+    forget_count: int
+    forget_ids: tuple[int, ...]
+    retain_sample: int
+    delta: float
+    permutations: int
+    sisa: GroupScore
+    control_no_unlearning: GroupScore
+    retrained: Accuracies
+    forget_seconds_mean: float
+    total_seconds: float
+
+    @property
+    def score(self) -> float:
+        return self.sisa.score
+
+    @property
+    def forgetting_quality(self) -> float:
+        return self.sisa.forgetting_quality
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out_dir": self.out_dir, "k": self.k, "forget_count": self.forget_count, "forget_ids": list(self.forget_ids),
+                "retain_sample": self.retain_sample, "delta": self.delta, "permutations": self.permutations,
+                "score": self.score, "forgetting_quality": self.forgetting_quality, "sisa": self.sisa.to_dict(),
+                "control_no_unlearning": self.control_no_unlearning.to_dict(), "retrained": asdict(self.retrained),
+                "forget_seconds_mean": self.forget_seconds_mean, "total_seconds": self.total_seconds}
+
+    def human(self) -> str:
+        r = self.retrained
+        return "\n".join([
+            f"NeurIPS-2023 unlearning score, K={self.k} models per group, {self.forget_count} forgotten ids (δ={self.delta}):",
+            self.sisa.line("SISA forget"), self.control_no_unlearning.line("control: no unlearning"),
+            f"  retrained oracle        forget/retain/test accuracy {r.forget_accuracy:.3f}/"
+            f"{r.retain_accuracy:.3f}/{r.test_accuracy:.3f}",
+            f"  {self.out_dir} ({self.total_seconds:.0f}s)"])
+
+
 def choose_ids(n_private: int, forget_count: int, seed: int) -> tuple[list[int], np.ndarray]:
     """Seeded forget set F and a retain sample drawn from the rest (at most RETAIN_SAMPLE ids)."""
     if not 0 < forget_count < n_private:
@@ -62,7 +152,7 @@ def _group_summary(logits: dict[str, list[np.ndarray]], labels: dict[str, np.nda
                for split in ("forget", "retain", "test")}}
 
 
-def _score(unlearned: dict, retrained: dict, delta: float, permutations: int = 200, seed: int = 0) -> dict:
+def _score(unlearned: dict, retrained: dict, delta: float, permutations: int = 200, seed: int = 0) -> GroupScore:
     result = unlearning_score(unlearned["forget_scores"], retrained["forget_scores"],
                               unlearned["retain_accuracy"], retrained["retain_accuracy"],
                               unlearned["test_accuracy"], retrained["test_accuracy"], delta=delta)
@@ -72,14 +162,14 @@ def _score(unlearned: dict, retrained: dict, delta: float, permutations: int = 2
         result.update({f"forgetting_quality_{k}": v for k, v in null.items()})
     if len(unlearned["forget_scores"]) > 1:  # U-LiRA's leave-one-out fit needs two models per group
         result["ulira"] = lira.ulira(unlearned["forget_scores"], retrained["forget_scores"], permutations, seed)
-    return {**result, "epsilon_mean": float(eps.mean()), "epsilon_max": float(eps.max()),
-            "examples_in_first_bucket": float(np.mean(eps < 0.5)),
-            **{f"{k}_accuracy": unlearned[f"{k}_accuracy"] for k in ("forget", "retain", "test")}}
+    return GroupScore(**result, epsilon_mean=float(eps.mean()), epsilon_max=float(eps.max()),
+                      examples_in_first_bucket=float(np.mean(eps < 0.5)),
+                      **{f"{k}_accuracy": unlearned[f"{k}_accuracy"] for k in ("forget", "retain", "test")})
 
 
 @tracking_groups.grouped("score")
 def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20, delta: float = 1e-5,
-              permutations: int = 200) -> dict:
+              permutations: int = 200) -> ScoreResult:
     """Train 2K ensembles under out_dir, forget F in K of them, and score SISA against retraining."""
     if k < 1:
         raise ScoreError("--k must be at least 1 (models per group; the challenge used 512, small K is noisy).")
@@ -119,13 +209,11 @@ def run_score(config: Config, out_dir: Path, k: int = 3, forget_count: int = 20,
     stats = {g: _group_summary(groups[g], labels) for g in groups}
     sisa = _score(stats["unlearned"], stats["retrained"], delta, permutations, config.seed)
     control = _score(stats["original"], stats["retrained"], delta, permutations, config.seed)
-    summary = {
-        "out_dir": str(out_dir), "k": k, "forget_count": len(forget), "forget_ids": forget, "retain_sample": int(len(retain)),
-        "delta": delta, "permutations": permutations,
-        "score": sisa["score"], "forgetting_quality": sisa["forgetting_quality"], "sisa": sisa,
-        "control_no_unlearning": control,
-        "retrained": {f"{s}_accuracy": stats["retrained"][f"{s}_accuracy"] for s in ("forget", "retain", "test")},
-        "forget_seconds_mean": float(np.mean(forget_seconds)), "total_seconds": time.perf_counter() - started}
-    atomic_write_json(out_dir / "score.json", summary)
-    tracking_groups.log_job("score", config, out_dir, summary)
+    summary = ScoreResult(
+        out_dir=str(out_dir), k=k, forget_count=len(forget), forget_ids=tuple(forget), retain_sample=int(len(retain)),
+        delta=delta, permutations=permutations, sisa=sisa, control_no_unlearning=control,
+        retrained=Accuracies(**{f"{s}_accuracy": stats["retrained"][f"{s}_accuracy"] for s in ("forget", "retain", "test")}),
+        forget_seconds_mean=float(np.mean(forget_seconds)), total_seconds=time.perf_counter() - started)
+    atomic_write_json(out_dir / "score.json", summary.to_dict())
+    tracking_groups.log_job("score", config, out_dir, summary.to_dict())
     return summary

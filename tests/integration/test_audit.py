@@ -33,30 +33,30 @@ def audit_config():
 def test_training_without_dp_is_caught_by_the_canaries(ray_2cpu, audit_config, tmp_path):
     result = audit.run_audit(audit_config("privacy.epsilon=null"), CANARIES,
                              run_dir=tmp_path / "no-dp", compare_clean=False)
-    assert result["epsilon"] is None and result["bound_over_epsilon"] is None
-    assert result["epsilon_lower_bound"] > 1.5  # measured 2.04 (96 of 100 guesses right)
-    assert result["attack"] == "loss" and result["canaries"] == CANARIES
-    assert result["correct_guesses"] <= result["guesses"] <= CANARIES
+    assert result.epsilon is None and result.bound_over_epsilon is None
+    assert result.epsilon_lower_bound > 1.5  # measured 2.04 (96 of 100 guesses right)
+    assert result.attack == "loss" and result.canaries == CANARIES
+    assert result.correct_guesses <= result.guesses <= CANARIES
     # the canaries went through the data layer: ids n..n+k-1 in the ledger, over both shards and every slice
     run_dir = tmp_path / "no-dp"
     assert runs.load_run_config(run_dir).data.canaries == CANARIES
     table = pq.read_table(run_dir / "ledger" / "assignments.parquet").to_pandas()
     canary_rows = table[table["sample_id"] >= 1038]
-    assert len(canary_rows) == result["canaries_included"] and set(canary_rows["shard"]) == {0, 1}
+    assert len(canary_rows) == result.canaries_included and set(canary_rows["shard"]) == {0, 1}
     assert set(canary_rows["slice"]) == {0, 1, 2}
-    assert json.loads((run_dir / "audit.json").read_text())["epsilon_lower_bound"] == result["epsilon_lower_bound"]
-    assert "one-run audit: ε ≥" in audit.format_audit(result)
+    assert json.loads((run_dir / "audit.json").read_text())["epsilon_lower_bound"] == result.epsilon_lower_bound
+    assert "one-run audit: ε ≥" in result.human()
 
 
 def test_correct_dp_training_stays_below_its_epsilon(ray_2cpu, audit_config, tmp_path):
     result = audit.run_audit(audit_config(*SINGLE_MODEL), CANARIES, run_dir=tmp_path / "dp")
-    assert 0.95 <= result["epsilon"] <= 1.0
-    assert result["epsilon_lower_bound"] <= result["epsilon"]
-    assert result["bound_over_epsilon"] == pytest.approx(result["epsilon_lower_bound"] / result["epsilon"])
+    assert 0.95 <= result.epsilon <= 1.0
+    assert result.epsilon_lower_bound <= result.epsilon
+    assert result.bound_over_epsilon == pytest.approx(result.epsilon_lower_bound / result.epsilon)
     clean = tmp_path / "dp" / audit.CLEAN_RUN
-    assert result["clean_run_dir"] == str(clean) and 0 < result["test_accuracy_without_canaries"] <= 1
+    assert result.clean_run_dir == str(clean) and 0 < result.test_accuracy_without_canaries <= 1
     assert runs.load_run_config(clean).data.canaries == 0
-    assert runs.load_run_config(clean).data.test_limit == result["test_samples"] == 359 - CANARIES
+    assert runs.load_run_config(clean).data.test_limit == result.test_samples == 359 - CANARIES
     # MLflow: one audit run, the parent of both run directories' parent runs (audit → run directory → verb)
     from mlflow.tracking import MlflowClient
 
@@ -64,7 +64,7 @@ def test_correct_dp_training_stays_below_its_epsilon(ray_2cpu, audit_config, tmp
     experiments = [e.experiment_id for e in client.search_experiments()]
     (audited,) = client.search_runs(experiments, "tags.`dpsisa.kind` = 'audit'")
     assert audited.info.status == "FINISHED" and audited.data.params["data.canaries"] == str(CANARIES)
-    assert audited.data.metrics["epsilon_lower_bound"] == pytest.approx(result["epsilon_lower_bound"])
+    assert audited.data.metrics["epsilon_lower_bound"] == pytest.approx(result.epsilon_lower_bound)
     parents = client.search_runs(experiments, f"tags.mlflow.parentRunId = '{audited.info.run_id}'")
     assert sorted(p.info.run_name for p in parents) == [audit.CLEAN_RUN, "dp"]
 
@@ -83,8 +83,8 @@ def test_silently_cut_noise_is_caught_although_the_recipe_claims_epsilon_one(ray
                              compare_clean=False)
     recipe = json.loads((tmp_path / "broken" / "recipes.json").read_text())[0]
     assert recipe["noise_multiplier"] < 0.05 and 0.95 <= recipe["epsilon_spent"] <= 1.0  # the claim stands
-    assert 0.95 <= result["epsilon"] <= 1.0
-    assert result["epsilon_lower_bound"] > 1.0  # measured 2.04: the audit refutes the claimed ε
+    assert 0.95 <= result.epsilon <= 1.0
+    assert result.epsilon_lower_bound > 1.0  # measured 2.04: the audit refutes the claimed ε
 
 
 @pytest.mark.parametrize("canaries, message", [("1", "at least 2"), ("100000", "--canaries 100000")])

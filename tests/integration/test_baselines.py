@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import cli
 from pipeline import config as config_mod
-from pipeline.baselines import METHODS, get, report
+from pipeline.baselines import METHODS, get, results
 from pipeline.baselines.problem import load_problem, train_original
 
 CONFIG = "jobs/configs/baselines_digits.yaml"
@@ -113,7 +113,7 @@ def test_the_comparison_prints_the_json_table_writes_plots_and_logs_one_parent_w
         assert row["neurips2023_score_null_p025"] <= row["neurips2023_score_null_mean"] <= row["neurips2023_score_null_p975"]
     assert rows["sisa"]["details"]["replay_equals_same_seed_retrain"]  # and still exact: equal to its same-seed retrain
     assert all(0.5 <= r["ulira_balanced_accuracy"] <= 1 for r in rows.values())
-    assert "U-LiRA" in report.format_table(result)
+    assert "U-LiRA" in results.format_table(result)
     assert rows["sisa"]["oracle"] == "sisa_retrain" and rows["dp_nothing"]["oracle"] == "dp_retrain"
     assert rows["finetune"]["oracle"] == "retrain"
     assert rows["dp_nothing"]["speedup"] is None and rows["dp_nothing"]["details"]["certificate_vacuous"]

@@ -31,7 +31,7 @@ def _with_noise_scaled(monkeypatch, scale: float) -> None:
     monkeypatch.setattr(audit_whitebox, "ShardTrainer", CutNoise)
 
 
-def _audit(digits_config, tmp_path, name: str) -> dict:
+def _audit(digits_config, tmp_path, name: str) -> audit_whitebox.WhiteBoxAuditResult:
     return audit_whitebox.run_whitebox_audit(digits_config(*RECIPE), CANARIES, run_dir=tmp_path / name)
 
 
@@ -55,16 +55,16 @@ def test_white_box_audit_of_correct_dp_stays_below_epsilon_and_passes_noise_cali
 def test_silently_halved_noise_claiming_epsilon_one_fails_the_noise_calibration(digits_config, tmp_path, monkeypatch):
     _with_noise_scaled(monkeypatch, 0.5)
     result = _audit(digits_config, tmp_path, "halved")
-    assert 0.95 <= result["epsilon"] <= 1.0  # the claim stands: the recorded σ is the calibrated one
-    assert result["noise_calibration_p"] < 0.01  # measured 3e-11 (M=200, 17 steps)
+    assert 0.95 <= result.epsilon <= 1.0  # the claim stands: the recorded σ is the calibrated one
+    assert result.noise_calibration_p < 0.01  # measured 3e-11 (M=200, 17 steps)
 
 
 def test_noise_cut_to_a_hundredth_gives_a_bound_far_above_the_claimed_epsilon(digits_config, tmp_path, monkeypatch):
     _with_noise_scaled(monkeypatch, 0.01)
     result = _audit(digits_config, tmp_path, "cut")
-    assert 0.95 <= result["epsilon"] <= 1.0
-    assert result["epsilon_lower_bound"] > 1.5  # measured 1.96 (141/150 guesses right)
-    assert result["epsilon_lower_bound"] > result["epsilon_lower_bound_ideal_p99"]
+    assert 0.95 <= result.epsilon <= 1.0
+    assert result.epsilon_lower_bound > 1.5  # measured 1.96 (141/150 guesses right)
+    assert result.epsilon_lower_bound > result.epsilon_lower_bound_ideal_p99
 
 
 def test_white_box_audit_refuses_more_canaries_than_half_the_trainable_parameters_with_exit_3(tmp_path, capsys):

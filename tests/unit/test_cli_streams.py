@@ -7,6 +7,8 @@ import importlib
 import json
 import sys
 
+from pipeline.verbs.results import Stopped
+
 cli_main = importlib.import_module("pipeline.cli.main")  # the module (pipeline.cli.main is also its function)
 
 
@@ -14,7 +16,7 @@ def test_while_a_command_runs_other_writes_to_stdout_go_to_stderr_and_stdout_hol
     def command(args: argparse.Namespace) -> None:
         print("🏃 View run forget at: http://127.0.0.1:5000/#/experiments/1/runs/x")  # as MLflow does
         sys.stdout.write("(Coordinator pid=1) worker output\n")  # as Ray's log forwarding does
-        cli_main._print({"status": "done"}, True, str)
+        cli_main._print(Stopped(run_dir="r", actors_stopped=3), True)
 
     def parser() -> argparse.ArgumentParser:
         p = argparse.ArgumentParser()
@@ -25,7 +27,7 @@ def test_while_a_command_runs_other_writes_to_stdout_go_to_stderr_and_stdout_hol
     stdout = sys.stdout
     cli_main.main([])
     out, err = capsys.readouterr()
-    assert json.loads(out) == {"status": "done"} and out.count("\n") == 1
+    assert json.loads(out) == {"run_dir": "r", "actors_stopped": 3} and out.count("\n") == 1
     assert "View run" in err and "worker output" in err
     assert sys.stdout is stdout  # restored after the command
 
@@ -36,7 +38,7 @@ def test_progress_from_module_loggers_goes_to_stderr_and_quiet_keeps_only_warnin
     def command(args: argparse.Namespace) -> None:
         logging.getLogger("pipeline.verbs.runs").info("training 2 shards")  # a verb's progress
         logging.getLogger("pipeline.sisa.coordinator.session").warning("the coordinator is retrying")
-        cli_main._print({"status": "done"}, True, str)
+        cli_main._print(Stopped(run_dir="r", actors_stopped=3), True)
 
     for quiet in (False, True):
         def parser(quiet: bool = quiet) -> argparse.ArgumentParser:
@@ -47,7 +49,7 @@ def test_progress_from_module_loggers_goes_to_stderr_and_quiet_keeps_only_warnin
         monkeypatch.setattr(cli_main, "parser", parser)
         cli_main.main([])
         out, err = capsys.readouterr()
-        assert json.loads(out) == {"status": "done"}
+        assert json.loads(out) == {"run_dir": "r", "actors_stopped": 3}
         assert ("training 2 shards" in err) is not quiet
         assert err.count("the coordinator is retrying") == 1  # shown once, also with --quiet; never on stdout
 

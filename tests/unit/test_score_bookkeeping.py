@@ -26,8 +26,8 @@ def test_indistinguishable_groups_score_one():
     unlearned, retrained = scoring._group_summary(group(same), LABELS), scoring._group_summary(group(same), LABELS)
     result = scoring._score(unlearned, retrained, delta=1e-5)
     assert unlearned["forget_scores"].shape == (3, 3)
-    assert result["forgetting_quality"] == 1.0 and result["score"] == 1.0 and result["epsilon_max"] < 0.5
-    assert result["test_accuracy"] == 0.5 and result["retain_accuracy"] == 1.0
+    assert result.forgetting_quality == 1.0 and result.score == 1.0 and result.epsilon_max < 0.5
+    assert result.test_accuracy == 0.5 and result.retain_accuracy == 1.0
 
 
 def test_remembered_forget_set_and_lost_accuracy_lower_the_score():
@@ -35,6 +35,6 @@ def test_remembered_forget_set_and_lost_accuracy_lower_the_score():
     retrained = scoring._group_summary(group([[0.5, 0.55, 0.6], [0.52, 0.57, 0.62], [0.51, 0.56, 0.61]]), LABELS)
     result = scoring._score(remembered, retrained, delta=1e-5)
     # 3 vs 3 fully separated: ε = log((1 - δ - 1/6) / (1/6)) ≈ 1.61 → bucket 2**-3 on every example
-    assert result["epsilon_max"] == pytest.approx(np.log((1 - 1e-5 - 1 / 6) / (1 / 6)))
-    assert result["forgetting_quality"] == 0.125
-    assert result["score"] == pytest.approx(0.125 * 0.5)  # retain accuracy halved, test accuracy equal
+    assert result.epsilon_max == pytest.approx(np.log((1 - 1e-5 - 1 / 6) / (1 / 6)))
+    assert result.forgetting_quality == 0.125
+    assert result.score == pytest.approx(0.125 * 0.5)  # retain accuracy halved, test accuracy equal

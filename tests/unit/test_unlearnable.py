@@ -87,10 +87,10 @@ def test_run_unlearnable_contract(digits_config, caplog):
     config = digits_config(*TINY)
     caplog.set_level(logging.INFO, logger="pipeline")
     out = run_unlearnable(config, (0, 0.5, 1.0))
-    assert out["dataset"] == "digits" and out["private_samples"] == 300 and out["test_samples"] == 120
-    assert out["budget"] == pytest.approx(EPS) and out["noise_seconds"] >= 0 and 0 <= out["noise_train_accuracy"] <= 1
-    assert 1 <= out["noise_rounds"] <= 2 and 0 <= out["random_noise_accuracy"] <= 1
-    rows = out["rows"]
+    assert out.dataset == "digits" and out.private_samples == 300 and out.test_samples == 120
+    assert out.budget == pytest.approx(EPS) and out.noise_seconds >= 0 and 0 <= out.noise_train_accuracy <= 1
+    assert 1 <= out.noise_rounds <= 2 and 0 <= out.random_noise_accuracy <= 1
+    rows = out.rows
     assert [r["fraction"] for r in rows] == [0.0, 0.5, 1.0]
     assert [(r["unlearnable_samples"], r["clean_samples"]) for r in rows] == [(0, 300), (150, 150), (300, 0)]
     # f = 0: Du is empty, so "Dc only" and "Dc + Du" are one and the same training run
@@ -100,8 +100,9 @@ def test_run_unlearnable_contract(digits_config, caplog):
         assert 0 <= r["with_unlearnable_accuracy"] <= 1 and r["seconds"] >= 0
     assert 0 <= rows[1]["clean_only_accuracy"] <= 1
     assert any("fraction 1.00" in line for line in caplog.messages)
+    assert "Dc only" in out.human() and "random_noise_accuracy" in out.to_dict()
     again = run_unlearnable(config, (0.5,), random_control=False)
-    assert again["rows"][0]["with_unlearnable_accuracy"] == rows[1]["with_unlearnable_accuracy"]  # seeded: reproducible
+    assert again.rows[0]["with_unlearnable_accuracy"] == rows[1]["with_unlearnable_accuracy"]  # seeded: reproducible
 
 
 @pytest.mark.parametrize("fractions, match", [((), "at least one"), ((0.2, 1.5), r"\[0, 1\]"), ((-0.1,), r"\[0, 1\]"),
