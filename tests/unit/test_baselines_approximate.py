@@ -113,10 +113,13 @@ def test_blocks_per_architecture():
     assert early_blocks(mlp) == [mlp.features[1].weight, mlp.features[1].bias]
 
 
-def test_neggrad_raises_forget_loss_above_finetune(problem):
-    finetuned = get("finetune").unlearn(problem, 0).models[0]
-    reversed_ = get("neggrad").unlearn(problem, 0).models[0]
-    assert _forget_ce(problem, reversed_) > _forget_ce(problem, finetuned)
+def test_neggrad_ascent_raises_forget_loss_above_its_own_retain_phase(problem):
+    # neggrad_epochs=1 is the same seeded retain phase (ceil(1/2) = 1 epoch) with no ascent epoch after it.
+    # (Against plain `finetune` the margin was float noise: 0.0174 vs 0.0194 on one CPU, the other way on another.)
+    retain_only = get("neggrad").unlearn(_with(problem, neggrad_epochs=1), 0)
+    reversed_ = get("neggrad").unlearn(problem, 0)  # neggrad_epochs=2: that retain epoch, then one ascent epoch
+    assert retain_only.details["ascent_epochs"] == 0 and reversed_.details["ascent_epochs"] == 1
+    assert _forget_ce(problem, reversed_.models[0]) > _forget_ce(problem, retain_only.models[0])
 
 
 def test_hybrid_details_follow_the_schedule(problem):

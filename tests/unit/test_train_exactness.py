@@ -123,13 +123,18 @@ def test_replayed_shard_equals_from_scratch_training_without_a_forgotten_subject
 
 # sha256 of the parameters and momentum after training three fixed slices of digits (half the private
 # ids in a numpy-seeded order, cut in three: no partition code involved) with unit "sample",
-# recorded with the code before person-level DP (a364d86) on the project's CPU machine. With DP the
-# recipe's σ is the one that code's calibration chose (bisection; the secant search of calibration v2
-# lands on 3.67063 for the same schedule, within the same ε band), so the pin stays on the training step.
+# recorded with the code before person-level DP (a364d86), once on each CPU model the project has run on:
+# float kernels differ between them (the first machine; an AVX-512 AMD EPYC, recorded with a364d86's own
+# code checked out there), so the current code must reproduce the old code's bytes on one of them, and a
+# change to the training step gives neither. With DP the recipe's σ is the one that code's calibration
+# chose (bisection; the secant search of calibration v2 lands on 3.67063 for the same schedule, within
+# the same ε band), so the pin stays on the training step.
 BEFORE_SUBJECTS_SIGMA = 3.6661006105110596
 BEFORE_SUBJECTS = {
-    ("fc_gn", "1.0"): "95f9fa9caff33fca11b45e865b55080d86e00ac00cf307a3158c20886a81602b",
-    ("fc_gn", "null"): "cd4eac9a0628dd3ec0d1d617479ddeec63a8598f23169f225f5517fcca4e0561",
+    ("fc_gn", "1.0"): {"95f9fa9caff33fca11b45e865b55080d86e00ac00cf307a3158c20886a81602b",
+                       "5186913ec2f4cb5602572ebae794c1523b7c5c38a84f406771ae82467b8df5ba"},
+    ("fc_gn", "null"): {"cd4eac9a0628dd3ec0d1d617479ddeec63a8598f23169f225f5517fcca4e0561",
+                        "c6c68e3632bb8e210d492351d9feb60c7cf605dd9aaf78b277c7cd76450983e5"},
 }
 
 
@@ -151,4 +156,4 @@ def test_unit_sample_trains_bit_identically_to_the_code_before_person_level_dp(d
         for name in sorted(tensors):
             digest.update(name.encode())
             digest.update(tensors[name].numpy().tobytes())
-    assert digest.hexdigest() == BEFORE_SUBJECTS[(strategy, epsilon)]
+    assert digest.hexdigest() in BEFORE_SUBJECTS[(strategy, epsilon)]
