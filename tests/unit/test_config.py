@@ -140,3 +140,17 @@ def test_every_shipped_run_config_loads():
     assert len(runs) >= 7
     for path in runs:
         C.load(path)
+
+
+def test_every_shipped_sweep_file_loads_and_each_grid_point_is_a_valid_config():
+    from pathlib import Path
+
+    from pipeline.sweep import spec as sweep_spec
+
+    sweeps = sorted(Path("jobs/configs").glob("sweep_*.yaml"))
+    assert len(sweeps) >= 3
+    for path in sweeps:
+        loaded = sweep_spec.load_spec(path)  # validates every grid point against the base config
+        assert loaded.points() and all(sweep_spec.trial_config(loaded, point) for point in loaded.points())
+    subject = sweep_spec.load_spec("jobs/configs/sweep_fmnist_transfer_subject.yaml")
+    assert {C.privacy_unit(sweep_spec.trial_config(subject, p)) for p in subject.points()} == {"subject"}
