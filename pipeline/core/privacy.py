@@ -247,8 +247,11 @@ def calibrated_noise(stages: tuple[Stage, ...], epsilon: float, delta: float, ac
 
 def make_recipe(config: Config, shard: int, slice_sizes: list[int], subject_counts: list[int] | None = None) -> Recipe:
     """Fix the shard's training recipe (and calibrate σ when DP is on). With privacy unit
-    "subject", `subject_counts` gives the distinct subjects of each slice."""
-    unit = privacy_unit(config)
+    "subject", `subject_counts` gives the distinct subjects of each slice. Without DP there is no
+    privacy unit to protect: the recipe samples and averages over samples (ordinary minibatch SGD)
+    whatever `privacy.unit` says, so a non-private baseline trains the same on every partition
+    (per subject, an unclipped step sums each person's gradients: ~k times the step for k samples each)."""
+    unit = privacy_unit(config) if config.privacy.epsilon is not None else "sample"
     if unit == "subject" and subject_counts is None:
         raise PrivacyError("privacy.unit=subject needs the data subjects of each slice; set privacy.unit=sample here.")
     stages = schedule(slice_sizes, config.train.batch_size, config.train.epochs,

@@ -130,6 +130,21 @@ def test_unit_subject_recipe_records_the_subject_rate_and_epsilon_is_recomputabl
     assert Recipe.from_dict(stored) == recipe
 
 
+def test_without_dp_a_per_person_run_trains_as_ordinary_minibatch_sgd_over_samples():
+    """No ε, no unit to protect: a by_subject run without DP samples images at B/n and averages over
+    them, as the same run partitioned per sample does (before: it sampled people and divided their
+    summed gradients by B people, a ~k times larger step with k images each)."""
+    by_subject = C.load(None, ["partition.strategy=by_subject", "privacy.unit=subject", "privacy.epsilon=null",
+                               "train.batch_size=32"])
+    recipe = make_recipe(by_subject, 0, [900, 600], subject_counts=[300, 200])
+    assert recipe.unit == "sample" and not recipe.private
+    assert [s.sample_rate for s in recipe.stages] == [32 / 900, 32 / 1500]
+    plain = make_recipe(C.load(None, ["privacy.epsilon=null", "train.batch_size=32"]), 0, [900, 600])
+    assert recipe == plain
+    assert make_recipe(C.load(None, ["partition.strategy=by_subject", "train.batch_size=32", "privacy.epsilon=1.0"]),
+                       0, [900, 600], subject_counts=[300, 200]).unit == "subject"  # with DP: per person
+
+
 def test_a_recipe_from_before_privacy_units_reads_as_unit_sample():
     recipe = make_recipe(C.load(None, ["train.batch_size=64", "privacy.accountant=rdp"]), 0, [300, 300])
     old = recipe.to_dict()

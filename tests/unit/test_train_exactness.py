@@ -88,8 +88,11 @@ def test_a_replay_draws_fresh_noise_and_equals_from_scratch_training_with_the_re
 
 
 def _setup_subjects(digits_config, data, strategy, epsilon):
-    """Shard 0 of a by_subject partition (privacy unit "subject" by default), with each slice's owners."""
-    cfg = digits_config(f"finetune.strategy={strategy}", f"privacy.epsilon={epsilon}", "train.epochs=1",
+    """Shard 0 of a by_subject partition (privacy unit "subject" by default), with each slice's owners.
+    With epsilon "null" the recipe is the per-person one without noise that no-DP by_subject runs
+    recorded before they trained per sample (make_recipe now gives them unit "sample"): their replays
+    read that recipe from recipes.json and must stay exact."""
+    cfg = digits_config(f"finetune.strategy={strategy}", "privacy.epsilon=1.0", "train.epochs=1",
                         "partition.strategy=by_subject", "train.batch_size=16")  # 16 of ~58 subjects in slice 0: q < 1 everywhere
     owners = synthetic_subjects(data.private.ids, 0)
     model = models.build("gn_cnn", data.input_shape, data.num_classes, 8, seed=0)
@@ -99,6 +102,8 @@ def _setup_subjects(digits_config, data, strategy, epsilon):
     slices = [cols["sample_id"][mine & (cols["slice"] == r)] for r in range(SLICES)]
     recipe = privacy.make_recipe(cfg, 0, [len(s) for s in slices], [len(set(owners[s])) for s in slices])
     assert recipe.unit == "subject"
+    if epsilon == "null":  # a per-person recipe without noise: what recipes.json of no-DP by_subject runs recorded
+        recipe = dataclasses.replace(recipe, noise_multiplier=None, epsilon_target=None, epsilon_spent=None)
     return ShardTrainer(model, plan, recipe, seed=0, shard=0), slices, owners
 
 
