@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from pipeline.baselines.base import BaselineError, Problem, Recorder
-from pipeline.config import Config
+from pipeline.config import Config, privacy_unit
 from pipeline.core.finetune import plan_for
 from pipeline.core.pretrain import pretrained_model
-from pipeline.core.privacy import make_recipe
+from pipeline.core.privacy import PrivacyError, make_recipe
 from pipeline.data import datasets
 from pipeline.data.partition import partition
 
@@ -60,6 +60,9 @@ def load_problem(config: Config, count: int | None = None,
                  fraction: float | None = None, forget_class: int | None = None,
                  data: datasets.Data | None = None) -> Problem:
     """Data, forget set, pretrained model, plan and recipe; the original is not trained yet."""
+    if privacy_unit(config) == "subject":  # refused up front, DP or not: the DP rows (dp_nothing, dp_retrain) need it
+        raise PrivacyError("privacy.unit=subject needs the data subjects of each slice, and the baselines train one "
+                           "slice of samples; set privacy.unit=sample here.")
     config = original_config(config)
     data = data or datasets.load(config.data)
     n = len(data.private.y)
