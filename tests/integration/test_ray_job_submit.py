@@ -128,6 +128,21 @@ def _submit_when_the_agent_is_up(client, timeout_s: float = 120, **job) -> str:
             time.sleep(2)
 
 
+ENV_PACKAGE_LOST = "Failed to download runtime_env file package"
+
+
+def _finished(client, job_id: str, **job) -> tuple[str, str]:
+    """(status, job id) once the job ends. A job whose working_dir package Ray's GCS dropped before the
+    job could start (Ray's own race: ray-project/ray#36703, #47471; seen once in ~3 suite runs) never
+    ran its entrypoint, so it is submitted once more; any other failure is returned as it is."""
+    status = _wait(client, job_id)
+    if status != "SUCCEEDED" and ENV_PACKAGE_LOST in client.get_job_logs(job_id):
+        print(f"\njob {job_id}: Ray lost its working_dir package before it started; submitting it again", flush=True)
+        job_id = client.submit_job(**job)
+        status = _wait(client, job_id)
+    return status, job_id
+
+
 def test_concurrent_forget_jobs_on_one_run_each_apply_once_and_log_to_the_mlflow_server(ray_head, mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -138,16 +153,19 @@ def test_concurrent_forget_jobs_on_one_run_each_apply_once_and_log_to_the_mlflow
     runtime_env = {"working_dir": str(ROOT), "env_vars": {
         "DPSISA_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": mlflow_server,
         "DPSISA_CACHE": os.environ.get("DPSISA_CACHE", str(tmp_path / "cache"))}}
-    train = _submit_when_the_agent_is_up(
-        client, entrypoint=f"{sys.executable} jobs/train.py jobs/configs/digits.yaml train.epochs=1 --run-dir {run_dir}",
-        runtime_env=runtime_env)
-    assert _wait(client, train) == JobStatus.SUCCEEDED, client.get_job_logs(train)[-3000:]
+    train_job = dict(entrypoint=f"{sys.executable} jobs/train.py jobs/configs/digits.yaml train.epochs=1 --run-dir {run_dir}",
+                     runtime_env=runtime_env)
+    status, train = _finished(client, _submit_when_the_agent_is_up(client, **train_job), **train_job)
+    assert status == JobStatus.SUCCEEDED, client.get_job_logs(train)[-3000:]
     assignments = pq.read_table(run_dir / "ledger" / "assignments.parquet")
     targets = [int(assignments["sample_id"][k].as_py()) for k in (10, 20)]
-    forgets = [client.submit_job(entrypoint=f"{sys.executable} jobs/forget.py --run-dir {run_dir} --ids {t} --json",
-                                 runtime_env=runtime_env) for t in targets]  # two drivers at once, one coordinator
-    for job in forgets:
-        assert _wait(client, job) == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
+    forget_jobs = [dict(entrypoint=f"{sys.executable} jobs/forget.py --run-dir {run_dir} --ids {t} --json",
+                        runtime_env=runtime_env) for t in targets]
+    forgets = [client.submit_job(**job) for job in forget_jobs]  # two drivers at once, one coordinator
+    for i, job in enumerate(forgets):
+        status, forgets[i] = _finished(client, job, **forget_jobs[i])
+        job = forgets[i]
+        assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-3000:]
         logs = client.get_job_logs(job)
         assert '"shards_retrained"' in logs and "View run" not in logs  # stdout holds the JSON, not MLflow's links
     requests = pq.read_table(run_dir / "ledger" / "requests.parquet").to_pylist()
