@@ -40,6 +40,7 @@ MARK = os.sep + "pipeline" + os.sep
 def _trace_calls() -> None:
     """In every process: while $DPSISA_BENCH_TRACE names an existing folder, append one line per new
     call edge into pipeline/ to <folder>/<pid>."""
+    import json
     import os
     import sys
     import threading
@@ -85,8 +86,6 @@ def _trace_calls() -> None:
             seen.add(edge)
             with open(os.path.join(os.environ["DPSISA_BENCH_TRACE"], str(os.getpid())), "a") as handle:
                 handle.write(json.dumps([edge[0], edge[1], edge[2]]) + "\n")
-
-    import json
 
     sys.setprofile(profile)
     threading.setprofile(profile)

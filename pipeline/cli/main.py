@@ -159,8 +159,9 @@ def cmd_baselines(args: argparse.Namespace) -> None:
     with groups.group("baselines", config, out_dir) as run:
         result = runner.run_comparison(config, out_dir, methods, count=args.forget, fraction=args.forget_fraction,
                                        forget_class=args.forget_class, k=args.k, fractions=fractions)
-        paths = report.write(result.to_dict(with_run_id=False), out_dir)
-        result = dataclasses.replace(result, mlflow_run_id=report.log_mlflow(run, result.to_dict(), paths))
+        payload = result.to_dict(with_run_id=False)  # what comparison.json and the MLflow run hold
+        paths = report.write(payload, out_dir)
+        result = dataclasses.replace(result, mlflow_run_id=report.log_mlflow(run, payload, paths))
     _print(result, args.json)
 
 
